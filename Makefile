@@ -1,0 +1,35 @@
+# Two commands do all the set-up on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+# Pinned only here (dev / CI); pyproject keeps wide ranges. torch 2.14.1 + torchvision 0.29.1
+# are what this machine's pip serves from local disk (CUDA build, runs on the CPU too).
+TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
+STAMP := $(VENV)/.installed
+
+.PHONY: all install demo test test-fast bench clean
+
+all: test
+
+$(STAMP): pyproject.toml setup.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q $(TORCH_PINS)
+	$(PIP) install -q setuptools wheel
+	$(PIP) install -q -e ".[test,hf,viz,bench]" --no-build-isolation
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/fastvit demo --out demo_out
+
+test: $(STAMP)
+	$(PY) -m pytest -q -x --timeout=1800 tests benchmarks -p no:cacheprovider
+
+bench: $(STAMP)
+	$(PY) -m pytest benchmarks --benchmark-only
+
+clean:
+	rm -rf $(VENV) build *.egg-info demo_out .pytest_cache

@@ -1,0 +1,528 @@
+"""VisionTransformer with timm's constructor arguments, module names and parameter shapes.
+
+Modules hold parameters and call :mod:`fastvit.ops`; they never call torch functional ops on
+the hot path themselves, so a backend swap changes every kernel. The per-block data flow:
+
+    qkv = linear(LN1(x), qkv)            # LN fused as prologue
+    o   = attention(q, k, v)              # q, k, v strided views of qkv; o in (B, N, H, d) memory
+    x   = linear(o, proj, gamma=ls1, residual=x)
+    x   = mlp(LN2(x), fc1, GELU, fc2, gamma=ls2, residual=x)
+
+Inference only: dropout / drop-path rates other than 0 are refused rather than ignored.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import backends, ops
+from .reference import resample_pos_embed
+
+__all__ = ["VisionTransformer", "Block", "Attention", "Mlp", "PatchEmbed", "HybridEmbed", "LayerScale", "LayerNorm"]
+
+_ACTS = ("gelu", "gelu_tanh")
+
+
+def _pair(v) -> Tuple[int, int]:
+    if isinstance(v, (tuple, list)):
+        if len(v) != 2:
+            raise ValueError(f"expected an int or a pair, got {v!r}")
+        return int(v[0]), int(v[1])
+    return int(v), int(v)
+
+
+class LayerNorm(nn.LayerNorm):
+    """``nn.LayerNorm`` (same parameters) whose forward goes through :func:`fastvit.ops.layer_norm`."""
+
+    def forward(self, x: torch.Tensor, backend: Optional[str] = None) -> torch.Tensor:
+        return ops.layer_norm(x, self.weight, self.bias, self.eps, backend=backend)
+
+
+class LayerScale(nn.Module):
+    """Per-channel scale ``gamma`` (timm's LayerScale; applied inside the fused epilogues)."""
+
+    def __init__(self, dim: int, init_values: float = 1e-5):
+        super().__init__()
+        self.gamma = nn.Parameter(init_values * torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gamma
+
+
+class PatchEmbed(nn.Module):
+    """Image -> patch tokens (conv weight held as timm's ``patch_embed.proj``).
+
+    Args:
+        img_size: the training image size (int or (H, W)); sets the stored position grid.
+        patch_size: int or (Ph, Pw).
+        in_chans: image channels. embed_dim: token width D.
+        bias: projection bias (timm drops it with ``pre_norm``).
+        dynamic_img_pad: zero-pad images whose size is not a multiple of the patch.
+    """
+
+    def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=768, bias=True, dynamic_img_pad=False):
+        super().__init__()
+        self.img_size = _pair(img_size)
+        self.patch_size = _pair(patch_size)
+        self.grid_size = (self.img_size[0] // self.patch_size[0], self.img_size[1] // self.patch_size[1])
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        self.dynamic_img_pad = dynamic_img_pad
+        self.proj = nn.Conv2d(in_chans, embed_dim, self.patch_size, stride=self.patch_size, bias=bias)
+
+    def dynamic_feat_size(self, img_size: Tuple[int, int]) -> Tuple[int, int]:
+        """Token grid (rows, cols) for an image of ``img_size`` (H, W)."""
+        H, W = img_size
+        ph, pw = self.patch_size
+        if self.dynamic_img_pad:
+            return -(-H // ph), -(-W // pw)
+        return H // ph, W // pw
+
+    def forward(self, x, pos_embed=None, prefix=None, backend=None) -> torch.Tensor:
+        """x (B, C, H, W) -> (B, T + gh * gw, D); see :func:`fastvit.ops.patch_embed`."""
+        return ops.patch_embed(x, self.proj.weight, self.proj.bias, pos_embed, prefix, self.dynamic_img_pad,
+                               backend=backend)
+
+
+class HybridEmbed(nn.Module):
+    """CNN feature map as the patch source (timm's ``HybridEmbed``): backbone -> proj.
+
+    Args:
+        backbone: a module mapping (B, in_chans, H, W) to a feature map (B, C', h, w), or a
+            list / tuple of them (the last is used).
+        img_size: training image size. patch_size: patch size on the feature map (1 usually).
+        feature_size: (h, w) of the feature map at ``img_size``; measured with a dummy forward
+            when None. feature_dim: C', measured likewise when None.
+    """
+
+    def __init__(self, backbone: nn.Module, img_size=224, patch_size=1, feature_size=None, feature_dim=None,
+                 in_chans=3, embed_dim=768, bias=True):
+        super().__init__()
+        self.img_size = _pair(img_size)
+        self.patch_size = _pair(patch_size)
+        self.backbone = backbone
+        if feature_size is None or feature_dim is None:
+            with torch.no_grad():
+                was_training = backbone.training
+                backbone.eval()
+                o = self._features(torch.zeros(1, in_chans, *self.img_size))
+                backbone.train(was_training)
+            feature_size, feature_dim = o.shape[-2:], o.shape[1]
+        self.feature_size = _pair(feature_size)
+        self.feature_ratio = (self.img_size[0] // self.feature_size[0], self.img_size[1] // self.feature_size[1])
+        self.grid_size = (self.feature_size[0] // self.patch_size[0], self.feature_size[1] // self.patch_size[1])
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        self.dynamic_img_pad = False
+        self.proj = nn.Conv2d(feature_dim, embed_dim, self.patch_size, stride=self.patch_size, bias=bias)
+
+    def _features(self, x):
+        f = self.backbone(x)
+        return f[-1] if isinstance(f, (list, tuple)) else f
+
+    def dynamic_feat_size(self, img_size: Tuple[int, int]) -> Tuple[int, int]:
+        H, W = img_size
+        return (H // self.feature_ratio[0] // self.patch_size[0], W // self.feature_ratio[1] // self.patch_size[1])
+
+    def forward(self, x, pos_embed=None, prefix=None, backend=None) -> torch.Tensor:
+        """x (B, C, H, W) -> (B, T + gh * gw, D) through the backbone and the projection."""
+        f = self._features(x)
+        return ops.patch_embed(f, self.proj.weight, self.proj.bias, pos_embed, prefix, False, backend=backend)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention parameters: ``qkv`` (dim -> 3 dim) and ``proj``.
+
+    The block runs it through the fused ops; calling this module alone computes
+    ``proj(attention(qkv(x)))`` without norm or residual.
+    """
+
+    def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = False, proj_bias: bool = True):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"num_heads: expected a divisor of dim={dim}, got {num_heads}")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim ** -0.5
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim, bias=proj_bias)
+
+    def attend(self, qkv: torch.Tensor, backend=None, probs: bool = False):
+        """qkv (B, N, 3 * dim) -> (B, N, dim) attention output before proj (+ probs if asked)."""
+        B, N, _ = qkv.shape
+        q, k, v = qkv.view(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, N, d)
+        if probs:
+            o, p = ops.attention_probs(q, k, v, self.scale, backend=backend)
+        else:
+            o, p = ops.attention(q, k, v, self.scale, backend=backend), None
+        o = o.transpose(1, 2).reshape(B, N, -1)  # free when o is a view of (B, N, H, d) memory
+        return o, p
+
+    def forward(self, x: torch.Tensor, backend: Optional[str] = None) -> torch.Tensor:
+        qkv = ops.linear(x, self.qkv.weight, self.qkv.bias, backend=backend)
+        o, _ = self.attend(qkv, backend)
+        return ops.linear(o, self.proj.weight, self.proj.bias, backend=backend)
+
+
+class Mlp(nn.Module):
+    """``fc1`` -> GELU (erf or tanh) -> ``fc2`` parameters (timm's Mlp names)."""
+
+    def __init__(self, in_features: int, hidden_features: int, act: str = "gelu", bias: bool = True):
+        super().__init__()
+        if act not in _ACTS:
+            raise ValueError(f"act: expected one of {_ACTS}, got {act!r}")
+        self.act = act
+        self.fc1 = nn.Linear(in_features, hidden_features, bias=bias)
+        self.fc2 = nn.Linear(hidden_features, in_features, bias=bias)
+
+    def forward(self, x: torch.Tensor, backend: Optional[str] = None) -> torch.Tensor:
+        return ops.mlp(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias, self.act, backend=backend)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: ``x + ls1(attn(norm1(x)))``, then ``x + ls2(mlp(norm2(x)))``."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
+                 proj_bias: bool = True, init_values: Optional[float] = None, act: str = "gelu",
+                 norm_eps: float = 1e-6):
+        super().__init__()
+        self.norm1 = LayerNorm(dim, eps=norm_eps)
+        self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, proj_bias=proj_bias)
+        self.ls1 = LayerScale(dim, init_values) if init_values else nn.Identity()
+        self.norm2 = LayerNorm(dim, eps=norm_eps)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act=act, bias=proj_bias)
+        self.ls2 = LayerScale(dim, init_values) if init_values else nn.Identity()
+
+    def _gamma(self, ls) -> Optional[torch.Tensor]:
+        return ls.gamma if isinstance(ls, LayerScale) else None
+
+    def forward(self, x: torch.Tensor, backend: Optional[str] = None, return_attn: bool = False):
+        """x (B, N, D) -> (B, N, D); with ``return_attn`` also the probs (B, H, N, N), float32."""
+        n1, n2 = self.norm1, self.norm2
+        qkv = ops.linear(x, self.attn.qkv.weight, self.attn.qkv.bias, ln_weight=n1.weight, ln_bias=n1.bias,
+                         ln_eps=n1.eps, backend=backend)  # (B, N, 3D)
+        o, probs = self.attn.attend(qkv, backend, probs=return_attn)  # (B, N, D)
+        x = ops.linear(o, self.attn.proj.weight, self.attn.proj.bias, gamma=self._gamma(self.ls1), residual=x,
+                       backend=backend)
+        m = self.mlp
+        x = ops.mlp(x, m.fc1.weight, m.fc1.bias, m.fc2.weight, m.fc2.bias, m.act, gamma=self._gamma(self.ls2),
+                    residual=x, ln_weight=n2.weight, ln_bias=n2.bias, ln_eps=n2.eps, backend=backend)
+        return (x, probs) if return_attn else x
+
+
+class VisionTransformer(nn.Module):
+    """ViT / DeiT / DINOv2-style encoder, drop-in for timm's ``VisionTransformer``.
+
+    Constructor arguments follow timm (names and meaning); parameters carry timm's names so
+    ``load_state_dict(timm_model.state_dict(), strict=True)`` works. Additions:
+
+    Args:
+        act: MLP activation, 'gelu' (erf, timm's nn.GELU) or 'gelu_tanh'.
+        norm_eps: LayerNorm epsilon (timm 1e-6; Hugging Face ViT 1e-12).
+        distilled: DeiT distillation token + ``head_dist`` (timm's VisionTransformerDistilled).
+        pos_embed_antialias: resample position embeddings with antialias (timm True, HF False).
+        embed_layer: a pre-built patch-embedding module (e.g. :class:`HybridEmbed`), or None.
+        backend: per-model backend ('triton', 'cuda', 'torch') or None for the global choice.
+    """
+
+    def __init__(
+        self,
+        img_size: Union[int, Tuple[int, int]] = 224,
+        patch_size: Union[int, Tuple[int, int]] = 16,
+        in_chans: int = 3,
+        num_classes: int = 1000,
+        global_pool: str = "token",
+        embed_dim: int = 768,
+        depth: int = 12,
+        num_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        proj_bias: bool = True,
+        init_values: Optional[float] = None,
+        class_token: bool = True,
+        pos_embed: str = "learn",
+        no_embed_class: bool = False,
+        reg_tokens: int = 0,
+        pre_norm: bool = False,
+        final_norm: bool = True,
+        fc_norm: Optional[bool] = None,
+        dynamic_img_size: bool = False,
+        dynamic_img_pad: bool = False,
+        act: str = "gelu",
+        norm_eps: float = 1e-6,
+        distilled: bool = False,
+        pos_embed_antialias: bool = True,
+        embed_layer: Optional[nn.Module] = None,
+        drop_rate: float = 0.0,
+        drop_path_rate: float = 0.0,
+        backend: Optional[str] = None,
+    ):
+        super().__init__()
+        if global_pool not in ("", "avg", "avgmax", "max", "token"):
+            raise ValueError(f"global_pool: expected one of '', 'avg', 'avgmax', 'max', 'token', got {global_pool!r}")
+        if global_pool == "token" and not class_token:
+            raise ValueError("global_pool: 'token' needs class_token=True")
+        if distilled and (global_pool != "token" or not class_token):
+            raise ValueError(f"distilled: needs global_pool='token' and class_token=True, got {global_pool!r}")
+        if pos_embed not in ("", "none", "learn"):
+            raise ValueError(f"pos_embed: expected 'learn', 'none' or '', got {pos_embed!r}")
+        if drop_rate or drop_path_rate:
+            raise ValueError("drop_rate / drop_path_rate: fastvit is an inference model and expects 0, "
+                             f"got {drop_rate} / {drop_path_rate}")
+        if act not in _ACTS:
+            raise ValueError(f"act: expected one of {_ACTS}, got {act!r}")
+        self.backend = backends._check_name(backend, "backend")
+        use_fc_norm = global_pool in ("avg", "avgmax", "max") if fc_norm is None else fc_norm
+        self.num_classes = num_classes
+        self.global_pool = global_pool
+        self.num_features = self.head_hidden_size = self.embed_dim = embed_dim
+        self.num_heads = num_heads
+        self.has_class_token = class_token
+        self.num_reg_tokens = reg_tokens
+        self.distilled = distilled
+        self.distilled_training = False
+        self.num_prefix_tokens = int(class_token) + int(distilled) + reg_tokens
+        self.no_embed_class = no_embed_class
+        self.dynamic_img_size = dynamic_img_size
+        self.pos_embed_antialias = pos_embed_antialias
+
+        if embed_layer is None:
+            embed_layer = PatchEmbed(img_size, patch_size, in_chans, embed_dim, bias=not pre_norm,
+                                     dynamic_img_pad=dynamic_img_pad)
+        self.patch_embed = embed_layer
+        num_patches = self.patch_embed.num_patches
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if class_token else None
+        self.reg_token = nn.Parameter(torch.zeros(1, reg_tokens, embed_dim)) if reg_tokens else None
+        self.dist_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if distilled else None
+        embed_len = num_patches if no_embed_class else num_patches + self.num_prefix_tokens
+        self.pos_embed = None if pos_embed in ("", "none") else nn.Parameter(torch.randn(1, embed_len, embed_dim) * 0.02)
+        self.norm_pre = LayerNorm(embed_dim, eps=norm_eps) if pre_norm else nn.Identity()
+        self.blocks = nn.Sequential(*[
+            Block(embed_dim, num_heads, mlp_ratio, qkv_bias, proj_bias, init_values, act, norm_eps)
+            for _ in range(depth)
+        ])
+        self.norm = LayerNorm(embed_dim, eps=norm_eps) if final_norm and not use_fc_norm else nn.Identity()
+        self.fc_norm = LayerNorm(embed_dim, eps=norm_eps) if final_norm and use_fc_norm else nn.Identity()
+        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.head_dist = (nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()) if distilled else None
+        self._embed_cache: Dict[Any, Tuple[Any, Tuple[torch.Tensor, Optional[torch.Tensor]]]] = {}
+        self._init_weights()
+
+    # ------------------------------------------------------------------ setup
+    def _init_weights(self):
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        for t in (self.cls_token, self.reg_token, self.dist_token):
+            if t is not None:
+                nn.init.normal_(t, std=1e-6)
+
+    def set_backend(self, backend: Optional[str]) -> "VisionTransformer":
+        """Per-model backend: 'triton', 'cuda', 'torch', or None / 'auto' to follow the global choice."""
+        self.backend = backends._check_name(backend, "backend")
+        return self
+
+    def set_distilled_training(self, enable: bool = True) -> None:
+        """DeiT: in training mode with this on, forward returns (cls_logits, dist_logits)."""
+        self.distilled_training = enable
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        if global_pool is not None:
+            self.global_pool = global_pool
+        ref = self.norm.weight if isinstance(self.norm, LayerNorm) else self.patch_embed.proj.weight
+        self.num_classes = num_classes
+        self.head = (nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()).to(ref)
+        if self.distilled:
+            self.head_dist = (nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()).to(ref)
+
+    # ------------------------------------------------------------------ embedding
+    def _prefix_params(self) -> List[torch.Tensor]:
+        out = []
+        if self.cls_token is not None:
+            out.append(self.cls_token[0])
+        if self.dist_token is not None:
+            out.append(self.dist_token[0])
+        if self.reg_token is not None:
+            out.append(self.reg_token[0])
+        return out
+
+    def _embed_inputs(self, grid: Tuple[int, int]) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """Position embedding of the patch tokens for ``grid`` (gh * gw, D) and the prefix rows (T, D).
+
+        Resampled in float32 (bicubic) when the grid differs from the stored one, and cached
+        per (grid, dtype, device) for inference; the cache is bypassed when autograd records
+        or torch.compile traces, and refreshed when a parameter changes.
+        """
+        params = [p for p in (self.pos_embed, *self._prefix_params()) if p is not None]
+        use_cache = not torch.compiler.is_compiling() and not (
+            torch.is_grad_enabled() and any(p.requires_grad for p in params))
+        if use_cache:
+            ref = params[0] if params else None
+            key = (tuple(grid), None if ref is None else (ref.dtype, ref.device))
+            stamp = tuple((p.data_ptr(), p._version) for p in params)
+            hit = self._embed_cache.get(key)
+            if hit is not None and hit[0] == stamp:
+                return hit[1]
+        res = self._compute_embed_inputs(grid)
+        if use_cache:
+            self._embed_cache.clear()  # one grid at a time keeps memory bounded at high resolution
+            self._embed_cache[key] = (stamp, res)
+        return res
+
+    def _compute_embed_inputs(self, grid):
+        prefix = self._prefix_params()
+        prefix = torch.cat(prefix, 0) if prefix else None  # (T, D) in cls, dist, reg order
+        pos = None
+        if self.pos_embed is not None:
+            pos = self.pos_embed[0]
+            if not self.no_embed_class:
+                n = self.num_prefix_tokens
+                pos_prefix, pos = pos[:n], pos[n:]
+                prefix = prefix + pos_prefix if prefix is not None else None
+            pos = resample_pos_embed(pos, grid, self.patch_embed.grid_size, antialias=self.pos_embed_antialias)
+        return pos, prefix
+
+    def _grid_for(self, x: torch.Tensor) -> Tuple[int, int]:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x: expected a torch.Tensor image batch (B, C, H, W), got {type(x).__name__}")
+        if x.dim() != 4:
+            raise ValueError(f"x: expected an image batch of shape (B, C, H, W), got shape {tuple(x.shape)}")
+        H, W = x.shape[-2:]
+        pe = self.patch_embed
+        if not self.dynamic_img_size and (H, W) != tuple(pe.img_size):
+            raise ValueError(f"x: expected image size {tuple(pe.img_size)} (set dynamic_img_size=True to accept "
+                             f"other sizes), got {(H, W)}")
+        if isinstance(pe, PatchEmbed) and not pe.dynamic_img_pad and (H % pe.patch_size[0] or W % pe.patch_size[1]):
+            raise ValueError(f"x: expected height and width multiples of the patch size {pe.patch_size} "
+                             f"(or dynamic_img_pad=True), got image size {(H, W)}")
+        return pe.dynamic_feat_size((H, W))
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Image (B, C, H, W) -> tokens after position embedding and pre-norm, (B, T + N, D)."""
+        grid = self._grid_for(x)
+        pos, prefix = self._embed_inputs(grid)
+        x = self.patch_embed(x, pos, prefix, backend=self.backend)
+        if isinstance(self.norm_pre, LayerNorm):
+            x = self.norm_pre(x, backend=self.backend)
+        return x
+
+    # ------------------------------------------------------------------ forward
+    def _norm(self, x):
+        return self.norm(x, backend=self.backend) if isinstance(self.norm, LayerNorm) else x
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Image (B, C, H, W) -> normalised tokens (B, T + N, D)."""
+        x = self.embed(x)
+        for blk in self.blocks:
+            x = blk(x, self.backend)
+        return self._norm(x)
+
+    def pool(self, x: torch.Tensor, pool_type: Optional[str] = None) -> torch.Tensor:
+        """Tokens (B, T + N, D) -> (B, D) as ``global_pool`` says ('' keeps (B, T + N, D))."""
+        pool_type = self.global_pool if pool_type is None else pool_type
+        if not pool_type:
+            return x
+        if pool_type == "token":
+            return x[:, 0]
+        x = x[:, self.num_prefix_tokens:]
+        if pool_type == "avg":
+            return x.mean(dim=1)
+        if pool_type == "max":
+            return x.amax(dim=1)
+        return 0.5 * (x.amax(dim=1) + x.mean(dim=1))  # avgmax
+
+    def _head(self, head: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(head, nn.Linear):
+            return ops.linear(x, head.weight, head.bias, backend=self.backend)
+        return x
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False):
+        """Tokens (B, T + N, D) -> logits (B, num_classes) (or pooled features with ``pre_logits``)."""
+        if self.distilled:
+            x, x_dist = x[:, 0], x[:, 1]
+            if pre_logits:
+                return (x + x_dist) / 2
+            x, x_dist = self._head(self.head, x), self._head(self.head_dist, x_dist)
+            if self.distilled_training and self.training:
+                return x, x_dist
+            return (x + x_dist) / 2
+        x = self.pool(x)
+        if isinstance(self.fc_norm, LayerNorm):
+            x = self.fc_norm(x, backend=self.backend)
+        return x if pre_logits else self._head(self.head, x)
+
+    def forward(self, x: torch.Tensor):
+        """Image (B, C, H, W) -> logits (B, num_classes)."""
+        return self.forward_head(self.forward_features(x))
+
+    # ------------------------------------------------------------------ intermediates and attention
+    def _take_indices(self, indices) -> List[int]:
+        n = len(self.blocks)
+        if indices is None:
+            return list(range(n))
+        if isinstance(indices, int):
+            if not 0 < indices <= n:
+                raise ValueError(f"indices: expected 1..{n} last blocks, got {indices}")
+            return list(range(n - indices, n))
+        out = [i + n if i < 0 else i for i in indices]
+        bad = [i for i in out if not 0 <= i < n]
+        if bad:
+            raise ValueError(f"indices: expected block indices in [-{n}, {n}), got {list(indices)}")
+        return out
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: Optional[Union[int, Sequence[int]]] = None,
+        return_prefix_tokens: bool = False,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+        attn_layers: Optional[Sequence[int]] = None,
+    ):
+        """timm's ``forward_intermediates``, plus attention probabilities for ``attn_layers``.
+
+        Returns (as timm) ``(final_features, intermediates)`` or, with ``intermediates_only``,
+        the list; each intermediate is (B, D, gh, gw) for 'NCHW' or (B, N, D) for 'NLC'. With
+        ``attn_layers`` a third item / second element is a dict layer -> probs (B, H, T+N, T+N).
+        """
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt: expected 'NCHW' or 'NLC', got {output_fmt!r}")
+        take = self._take_indices(indices)
+        want_attn = set(self._take_indices(list(attn_layers))) if attn_layers is not None else set()
+        B, _, H, W = x.shape
+        grid = self._grid_for(x)
+        x = self.embed(x)
+        last = max(take + list(want_attn)) if stop_early else len(self.blocks) - 1
+        inter, attns = [], {}
+        for i, blk in enumerate(self.blocks):
+            if i > last:
+                break
+            if i in want_attn:
+                x, attns[i] = blk(x, self.backend, return_attn=True)
+            else:
+                x = blk(x, self.backend)
+            if i in take:
+                inter.append(self._norm(x) if norm else x)
+        n = self.num_prefix_tokens
+        prefix = [y[:, :n] for y in inter]
+        inter = [y[:, n:] for y in inter]
+        if output_fmt == "NCHW":
+            inter = [y.reshape(B, grid[0], grid[1], -1).permute(0, 3, 1, 2).contiguous() for y in inter]
+        if return_prefix_tokens and n:
+            inter = list(zip(inter, prefix))
+        if intermediates_only:
+            return (inter, attns) if attn_layers is not None else inter
+        out = self._norm(x)
+        return (out, inter, attns) if attn_layers is not None else (out, inter)
+
+    def get_intermediate_layers(self, x, n: Union[int, Sequence[int]] = 1, reshape: bool = False,
+                                return_prefix_tokens: bool = False, norm: bool = False):
+        """DINO-style interface (as timm): outputs of the last ``n`` blocks (or the listed ones)."""
+        return self.forward_intermediates(x, n, return_prefix_tokens=return_prefix_tokens, norm=norm,
+                                          output_fmt="NCHW" if reshape else "NLC", intermediates_only=True)

@@ -1,0 +1,254 @@
+"""Pure-PyTorch implementation of every fastvit op.
+
+This module is two things at once:
+
+* the ``torch`` backend, i.e. the production CPU path (it uses the fused ATen entry points
+  ``F.scaled_dot_product_attention``, ``F.linear``, ``F.layer_norm``), and
+* the oracle of every test: call an op with ``upcast=True`` and it runs in float32 with the
+  explicit (math) formulation, whatever the input dtype, and casts the result back.
+
+Every backend implements the same functions with the same signatures and semantics; inputs
+have already been validated by :mod:`fastvit.ops` when they arrive here.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "patch_embed",
+    "attention",
+    "attention_probs",
+    "linear",
+    "mlp",
+    "layer_norm",
+    "gelu",
+]
+
+ACTIVATIONS = (None, "gelu", "gelu_tanh")
+
+
+def gelu(x: torch.Tensor, act: Optional[str]) -> torch.Tensor:
+    """Apply the activation named ``act`` (None, 'gelu' = exact erf form, 'gelu_tanh')."""
+    if act is None:
+        return x
+    if act == "gelu":
+        return F.gelu(x)
+    if act == "gelu_tanh":
+        return F.gelu(x, approximate="tanh")
+    raise ValueError(f"act: expected one of {ACTIVATIONS}, got {act!r}")
+
+
+def _up(t: Optional[torch.Tensor], upcast: bool) -> Optional[torch.Tensor]:
+    if t is None or not upcast:
+        return t
+    return t.float()
+
+
+def patch_embed(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    pos_embed: Optional[torch.Tensor] = None,
+    prefix: Optional[torch.Tensor] = None,
+    pad: bool = False,
+    upcast: bool = False,
+) -> torch.Tensor:
+    """Image -> token sequence: conv-as-GEMM + bias + position embedding + prefix rows.
+
+    Args:
+        x: image, (B, C, H, W), any float dtype (cast to ``weight.dtype``).
+        weight: patch projection, (D, C, Ph, Pw) (the conv weight).
+        bias: (D,) or None.
+        pos_embed: position embedding of the patch tokens for *this* grid, (gh * gw, D), or None.
+        prefix: rows written before the patch tokens of every image (class / distillation /
+            register tokens, their position embedding already added), (T, D), or None.
+        pad: pad H and W at the bottom / right with zeros up to a multiple of the patch size
+            (timm's ``dynamic_img_pad``); otherwise they must already be multiples.
+        upcast: compute in float32 (oracle mode).
+
+    Returns:
+        (B, T + gh * gw, D), contiguous, dtype of ``weight`` (float32 when ``upcast``).
+    """
+    out_dtype = torch.float32 if upcast else weight.dtype
+    ph, pw = weight.shape[-2:]
+    x = x.to(out_dtype)
+    if pad:
+        H, W = x.shape[-2:]
+        x = F.pad(x, (0, (pw - W % pw) % pw, 0, (ph - H % ph) % ph))
+    y = F.conv2d(x, weight.to(out_dtype), None if bias is None else bias.to(out_dtype), stride=(ph, pw))
+    y = y.flatten(2).transpose(1, 2)  # (B, gh*gw, D)
+    if pos_embed is not None:
+        y = y + pos_embed.to(out_dtype)
+    if prefix is not None and prefix.shape[0] > 0:
+        y = torch.cat([prefix.to(out_dtype).unsqueeze(0).expand(y.shape[0], -1, -1), y], dim=1)
+    return y.contiguous()
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: Optional[float] = None,
+    upcast: bool = False,
+) -> torch.Tensor:
+    """Softmax attention, no mask, no dropout.
+
+    Args:
+        q, k, v: (B, H, N, d), any strides (e.g. views of a packed qkv buffer).
+        scale: softmax scale, default ``d ** -0.5``.
+        upcast: explicit float32 math formulation (oracle mode).
+
+    Returns:
+        (B, H, N, d). On the fast path this is a transposed view of a (B, N, H, d) buffer so
+        ``out.transpose(1, 2).reshape(B, N, H * d)`` is free.
+    """
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    if upcast:
+        out, _ = _attention_math(q, k, v, scale)
+        return out.to(q.dtype)
+    out = torch.empty(q.shape[0], q.shape[2], q.shape[1], q.shape[3], dtype=q.dtype, device=q.device)
+    out = out.transpose(1, 2)  # (B, H, N, d) view of (B, N, H, d) memory
+    out.copy_(F.scaled_dot_product_attention(q, k, v, scale=scale))
+    return out
+
+
+def _attention_math(q, k, v, scale) -> Tuple[torch.Tensor, torch.Tensor]:
+    s = torch.matmul(q.float(), k.float().transpose(-2, -1)) * scale  # (B, H, N, N)
+    p = torch.softmax(s, dim=-1)
+    return torch.matmul(p, v.float()), p
+
+
+def attention_probs(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: Optional[float] = None,
+    upcast: bool = False,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Attention that also returns its softmax probabilities (for pictures, not the fast path).
+
+    Args:
+        q, k, v: (B, H, N, d).
+        scale: softmax scale, default ``d ** -0.5``.
+
+    Returns:
+        out (B, H, N, d) in the input dtype, probs (B, H, N, N) in float32 (rows sum to 1).
+    """
+    del upcast  # always computed in float32
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    out, p = _attention_math(q, k, v, scale)
+    return out.to(q.dtype), p
+
+
+def layer_norm(
+    x: torch.Tensor,
+    weight: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+    eps: float = 1e-6,
+    upcast: bool = False,
+) -> torch.Tensor:
+    """LayerNorm over the last dim. x: (..., D); weight, bias: (D,) or None. Returns x's shape."""
+    if upcast:
+        return F.layer_norm(x.float(), x.shape[-1:], _up(weight, True), _up(bias, True), eps).to(x.dtype)
+    return F.layer_norm(x, x.shape[-1:], weight, bias, eps)
+
+
+def linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    act: Optional[str] = None,
+    gamma: Optional[torch.Tensor] = None,
+    residual: Optional[torch.Tensor] = None,
+    ln_weight: Optional[torch.Tensor] = None,
+    ln_bias: Optional[torch.Tensor] = None,
+    ln_eps: float = 1e-6,
+    upcast: bool = False,
+) -> torch.Tensor:
+    """``y = act(LN?(x) @ weight.T + bias) * gamma + residual``.
+
+    Args:
+        x: (..., K).
+        weight: (N, K). bias: (N,) or None.
+        act: None, 'gelu' (erf) or 'gelu_tanh'.
+        gamma: LayerScale, (N,) or None.
+        residual: (..., N) or None, added last.
+        ln_weight, ln_bias: (K,); when ``ln_weight`` is given, x is layer-normalised (eps
+            ``ln_eps``) before the product (the prologue the Triton kernel fuses).
+        upcast: float32 oracle mode.
+
+    Returns:
+        (..., N) in x's dtype.
+    """
+    dt = x.dtype
+    x, weight, bias, gamma, residual, ln_weight, ln_bias = (
+        _up(t, upcast) for t in (x, weight, bias, gamma, residual, ln_weight, ln_bias)
+    )
+    if ln_weight is not None:
+        x = F.layer_norm(x, x.shape[-1:], ln_weight, ln_bias, ln_eps)
+    y = gelu(F.linear(x, weight, bias), act)
+    if gamma is not None:
+        y = y * gamma
+    if residual is not None:
+        y = y + residual
+    return y.to(dt)
+
+
+def mlp(
+    x: torch.Tensor,
+    fc1_weight: torch.Tensor,
+    fc1_bias: Optional[torch.Tensor],
+    fc2_weight: torch.Tensor,
+    fc2_bias: Optional[torch.Tensor],
+    act: Optional[str] = "gelu",
+    gamma: Optional[torch.Tensor] = None,
+    residual: Optional[torch.Tensor] = None,
+    ln_weight: Optional[torch.Tensor] = None,
+    ln_bias: Optional[torch.Tensor] = None,
+    ln_eps: float = 1e-6,
+    upcast: bool = False,
+) -> torch.Tensor:
+    """Transformer MLP: ``residual + gamma * fc2(act(fc1(LN?(x))))``.
+
+    Args:
+        x: (..., D). fc1_weight: (Hd, D), fc1_bias: (Hd,). fc2_weight: (D_out, Hd), fc2_bias: (D_out,).
+        act, gamma, residual, ln_*: as :func:`linear` (the LN applies to x, gamma/residual to
+            the fc2 output).
+
+    Returns:
+        (..., D_out) in x's dtype. The hidden activation is rounded to x's dtype between the
+        two products, as an unfused composition would (unless ``upcast``).
+    """
+    h = linear(x, fc1_weight, fc1_bias, act=act, ln_weight=ln_weight, ln_bias=ln_bias, ln_eps=ln_eps, upcast=upcast)
+    return linear(h, fc2_weight, fc2_bias, gamma=gamma, residual=residual, upcast=upcast)
+
+
+def resample_pos_embed(
+    pos: torch.Tensor,
+    new_size: Tuple[int, int],
+    old_size: Tuple[int, int],
+    antialias: bool = True,
+) -> torch.Tensor:
+    """Bicubic resample of a patch position embedding grid, computed in float32.
+
+    Args:
+        pos: (old_h * old_w, D).
+        new_size, old_size: (rows, cols) of the grids.
+        antialias: timm resamples with antialias=True; Hugging Face models without.
+
+    Returns:
+        (new_h * new_w, D) in pos's dtype.
+    """
+    if tuple(new_size) == tuple(old_size):
+        return pos
+    D = pos.shape[-1]
+    grid = pos.float().reshape(1, old_size[0], old_size[1], D).permute(0, 3, 1, 2)
+    grid = F.interpolate(grid, size=tuple(new_size), mode="bicubic", antialias=antialias, align_corners=False)
+    return grid.permute(0, 2, 3, 1).reshape(-1, D).to(pos.dtype)
+
