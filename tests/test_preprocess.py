@@ -1,0 +1,108 @@
+"""Preprocessing equals transformers' image processors and timm's eval transform, bit for bit."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from fastvit.preprocess import Preprocessor, load_labels, topk_predictions
+
+skdata = pytest.importorskip("skimage.data")
+Image = pytest.importorskip("PIL.Image")
+
+PHOTOS = {"chelsea": skdata.chelsea(), "astronaut": skdata.astronaut()}  # (300, 451, 3), (512, 512, 3)
+
+
+@pytest.fixture(params=sorted(PHOTOS))
+def photo(request):
+    return PHOTOS[request.param]
+
+
+HF_CONFIGS = [
+    ("ViTImageProcessor", dict()),  # 224 x 224 squash, bilinear, mean = std = 0.5
+    ("ViTImageProcessor", dict(size={"height": 96, "width": 128}, resample=3)),
+    ("BitImageProcessor", dict(size={"shortest_edge": 256}, crop_size={"height": 224, "width": 224})),  # DINOv2
+    ("BitImageProcessor", dict(size={"shortest_edge": 97}, crop_size={"height": 63, "width": 64}, resample=2)),
+    ("DeiTImageProcessor", dict(size={"height": 73, "width": 71}, crop_size={"height": 64, "width": 64})),
+]
+
+
+@pytest.mark.parametrize("cls_name,kwargs", HF_CONFIGS)
+def test_equals_hf_image_processor(photo, cls_name, kwargs, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    hp = getattr(transformers, cls_name)(**kwargs)
+    ref = hp(Image.fromarray(photo), return_tensors="pt")["pixel_values"]
+    hp.save_pretrained(tmp_path)  # through the file, as a checkpoint folder carries it
+    pre = Preprocessor.from_hf(str(tmp_path))
+    for inp in (Image.fromarray(photo), photo, torch.from_numpy(photo).permute(2, 0, 1)):
+        out = pre(inp)
+        assert out.shape == ref.shape
+        assert torch.equal(out, ref), f"{cls_name} {kwargs}: max diff {(out - ref).abs().max().item()}"
+
+
+TIMM_CFGS = [
+    dict(input_size=(3, 224, 224), interpolation="bicubic", mean=(0.5,) * 3, std=(0.5,) * 3, crop_pct=0.9),
+    dict(input_size=(3, 97, 97), interpolation="bilinear", crop_pct=0.875),
+    dict(input_size=(3, 64, 80), interpolation="bicubic", crop_pct=0.95, crop_mode="squash"),
+    dict(input_size=(3, 50, 50), interpolation="bicubic", crop_pct=1.0),
+]
+
+
+@pytest.mark.parametrize("cfg", TIMM_CFGS, ids=lambda c: "x".join(map(str, c["input_size"][1:])))
+def test_equals_timm_eval_transform(photo, cfg, tmp_path):
+    tdata = pytest.importorskip("timm.data")
+    t = tdata.create_transform(**tdata.resolve_data_config(pretrained_cfg=cfg))
+    ref = t(Image.fromarray(photo))
+    pre = Preprocessor.from_timm(cfg)
+    path = tmp_path / "photo.png"
+    Image.fromarray(photo).save(path)
+    for inp in (Image.fromarray(photo), str(path), torch.from_numpy(photo).permute(2, 0, 1)):
+        out = pre(inp)[0]
+        assert torch.equal(out, ref), f"{cfg}: max diff {(out - ref).abs().max().item()}"
+    # a round trip through to_dict (what `fastvit convert` stores) keeps the pipeline
+    again = Preprocessor.from_dict(json.loads(json.dumps(pre.to_dict())))
+    assert torch.equal(again(str(path))[0], ref)
+
+
+def test_shapes_batch_and_denormalize(photo):
+    pre = Preprocessor(size=(40, 60), crop_size=(32, 48), mean=(0.5,) * 3, std=(0.25,) * 3)
+    x = pre([photo, photo[::-1].copy()])
+    assert x.shape == (2, 3, 32, 48) and x.dtype == torch.float32
+    back = pre.denormalize(x[0])
+    assert back.shape == (32, 48, 3) and back.dtype == np.uint8
+    assert np.array_equal(back, pre.geometry(photo).permute(1, 2, 0).numpy())
+
+
+def test_geometry_crop_rounding():
+    # a 5-pixel margin: torchvision (timm) rounds the offset to 2 (round half to even), HF floors it to 2
+    # too; a 3-pixel margin: round -> 2, floor -> 1
+    img = torch.arange(10 * 7, dtype=torch.uint8).reshape(1, 10, 7).expand(3, 10, 7).contiguous()
+    r = Preprocessor(size=None, crop_size=(7, 4), backend="torch", crop_rounding="round").geometry(img)
+    f = Preprocessor(size=None, crop_size=(7, 4), backend="torch", crop_rounding="floor").geometry(img)
+    assert r[0, 0, 0].item() == 2 * 7 + 2 and f[0, 0, 0].item() == 1 * 7 + 1
+
+
+def test_errors_name_the_argument():
+    with pytest.raises(ValueError, match="resample"):
+        Preprocessor(resample="cubic")
+    with pytest.raises(TypeError, match="uint8"):
+        Preprocessor().process(np.zeros((8, 8, 3), np.float32))
+    with pytest.raises(ValueError, match="shape"):
+        Preprocessor().process(torch.zeros(5, 8, 8, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="crop_size"):
+        Preprocessor(size=16, crop_size=(32, 32)).process(np.zeros((20, 20, 3), np.uint8))
+    with pytest.raises(FileNotFoundError, match="missing.png"):
+        Preprocessor().process("missing.png")
+
+
+def test_labels_and_topk(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"id2label": {"0": "cat", "1": "dog", "2": "bird"}}))
+    labels = load_labels(str(tmp_path))
+    assert labels == {0: "cat", 1: "dog", 2: "bird"}
+    logits = torch.tensor([[0.0, 2.0, 1.0], [3.0, 0.0, 0.0]])
+    top = topk_predictions(logits, 2, labels)
+    assert [p["label"] for p in top[0]] == ["dog", "bird"] and top[1][0]["label"] == "cat"
+    assert abs(top[0][0]["prob"] - torch.softmax(logits[0], 0)[1].item()) < 1e-7
+    (tmp_path / "config.json").write_text(json.dumps({"label_names": ["a", "b"]}))
+    assert load_labels(str(tmp_path)) == {0: "a", 1: "b"}
