@@ -1,0 +1,327 @@
+"""Flash-style attention forward (tiled, exp2 online softmax, never materialises N x N).
+
+Two kernels:
+
+* ``_attn_fwd`` -- the fast path. q, k, v are (B, H, N, d) tensors with arbitrary strides
+  (the model passes strided views of its packed qkv buffer), the output is written in
+  (B, N, H, d) memory order and returned as its (B, H, N, d) transposed view, so the
+  projection reads it as (B, N, H * d) with no copy.
+* ``_attn_probs_fwd`` -- opt-in, for pictures: a first pass finds each row's max and sum, a
+  second pass writes the normalised probabilities (float32, (B, H, N, N_kv)) and accumulates
+  the output. The fast path never pays for it.
+
+Any N (the kv tail is masked in a separate last iteration, so full tiles run unmasked; no
+padding copies), head dims up to 256 through a power-of-two ``BLOCK_D`` with a mask on d
+when ``HEAD_DIM`` is not one (48, 80, 96 ...). fp16 / bf16 inputs use tensor-core dots with
+float32 accumulation. float32 inputs use ``input_precision='ieee'`` (exact fp32 products,
+matching PyTorch's default ``torch.backends.cuda.matmul.allow_tf32 = False``), or tf32 when
+the user enabled ``allow_tf32``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from .autotune import Config, Tunable, n_bucket, next_pow2
+
+LOG2E = 1.4426950408889634
+
+
+# --------------------------------------------------------------------------- kernels
+@triton.jit
+def _attn_tile(acc, m_i, l_i, q, k_ptrs, v_ptrs, start_n, offs_n, offs_d, N_KV, qk_scale,
+               stride_kn, stride_vn, HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr,
+               MASK_N: tl.constexpr, PRECISION: tl.constexpr):
+    """One (BLOCK_N) kv tile of the online softmax; returns the updated (acc, m_i, l_i)."""
+    kn = start_n + offs_n
+    if MASK_N:
+        if EVEN_D:
+            k = tl.load(k_ptrs + start_n * stride_kn, mask=kn[None, :] < N_KV, other=0.0)
+            v = tl.load(v_ptrs + start_n * stride_vn, mask=kn[:, None] < N_KV, other=0.0)
+        else:
+            k = tl.load(k_ptrs + start_n * stride_kn, mask=(kn[None, :] < N_KV) & (offs_d[:, None] < HEAD_DIM),
+                        other=0.0)
+            v = tl.load(v_ptrs + start_n * stride_vn, mask=(kn[:, None] < N_KV) & (offs_d[None, :] < HEAD_DIM),
+                        other=0.0)
+    else:
+        if EVEN_D:
+            k = tl.load(k_ptrs + start_n * stride_kn)
+            v = tl.load(v_ptrs + start_n * stride_vn)
+        else:
+            k = tl.load(k_ptrs + start_n * stride_kn, mask=offs_d[:, None] < HEAD_DIM, other=0.0)
+            v = tl.load(v_ptrs + start_n * stride_vn, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+    s = tl.dot(q, k, input_precision=PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N), log2 domain
+    if MASK_N:
+        s = tl.where(kn[None, :] < N_KV, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    p = tl.math.exp2(s - m_new[:, None])
+    alpha = tl.math.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _attn_fwd(
+    Q, K, V, O,
+    qk_scale,  # softmax scale * log2(e): the softmax runs on exp2
+    stride_qb, stride_qh, stride_qn,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_ob, stride_oh, stride_on,
+    H, N_Q, N_KV,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    pid_bh = tl.program_id(0)  # batch * heads on axis 0 (no 65535 limit); q blocks of one head adjacent
+    pid_m = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    q_ptrs = Q + b.to(tl.int64) * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :]
+    k_ptrs = K + b.to(tl.int64) * stride_kb + h * stride_kh + offs_n[None, :] * stride_kn + offs_d[:, None]
+    v_ptrs = V + b.to(tl.int64) * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :]
+    if EVEN_D:
+        q = tl.load(q_ptrs, mask=offs_m[:, None] < N_Q, other=0.0)
+    else:
+        q = tl.load(q_ptrs, mask=(offs_m[:, None] < N_Q) & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    n_full = (N_KV // BLOCK_N) * BLOCK_N
+    for start_n in range(0, n_full, BLOCK_N):
+        acc, m_i, l_i = _attn_tile(acc, m_i, l_i, q, k_ptrs, v_ptrs, start_n, offs_n, offs_d, N_KV, qk_scale,
+                                   stride_kn, stride_vn, HEAD_DIM, EVEN_D, False, PRECISION)
+    if n_full < N_KV:
+        acc, m_i, l_i = _attn_tile(acc, m_i, l_i, q, k_ptrs, v_ptrs, n_full, offs_n, offs_d, N_KV, qk_scale,
+                                   stride_kn, stride_vn, HEAD_DIM, EVEN_D, True, PRECISION)
+    acc = acc / l_i[:, None]
+    o_ptrs = O + b.to(tl.int64) * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :]
+    if EVEN_D:
+        tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=offs_m[:, None] < N_Q)
+    else:
+        tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=(offs_m[:, None] < N_Q) & (offs_d[None, :] < HEAD_DIM))
+
+
+@triton.jit
+def _attn_probs_fwd(
+    Q, K, V, O, P,
+    qk_scale,
+    stride_qb, stride_qh, stride_qn,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_ob, stride_oh, stride_on,
+    stride_pb, stride_ph, stride_pm,
+    H, N_Q, N_KV,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    pid_bh = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_m = offs_m < N_Q
+    mask_d = offs_d < HEAD_DIM
+    q = tl.load(Q + b.to(tl.int64) * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :],
+                mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+    k_ptrs = K + b.to(tl.int64) * stride_kb + h * stride_kh + offs_n[None, :] * stride_kn + offs_d[:, None]
+    v_ptrs = V + b.to(tl.int64) * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :]
+    # pass 1: row max and row sum (online), so pass 2 can write final probabilities directly
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    for start_n in range(0, N_KV, BLOCK_N):
+        kn = start_n + offs_n
+        k = tl.load(k_ptrs + start_n * stride_kn, mask=(kn[None, :] < N_KV) & mask_d[:, None], other=0.0)
+        s = tl.dot(q, k, input_precision=PRECISION) * qk_scale
+        s = tl.where(kn[None, :] < N_KV, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        l_i = l_i * tl.math.exp2(m_i - m_new) + tl.sum(tl.math.exp2(s - m_new[:, None]), 1)
+        m_i = m_new
+    inv_l = 1.0 / l_i
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    p_row = P + b.to(tl.int64) * stride_pb + h.to(tl.int64) * stride_ph + offs_m[:, None].to(tl.int64) * stride_pm
+    for start_n in range(0, N_KV, BLOCK_N):
+        kn = start_n + offs_n
+        k = tl.load(k_ptrs + start_n * stride_kn, mask=(kn[None, :] < N_KV) & mask_d[:, None], other=0.0)
+        v = tl.load(v_ptrs + start_n * stride_vn, mask=(kn[:, None] < N_KV) & mask_d[None, :], other=0.0)
+        s = tl.dot(q, k, input_precision=PRECISION) * qk_scale
+        s = tl.where(kn[None, :] < N_KV, s, float("-inf"))
+        p = tl.math.exp2(s - m_i[:, None]) * inv_l[:, None]
+        tl.store(p_row + kn[None, :], p, mask=mask_m[:, None] & (kn[None, :] < N_KV))
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
+    o_ptrs = O + b.to(tl.int64) * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :]
+    tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
+
+
+# --------------------------------------------------------------------------- configs
+SMEM_LIMIT = 232448  # sm_90 per-block opt-in maximum; keep() also guards sm_80 via the AOT test
+
+
+def _configs():
+    """Candidate tiles. The space follows the Triton fused-attention tutorial's H100 sweep
+    (BLOCK_M 64/128 x BLOCK_N 32/64/128, 4 or 8 warps, 2-4 stages)."""
+    out = []
+    for bm in (64, 128):
+        for bn in (32, 64, 128):
+            for w in (4, 8):
+                for s in (2, 3, 4):
+                    out.append(Config.make(w, s, BLOCK_M=bm, BLOCK_N=bn))
+    return out
+
+
+def _smem_bytes(cfg: Config, block_d: int, elem: int) -> int:
+    # q tile once, k and v tiles per pipeline stage (rough, as Triton's own pruning does)
+    return (cfg["BLOCK_M"] * block_d + 2 * cfg["BLOCK_N"] * block_d * max(cfg.num_stages - 1, 1)) * elem
+
+
+def keep(cfg: Config, key: Tuple) -> bool:
+    """key = (n bucket, n_kv bucket, head dim, dtype name, probs flag)."""
+    n_b, nkv_b, d, dt, _ = key
+    block_d = next_pow2(max(d, 16))
+    elem = 4 if dt == "float32" else 2
+    if _smem_bytes(cfg, block_d, elem) > SMEM_LIMIT:
+        return False
+    # an accumulator of BLOCK_M x BLOCK_D fp32 over 4 warps past 64 regs/thread spills
+    if cfg["BLOCK_M"] * block_d // (32 * cfg.num_warps) > 64:
+        return False
+    if cfg["BLOCK_M"] > 64 and n_b <= 64:  # tiny sequences: more programs beat bigger tiles
+        return False
+    if cfg["BLOCK_N"] > nkv_b:
+        return False
+    return True
+
+
+def heuristic(key: Tuple) -> Config:
+    """Without tuning: 128 x 64 tiles for d <= 64, 128 x 64 with 8 warps for larger heads (the
+    tutorial's H100 choices), shrunk for short sequences and for float32 (twice the bytes)."""
+    n_b, nkv_b, d, dt, probs = key
+    block_d = next_pow2(max(d, 16))
+    bm = 128 if n_b > 64 else 64
+    bn = 64 if nkv_b >= 64 else max(16, nkv_b)
+    warps = 4 if block_d <= 64 else 8
+    stages = 3
+    if dt == "float32" or probs:
+        bm, bn, stages = 64, min(bn, 32), 2
+    return Config.make(warps, stages, BLOCK_M=bm, BLOCK_N=bn)
+
+
+TUNE_FWD = Tunable("attention", _configs, keep, heuristic)
+TUNE_PROBS = Tunable("attention_probs", _configs, keep, heuristic)
+
+
+def _precision(dtype: torch.dtype) -> str:
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"  # ignored for 16-bit operands
+
+
+def _key(q, k, probs: bool):
+    return (n_bucket(q.shape[2]), n_bucket(k.shape[2]), q.shape[3], str(q.dtype).replace("torch.", ""), probs)
+
+
+def empty_out(q: torch.Tensor) -> torch.Tensor:
+    """A (B, H, N, d) view of a fresh (B, N, H, d) buffer: the layout attention writes."""
+    B, H, N, d = q.shape
+    return torch.empty(B, N, H, d, dtype=q.dtype, device=q.device).transpose(1, 2)
+
+
+# --------------------------------------------------------------------------- launchers
+def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float] = None,
+                  out: Optional[torch.Tensor] = None, config: Optional[Config] = None) -> torch.Tensor:
+    """Softmax(q k^T * scale) v.
+
+    Args:
+        q: (B, H, N, d); k, v: (B, H, N_kv, d); any strides with a unit-stride last dim.
+        scale: softmax scale (default d ** -0.5).
+        out: optional (B, H, N, d) output to write (any strides, unit last stride); default a
+            transposed view of a new (B, N, H, d) buffer.
+        config: force a launch config (tests / AOT); default the tuned or heuristic one.
+
+    Returns:
+        out, (B, H, N, d).
+    """
+    B, H, N, d = q.shape
+    Nkv = k.shape[2]
+    if scale is None:
+        scale = d ** -0.5
+    if out is None:
+        out = empty_out(q)
+    if B * H == 0 or N == 0:
+        return out
+    block_d = next_pow2(max(d, 16))
+    prec = _precision(q.dtype)
+
+    def run(cfg: Config):
+        grid = (B * H, triton.cdiv(N, cfg["BLOCK_M"]))
+        _attn_fwd[grid](
+            q, k, v, out, float(scale) * LOG2E,
+            q.stride(0), q.stride(1), q.stride(2),
+            k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2),
+            out.stride(0), out.stride(1), out.stride(2),
+            H, N, Nkv,
+            HEAD_DIM=d, BLOCK_D=block_d, PRECISION=prec, **cfg.launch_kwargs(),
+        )
+
+    run(config or TUNE_FWD.pick(_key(q, k, False), q.device, run))
+    return out
+
+
+def attention_probs_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float] = None,
+                        out: Optional[torch.Tensor] = None, probs: Optional[torch.Tensor] = None,
+                        config: Optional[Config] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Attention plus its probabilities.
+
+    Args: as :func:`attention_fwd`; ``probs`` an optional (B, H, N, N_kv) float32 output.
+
+    Returns:
+        out (B, H, N, d) in q's dtype, probs (B, H, N, N_kv) float32 (rows sum to 1).
+    """
+    B, H, N, d = q.shape
+    Nkv = k.shape[2]
+    if scale is None:
+        scale = d ** -0.5
+    if out is None:
+        out = empty_out(q)
+    if probs is None:
+        probs = torch.empty(B, H, N, Nkv, dtype=torch.float32, device=q.device)
+    if B * H == 0 or N == 0:
+        return out, probs
+    if probs.stride(3) != 1:
+        raise ValueError(f"probs: expected a unit-stride last dim, got strides {tuple(probs.stride())}")
+    block_d = next_pow2(max(d, 16))
+    prec = _precision(q.dtype)
+
+    def run(cfg: Config):
+        grid = (B * H, triton.cdiv(N, cfg["BLOCK_M"]))
+        _attn_probs_fwd[grid](
+            q, k, v, out, probs, float(scale) * LOG2E,
+            q.stride(0), q.stride(1), q.stride(2),
+            k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2),
+            out.stride(0), out.stride(1), out.stride(2),
+            probs.stride(0), probs.stride(1), probs.stride(2),
+            H, N, Nkv,
+            HEAD_DIM=d, BLOCK_D=block_d, PRECISION=prec, **cfg.launch_kwargs(),
+        )
+
+    run(config or TUNE_PROBS.pick(_key(q, k, True), q.device, run))
+    return out, probs
+
+
+KERNELS = {"attention": _attn_fwd, "attention_probs": _attn_probs_fwd}
+__all__ = ["attention_fwd", "attention_probs_fwd", "empty_out", "TUNE_FWD", "TUNE_PROBS", "keep", "heuristic",
+           "_configs", "KERNELS"]

@@ -1,0 +1,197 @@
+"""Config choice for every kernel: heuristic, or autotuned once per shape and cached on disk.
+
+Why not ``triton.autotune``: we need (1) a heuristic mode that never benchmarks (the CPU
+interpreter, ``FASTVIT_AUTOTUNE=0``, CUDA-graph capture), (2) a cache that survives the
+process, keyed by GPU name, shape key and dtype, and (3) :func:`fastvit.warmup` to run every
+tuning up front. A kernel module describes itself with a :class:`Tunable`:
+
+* ``configs()`` -- the candidate list (``_configs()`` in the kernel files),
+* ``keep(cfg, key)`` -- prunes candidates that cannot work for a key (shared memory, tl.dot
+  minimums, tiles far larger than the problem),
+* ``heuristic(key)`` -- the config used without tuning,
+* the *key* -- only the quantities that change the compiled code or the best tiling
+  (N_CTX bucket, HEAD_DIM, K, N, flags, dtype); never the batch alone.
+
+Benchmarks run with ``triton.testing.do_bench`` on the caller's real arguments (outputs are
+scratch; kernels here are pure functions of their inputs, so re-running is harmless).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+__all__ = ["Config", "Tunable", "autotune_enabled", "cache_path", "in_capture", "clear_memory_cache"]
+
+_lock = threading.RLock()
+
+
+@dataclass(frozen=True)
+class Config:
+    """One launch configuration: constexpr meta-parameters + num_warps / num_stages."""
+
+    meta: Tuple[Tuple[str, int], ...]
+    num_warps: int = 4
+    num_stages: int = 2
+
+    @staticmethod
+    def make(num_warps: int = 4, num_stages: int = 2, **meta: int) -> "Config":
+        return Config(tuple(sorted(meta.items())), num_warps, num_stages)
+
+    @property
+    def kwargs(self) -> Dict[str, int]:
+        return dict(self.meta)
+
+    def __getitem__(self, name: str) -> int:
+        return dict(self.meta)[name]
+
+    def launch_kwargs(self) -> Dict[str, int]:
+        """Keyword arguments for ``kernel[grid](..., **cfg.launch_kwargs())``."""
+        return {**dict(self.meta), "num_warps": self.num_warps, "num_stages": self.num_stages}
+
+    def to_json(self) -> Dict[str, Any]:
+        return {"meta": dict(self.meta), "num_warps": self.num_warps, "num_stages": self.num_stages}
+
+    @staticmethod
+    def from_json(d: Dict[str, Any]) -> "Config":
+        return Config.make(d["num_warps"], d["num_stages"], **d["meta"])
+
+    def __str__(self) -> str:
+        m = ",".join(f"{k}={v}" for k, v in self.meta)
+        return f"{m},w{self.num_warps},s{self.num_stages}"
+
+
+def autotune_enabled() -> bool:
+    """False under ``FASTVIT_AUTOTUNE=0`` and in Triton's CPU interpreter (nothing to time there)."""
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        return False
+    return os.environ.get("FASTVIT_AUTOTUNE", "1") not in ("0", "false", "False", "")
+
+
+def in_capture() -> bool:
+    """True while a CUDA graph is being captured: no tuning, no host sync allowed then."""
+    try:
+        return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+    except Exception:  # no CUDA runtime at all
+        return False
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type != "cuda":
+        return device.type
+    return torch.cuda.get_device_name(device).replace(" ", "_").replace("/", "_")
+
+
+def cache_path(device: torch.device) -> str:
+    """The JSON file holding tuned configs for this GPU model (``FASTVIT_CACHE_DIR`` overrides)."""
+    root = os.environ.get("FASTVIT_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "fastvit")
+    import triton  # the triton version changes codegen, so tuned choices are kept per version
+
+    return os.path.join(root, f"autotune-{_device_name(device)}-triton{triton.__version__}.json")
+
+
+_disk: Dict[str, Dict[str, Any]] = {}  # path -> {"kernel|key": config json}
+_memory: Dict[Tuple[str, str, str], Config] = {}  # (device name, kernel, key) -> config
+
+
+def clear_memory_cache() -> None:
+    """Forget in-process choices (tests use it to force re-reading the disk cache)."""
+    with _lock:
+        _memory.clear()
+        _disk.clear()
+
+
+def _load_disk(path: str) -> Dict[str, Any]:
+    if path not in _disk:
+        try:
+            with open(path) as f:
+                _disk[path] = json.load(f)
+        except (OSError, ValueError):
+            _disk[path] = {}
+    return _disk[path]
+
+
+def _save_disk(path: str, entry: str, cfg: Config) -> None:
+    data = _load_disk(path)
+    data[entry] = cfg.to_json()
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(data, f, indent=1, sort_keys=True)
+        os.replace(tmp, path)  # atomic: concurrent processes never read half a file
+    except OSError:
+        pass  # a read-only home still works, it just re-tunes next process
+
+
+@dataclass
+class Tunable:
+    """A kernel's config space. ``run(cfg)`` launches it once with ``cfg`` (used for timing)."""
+
+    name: str
+    configs: Callable[[], Sequence[Config]]
+    keep: Callable[[Config, Tuple], bool]
+    heuristic: Callable[[Tuple], Config]
+    stats: Dict[str, int] = field(default_factory=dict)
+
+    def candidates(self, key: Tuple) -> List[Config]:
+        """The pruned candidate list for ``key`` (never empty: falls back to the heuristic)."""
+        kept = [c for c in self.configs() if self.keep(c, key)]
+        return kept or [self.heuristic(key)]
+
+    def pick(self, key: Tuple, device: torch.device, run: Callable[[Config], None]) -> Config:
+        """The config for ``key``: cached, else tuned (when allowed), else the heuristic."""
+        dev = _device_name(device)
+        skey = "|".join(str(k) for k in key)
+        mk = (dev, self.name, skey)
+        cfg = _memory.get(mk)
+        if cfg is not None:
+            return cfg
+        if device.type != "cuda" or not autotune_enabled():
+            cfg = self.heuristic(key)
+            _memory[mk] = cfg
+            return cfg
+        with _lock:
+            path = cache_path(device)
+            saved = _load_disk(path).get(f"{self.name}|{skey}")
+            if saved is not None:
+                cfg = Config.from_json(saved)
+            elif in_capture():
+                # Tuning would sync and launch throwaway kernels into the graph: use the
+                # heuristic now and leave the key untuned (fastvit.warmup tunes before capture).
+                return self.heuristic(key)
+            else:
+                cfg = self._tune(key, run)
+                _save_disk(path, f"{self.name}|{skey}", cfg)
+            _memory[mk] = cfg
+        return cfg
+
+    def _tune(self, key: Tuple, run: Callable[[Config], None]) -> Config:
+        from triton.testing import do_bench
+
+        best, best_t = None, float("inf")
+        for cfg in self.candidates(key):
+            try:
+                t = do_bench(lambda: run(cfg), warmup=5, rep=20)
+            except Exception:  # e.g. out of resources on this GPU: the config is just not eligible
+                continue
+            if t < best_t:
+                best, best_t = cfg, t
+        self.stats["tuned"] = self.stats.get("tuned", 0) + 1
+        return best if best is not None else self.heuristic(key)
+
+
+def next_pow2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
+
+
+def n_bucket(n: int) -> int:
+    """Sequence lengths are bucketed to the next power of two for the tuning key, so 197 and
+    200 share a config while 197 and 577 do not (the code is the same, the best tile is not)."""
+    return next_pow2(max(int(n), 16))

@@ -1,0 +1,288 @@
+"""One GEMM family with a fused LayerNorm prologue and bias / GELU / LayerScale / residual epilogue.
+
+    y = act(LN?(x) @ W^T + b) * gamma + residual          x (M, K), W (N, K), y (M, N)
+
+This is every linear layer of a ViT block:
+
+    qkv = linear(x, W_qkv, b, ln=norm1)                   # LN prologue
+    x   = linear(o, W_proj, b, gamma=ls1, residual=x)     # epilogue: LayerScale + residual
+    h   = linear(x, W_fc1, b, act='gelu', ln=norm2)       # prologue + GELU epilogue
+    x   = linear(h, W_fc2, b, gamma=ls2, residual=x)
+
+LN prologue: a small kernel (:func:`.layer_norm.row_stats`) writes each row's mean and rstd
+(float32, 8 bytes a row); the GEMM normalises every A tile as it loads it, rounds it to the
+input dtype (as an unfused LayerNorm output would be) and feeds the tensor cores. The
+normalised activations never touch memory.
+
+Epilogue math is float32 on the accumulator with one rounding at the store, so the fused op is
+at least as accurate as the unfused chain (which rounds after every step).
+
+fp16 / bf16 use tensor cores with float32 accumulation; float32 inputs use exact fp32 products
+(``input_precision='ieee'``) unless ``torch.backends.cuda.matmul.allow_tf32`` is set (then tf32),
+mirroring what ``F.linear`` does.
+
+Rows and columns past M / N are *clamped* (index modulo M / N) in the loads instead of masked,
+so the K loop has no M/N masks; only the store is masked. K tails are masked only when
+``K % BLOCK_K != 0`` (``EVEN_K`` constexpr).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from .autotune import Config, Tunable, next_pow2
+from .layer_norm import row_stats
+
+ACT_CODES = {None: 0, "gelu": 1, "gelu_tanh": 2}
+
+
+@triton.jit
+def _act(x, ACT: tl.constexpr):
+    """0: identity, 1: exact GELU (erf), 2: tanh GELU; x is float32."""
+    if ACT == 1:
+        x = 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))
+    elif ACT == 2:
+        u = 0.7978845608028654 * (x + 0.044715 * x * x * x)
+        # tanh(u) = 1 - 2 / (exp(2u) + 1): saturates to +-1 without inf - inf
+        t = 1.0 - 2.0 / (tl.math.exp2(u * 2.8853900817779268) + 1.0)
+        x = 0.5 * x * (1.0 + t)
+    return x
+
+
+@triton.jit
+def _linear_fwd(
+    A, W, Bias, Gamma, Res, Y, Mean, Rstd, LnW, LnB,
+    M, N, K,
+    stride_am, stride_wn, stride_rm, stride_ym,
+    HAS_BIAS: tl.constexpr, ACT: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_RES: tl.constexpr,
+    HAS_LN: tl.constexpr, HAS_LN_B: tl.constexpr, EVEN_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    # grouped launch order: GROUP_M row blocks share the same W column blocks while in L2
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * num_n
+    first_m = (pid // per_group) * GROUP_M
+    group_rows = min(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_rows
+    pid_n = (pid % per_group) // group_rows
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    rows = offs_m % M  # clamped: rows past M recompute row (r mod M), never stored
+    cols = offs_n % N
+    a_ptrs = A + rows[:, None].to(tl.int64) * stride_am + offs_k[None, :]
+    w_ptrs = W + cols[None, :].to(tl.int64) * stride_wn + offs_k[:, None]  # (BLOCK_K, BLOCK_N) = W^T tile
+    if HAS_LN:
+        mean = tl.load(Mean + rows)
+        rstd = tl.load(Rstd + rows)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+            w = tl.load(w_ptrs)
+        else:
+            kmask = (k0 + offs_k) < K
+            a = tl.load(a_ptrs, mask=kmask[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=kmask[:, None], other=0.0)
+        if HAS_LN:
+            if EVEN_K:
+                lw = tl.load(LnW + k0 + offs_k).to(tl.float32)
+            else:
+                lw = tl.load(LnW + k0 + offs_k, mask=kmask, other=0.0).to(tl.float32)
+            an = (a.to(tl.float32) - mean[:, None]) * rstd[:, None] * lw[None, :]
+            if HAS_LN_B:
+                if EVEN_K:
+                    lb = tl.load(LnB + k0 + offs_k).to(tl.float32)
+                else:
+                    lb = tl.load(LnB + k0 + offs_k, mask=kmask, other=0.0).to(tl.float32)
+                an = an + lb[None, :]
+            a = an.to(W.dtype.element_ty)  # masked K columns: lw = lb = 0 there, so a = 0
+        acc = tl.dot(a, w, acc, input_precision=PRECISION)
+        a_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+
+    mask_n = offs_n < N
+    if HAS_BIAS:
+        acc += tl.load(Bias + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    acc = _act(acc, ACT)
+    if HAS_GAMMA:
+        acc *= tl.load(Gamma + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    mask = (offs_m[:, None] < M) & mask_n[None, :]
+    if HAS_RES:
+        r = tl.load(Res + offs_m[:, None].to(tl.int64) * stride_rm + offs_n[None, :], mask=mask, other=0.0)
+        acc += r.to(tl.float32)
+    tl.store(Y + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :], acc.to(Y.dtype.element_ty), mask=mask)
+
+
+# --------------------------------------------------------------------------- configs
+SMEM_LIMIT = 232448
+
+
+def _configs():
+    """The Triton matmul tutorial's H100 list (fp16) plus 128 x 128 x 64 / 8 warps, which the
+    tutorial's own sweep favours for K >= 768 (ViT widths)."""
+    rows = [  # BLOCK_M, BLOCK_N, BLOCK_K, stages, warps
+        (128, 256, 64, 3, 8),
+        (128, 128, 64, 3, 8),
+        (128, 128, 64, 4, 4),
+        (128, 128, 32, 4, 4),
+        (64, 256, 32, 4, 4),
+        (128, 64, 32, 4, 4),
+        (64, 128, 32, 4, 4),
+        (64, 64, 64, 3, 4),
+        (128, 32, 32, 4, 4),
+        (64, 32, 32, 5, 2),
+        (32, 64, 32, 5, 2),
+        (16, 64, 64, 3, 4),
+    ]
+    return [Config.make(w, s, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8) for bm, bn, bk, s, w in rows]
+
+
+def smem_bytes(cfg: Config, elem: int) -> int:
+    return cfg.num_stages * (cfg["BLOCK_M"] + cfg["BLOCK_N"]) * cfg["BLOCK_K"] * elem
+
+
+def keep(cfg: Config, key: Tuple) -> bool:
+    """key = (M bucket, N, K, dtype name, flags)."""
+    m_b, N, K, dt, _ = key
+    elem = 4 if dt == "float32" else 2
+    if smem_bytes(cfg, elem) > SMEM_LIMIT:
+        return False
+    if cfg["BLOCK_K"] < 16 or cfg["BLOCK_M"] < 16:  # tl.dot minimums
+        return False
+    if cfg["BLOCK_M"] > 2 * m_b or cfg["BLOCK_N"] > 2 * next_pow2(N) or cfg["BLOCK_K"] > next_pow2(K):
+        return False
+    return True
+
+
+def heuristic(key: Tuple) -> Config:
+    """128 x 128 x 64, 8 warps, 3 stages for 16-bit operands and large M (the tutorial's H100
+    pick for K >= 512); 64 x 64 x 32 for float32 (twice the bytes per tile); narrower tiles
+    when M or N is small (classifier heads, tiny batches)."""
+    m_b, N, K, dt, _ = key
+    if dt == "float32":
+        bm, bn, bk, w, s = 64, 64, 32, 4, 3
+    else:
+        bm, bn, bk, w, s = 128, 128, 64, 8, 3
+    bm = max(16, min(bm, m_b))
+    bn = max(16, min(bn, next_pow2(N)))
+    bk = max(16, min(bk, next_pow2(K)))
+    if bm * bn <= 64 * 64:
+        w = 4
+    return Config.make(w, s, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8)
+
+
+TUNE = Tunable("linear", _configs, keep, heuristic)
+
+
+def _precision(dtype: torch.dtype) -> str:
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+def _m_bucket(M: int) -> int:
+    # M = batch * tokens: bucketed so batch sizes 8 and 9 share a tuning, 8 and 256 do not
+    return min(next_pow2(max(M, 16)), 8192)
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    x2 = x.reshape(-1, x.shape[-1])
+    if x2.shape[-1] > 1 and x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    return x2
+
+
+def linear_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+               act: Optional[str] = None, gamma: Optional[torch.Tensor] = None,
+               residual: Optional[torch.Tensor] = None, ln_weight: Optional[torch.Tensor] = None,
+               ln_bias: Optional[torch.Tensor] = None, ln_eps: float = 1e-6,
+               out: Optional[torch.Tensor] = None, config: Optional[Config] = None) -> torch.Tensor:
+    """``act(LN?(x) @ weight.T + bias) * gamma + residual`` in one GEMM (+ a stats kernel with LN).
+
+    Args:
+        x: (..., K), unit-stride last dim. weight: (N, K). bias, gamma: (N,) or None.
+        act: None, 'gelu' or 'gelu_tanh'. residual: (..., N) or None.
+        ln_weight, ln_bias: (K,) -- LayerNorm x first (eps ``ln_eps``) when ln_weight is given.
+        out: optional (..., N) output of x's dtype, (M, N)-viewable with unit last stride.
+        config: force a launch config (tests / AOT).
+
+    Returns:
+        (..., N) in x's dtype.
+    """
+    K = x.shape[-1]
+    N = weight.shape[0]
+    x2 = _rows(x)
+    M = x2.shape[0]
+    if out is None:
+        out = torch.empty(*x.shape[:-1], N, dtype=x.dtype, device=x.device)
+    y2 = out.view(-1, N)
+    if M == 0 or N == 0:
+        return out
+    if K == 0:  # an empty product: the epilogue alone
+        from fastvit import reference
+
+        out.copy_(reference.linear(x, weight, bias, act, gamma, residual, ln_weight, ln_bias, ln_eps))
+        return out
+    if weight.stride(1) != 1:
+        weight = weight.contiguous()
+    r2 = _rows(residual) if residual is not None else None
+    if ln_weight is not None:
+        mean, rstd = row_stats(x2, ln_eps)
+    else:
+        mean = rstd = None
+    dummy = x2
+    flags = (bias is not None, ACT_CODES[act], gamma is not None, residual is not None,
+             ln_weight is not None, ln_bias is not None)
+
+    def run(cfg: Config):
+        grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
+        _linear_fwd[grid](
+            x2, weight,
+            bias if bias is not None else dummy, gamma if gamma is not None else dummy,
+            r2 if r2 is not None else dummy, y2,
+            mean if mean is not None else dummy, rstd if rstd is not None else dummy,
+            ln_weight if ln_weight is not None else dummy, ln_bias if ln_bias is not None else dummy,
+            M, N, K,
+            x2.stride(0), weight.stride(0), r2.stride(0) if r2 is not None else 0, y2.stride(0),
+            HAS_BIAS=flags[0], ACT=flags[1], HAS_GAMMA=flags[2], HAS_RES=flags[3],
+            HAS_LN=flags[4], HAS_LN_B=flags[5], EVEN_K=K % cfg["BLOCK_K"] == 0,
+            PRECISION=_precision(x.dtype), **cfg.launch_kwargs(),
+        )
+
+    key = (_m_bucket(M), N, K, str(x.dtype)[6:], "".join(str(int(f)) for f in flags))
+    run(config or TUNE.pick(key, x.device, run))
+    return out
+
+
+def mlp_fwd(x: torch.Tensor, fc1_weight: torch.Tensor, fc1_bias: Optional[torch.Tensor],
+            fc2_weight: torch.Tensor, fc2_bias: Optional[torch.Tensor], act: Optional[str] = "gelu",
+            gamma: Optional[torch.Tensor] = None, residual: Optional[torch.Tensor] = None,
+            ln_weight: Optional[torch.Tensor] = None, ln_bias: Optional[torch.Tensor] = None,
+            ln_eps: float = 1e-6, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``residual + gamma * fc2(act(fc1(LN?(x))))`` as two fused GEMMs.
+
+    The hidden activation (..., Hd) is written once in x's dtype (as the unfused chain rounds
+    it). A single-kernel MLP that keeps the hidden tile on chip was not built: without a GPU in
+    this project's sessions so far it could not be shown to beat the pair (see README).
+
+    Args: x (..., D); fc1_weight (Hd, D); fc1_bias (Hd,); fc2_weight (D_out, Hd); fc2_bias
+        (D_out,); act / gamma (D_out,) / residual (..., D_out) / ln_* (D,) as :func:`linear_fwd`.
+
+    Returns:
+        (..., D_out) in x's dtype.
+    """
+    h = linear_fwd(x, fc1_weight, fc1_bias, act, None, None, ln_weight, ln_bias, ln_eps)
+    return linear_fwd(h, fc2_weight, fc2_bias, None, gamma, residual, out=out)
+
+
+KERNELS = {"linear": _linear_fwd}
+__all__ = ["linear_fwd", "mlp_fwd", "TUNE", "keep", "heuristic", "_configs", "KERNELS", "ACT_CODES"]
