@@ -1,0 +1,89 @@
+"""Benchmark session set-up: interpreter mode, banner, the session results store, speedups.
+
+Speedups are ratios of device-time medians measured in this process: every result is filed in
+``RESULTS`` under its case key (op / model + shape + dtype) and impl name; when the session
+writes its JSON (``--benchmark-json``) each entry gets ``speedup_vs`` = {other impl: other
+median / this median} over all impls of its case that ran, whatever the test order. The same
+table is printed at the end of the run.
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    # must precede the first import of triton-decorated kernels (as in tests/conftest.py)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from benchmarks import harness  # noqa: E402
+
+
+def pytest_report_header(config):
+    lines = [f"fastvit benchmarks: grid={harness.grid_name()} device={harness.env_info()['device']} "
+             f"torch={torch.__version__} triton={harness.env_info()['triton']} commit={harness.env_info()['commit']}"]
+    if harness.is_smoke():
+        lines.append("*** " + harness.SMOKE_NOTE + " ***")
+    return lines
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords and not harness.HAS_CUDA:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def peaks():
+    """Measured GEMM peak and copy bandwidth of this device (once per session)."""
+    return harness.measure_peaks()
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield
+
+
+def _speedups(entries):
+    """entries: list of extra_info dicts -> adds speedup_vs / best_baseline fields in place."""
+    groups = {}
+    for info in entries:
+        if info.get("case") and info.get("median_ms"):
+            groups.setdefault(info["case"], []).append(info)
+    for group in groups.values():
+        for info in group:
+            others = {o["impl"]: o["median_ms"] / info["median_ms"] for o in group if o["impl"] != info["impl"]}
+            info["speedup_vs"] = {k: round(v, 4) for k, v in sorted(others.items())}
+            base = [o for o in group if not o["impl"].startswith("fastvit")]
+            if base and info["impl"].startswith("fastvit"):
+                best = min(base, key=lambda o: o["median_ms"])
+                info["best_baseline"] = best["impl"]
+                info["speedup_vs_best_baseline"] = round(best["median_ms"] / info["median_ms"], 4)
+
+
+def pytest_benchmark_update_json(config, benchmarks, output_json):
+    entries = [b.get("extra_info", {}) for b in output_json.get("benchmarks", [])]
+    _speedups(entries)
+    output_json["fastvit"] = {"env": harness.env_info(), "peaks": harness.measure_peaks() if entries else None}
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    results = list(harness.RESULTS.values())
+    if not results:
+        return
+    _speedups(results)
+    tr = terminalreporter
+    tr.section("fastvit speedups (median device time, same process)")
+    if harness.is_smoke():
+        tr.write_line("*** " + harness.SMOKE_NOTE + " ***")
+    for info in results:
+        if not info["impl"].startswith("fastvit"):
+            continue
+        sp = ", ".join(f"{k} {v:.2f}x" for k, v in info.get("speedup_vs", {}).items() if not k.startswith("fastvit"))
+        rate = f"{info['tflops']:.1f} TFLOP/s" if info.get("tflops") is not None else ""
+        if info.get("img_per_s") is not None:
+            rate = f"{info['img_per_s']:.0f} img/s"
+        tr.write_line(f"{info['case']:<48} {info['impl']:<18} {info['median_ms']:.4f} ms {rate:>16}  vs {sp or '-'}")
