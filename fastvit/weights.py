@@ -27,6 +27,12 @@ __all__ = [
     "read_state_dict",
     "hf_config_to_kwargs",
     "convert_hf_state_dict",
+    "hub_folder",
+    "load_model",
+    "model_kwargs",
+    "convert",
+    "hf_outputs",
+    "CheckpointError",
 ]
 
 
@@ -286,7 +292,7 @@ def convert_hf_state_dict(sd: Mapping[str, torch.Tensor], config) -> Dict[str, t
         if any(p is None for p in parts):
             raise CheckpointError(f"state_dict: layer {i} has an incomplete query/key/value {leaf}")
         out[f"blocks.{i}.attn.qkv.{leaf}"] = torch.cat(parts, 0)
-    if getattr(config, "model_type", "") == "dinov2_with_registers" and "pos_embed" in out:
+    if _get(config, "model_type", "") == "dinov2_with_registers" and "pos_embed" in out:
         # HF adds the class position to the class token and gives registers none: fold the class
         # position into the token so the model can keep every prefix token out of pos_embed.
         pos = out["pos_embed"]
@@ -384,32 +390,319 @@ def from_hf(hf_model_or_state_dict, config=None, backend: Optional[str] = None) 
     return model.eval()
 
 
-def from_pretrained(path: str, backend: Optional[str] = None) -> VisionTransformer:
-    """Load a local Hugging Face model folder (config.json + model.safetensors / pytorch_model.bin,
-    sharded index files too) of ViT, DeiT or DINOv2 into a fastvit model."""
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"path: expected a local Hugging Face model folder with config.json, got {path!r} "
-                                "(hub names need network access and huggingface_hub; none is used here)")
-    cfg_file = os.path.join(path, "config.json")
-    if not os.path.isfile(cfg_file):
-        raise FileNotFoundError(f"path: expected {cfg_file} to exist")
-    with open(cfg_file) as f:
-        config = json.load(f)
+# --------------------------------------------------------------------------- folders and hub names
+_WEIGHT_FILES = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json",
+                 "pytorch_model.bin")
+_HUB_NAME = re.compile(r"^(?:hf-hub:)?([A-Za-z0-9][\w.-]*/[\w.-]+)(?:@([\w./-]+))?$")
+
+
+def _hub_error(repo_id: str, filename: str, e: Exception) -> FileNotFoundError:
+    why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return FileNotFoundError(
+        f"from_pretrained: {repo_id!r} is not a local folder, and {filename!r} of the Hugging Face hub repo "
+        f"{repo_id!r} is neither in the local cache nor downloadable ({type(e).__name__}: {why}). Connect to "
+        f"the network (and unset HF_HUB_OFFLINE), or download the repo and pass its folder.")
+
+
+def hub_folder(name: str, revision: Optional[str] = None, cache_dir: Optional[str] = None,
+               local_files_only: bool = False) -> str:
+    """Fetch ``config.json``, the (optional) preprocessor config and the weights of a hub repo
+    (``org/name``, ``hf-hub:org/name``, ``org/name@revision``) and return the local snapshot folder.
+
+    Online, files come through huggingface_hub (and its cache); offline (no network,
+    ``HF_HUB_OFFLINE=1`` or ``local_files_only``) only the cache is used, and a missing file is a
+    :class:`FileNotFoundError` that names the repo and the file looked for.
+    """
+    m = _HUB_NAME.match(name)
+    if not m:
+        raise ValueError(f"name: expected a local folder or a hub repo id 'org/name[@revision]', got {name!r}")
+    repo_id, revision = m.group(1), revision or m.group(2)
+    try:
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+    except ImportError as e:
+        raise ImportError(f"from_pretrained: {name!r} is a hub name and needs huggingface_hub "
+                          "(pip install 'fastvit[hf]'), or pass a local folder") from e
+
+    def get(filename: str, required: bool) -> Optional[str]:
+        try:
+            return hf_hub_download(repo_id, filename, revision=revision, cache_dir=cache_dir,
+                                   local_files_only=local_files_only)
+        except EntryNotFoundError:
+            if required:
+                raise FileNotFoundError(f"from_pretrained: hub repo {repo_id!r} has no {filename!r}") from None
+            return None
+        except LocalEntryNotFoundError as e:
+            if required:
+                raise _hub_error(repo_id, filename, e) from e
+            return None
+        except Exception as e:  # network, auth, unknown repo: say which file was wanted
+            raise _hub_error(repo_id, filename, e) from e
+
+    cfg = get("config.json", required=True)
+    folder = os.path.dirname(cfg)
+    get("preprocessor_config.json", required=False)
+    for fn in _WEIGHT_FILES:
+        path = get(fn, required=False)
+        if path is None:
+            continue
+        if fn.endswith(".index.json"):
+            with open(path) as f:
+                for shard in sorted(set(json.load(f)["weight_map"].values())):
+                    get(shard, required=True)
+        return folder
+    raise _hub_error(repo_id, " or ".join(_WEIGHT_FILES), LocalEntryNotFoundError("no weights file found"))
+
+
+def _read_folder_weights(path: str) -> Dict[str, torch.Tensor]:
     sd: Dict[str, torch.Tensor] = {}
     for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         index = os.path.join(path, index_name)
         if os.path.isfile(index):
-            with open(index) as f:
-                files = sorted(set(json.load(f)["weight_map"].values()))
+            try:
+                with open(index) as f:
+                    files = sorted(set(json.load(f)["weight_map"].values()))
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise CheckpointError(f"checkpoint {index!r}: expected a JSON index with a 'weight_map' ({e})") from e
             for fn in files:
-                sd.update(read_state_dict(os.path.join(path, fn)))
-            break
+                shard = os.path.join(path, fn)
+                if not os.path.isfile(shard):
+                    raise FileNotFoundError(f"checkpoint: {index_name} lists {fn!r}, which is missing in {path!r}")
+                sd.update(read_state_dict(shard))
+            return sd
+    for fn in ("model.safetensors", "pytorch_model.bin"):
+        if os.path.isfile(os.path.join(path, fn)):
+            return read_state_dict(os.path.join(path, fn))
+    raise FileNotFoundError(f"path: expected model.safetensors or pytorch_model.bin (or a sharded index) "
+                            f"in {path!r}, found {sorted(os.listdir(path))}")
+
+
+def _read_config(path: str) -> dict:
+    cfg_file = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg_file):
+        raise FileNotFoundError(f"path: expected {cfg_file} to exist")
+    try:
+        with open(cfg_file) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"config: {cfg_file!r} is not valid JSON ({e})") from e
+
+
+def _timm_layout_model(config: dict, backend: Optional[str]) -> VisionTransformer:
+    """Model of a timm hub / fastvit folder (config.json with 'architecture' and 'model_args')."""
+    arch = config["architecture"]
+    args = dict(config.get("model_args") or {})
+    if arch == "fastvit":
+        return VisionTransformer(backend=backend, **args)
+    for k in ("num_classes", "global_pool"):
+        if k in config and k not in args:
+            args[k] = config[k]
+    from .registry import list_models, model_config
+
+    base = arch.split(".")[0]
+    if base in list_models():
+        cfg = model_config(base)
+        cfg.update(args)
+        return VisionTransformer(backend=backend, **cfg)
+    try:
+        import timm
+    except ImportError:
+        raise ValueError(f"config: architecture {arch!r} is not a fastvit preset (fastvit.list_models()) and timm "
+                         "is not installed to describe it") from None
+    return from_timm(timm.create_model(base, pretrained=False, **args).eval(), backend=backend)
+
+
+def from_pretrained(name_or_path: str, backend: Optional[str] = None, revision: Optional[str] = None,
+                    cache_dir: Optional[str] = None, local_files_only: bool = False) -> VisionTransformer:
+    """A fastvit model from a model folder or a Hugging Face hub name.
+
+    Folders (local, or the hub snapshot of ``org/name``) may be:
+
+    * Hugging Face ViT / DeiT / DINOv2: config.json with ``model_type`` + model.safetensors or
+      pytorch_model.bin, sharded index files too;
+    * timm hub layout (``timm/vit_base_patch16_224.augreg2_in21k_ft_in1k``): config.json with
+      ``architecture`` / ``model_args`` + timm-named weights;
+    * what ``fastvit convert`` writes (architecture 'fastvit').
+
+    Hub names need huggingface_hub; offline only its cache is used (see :func:`hub_folder`).
+    """
+    path = name_or_path
+    if not os.path.isdir(path):
+        if os.path.exists(path) or not _HUB_NAME.match(str(path)):
+            raise FileNotFoundError(f"name_or_path: expected a model folder with config.json or a hub repo id "
+                                    f"'org/name', got {name_or_path!r}")
+        path = hub_folder(path, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only)
+    config = _read_config(path)
+    if "architecture" in config:
+        model = _timm_layout_model(config, backend)
+        sd = _read_folder_weights(path)
+        if any(k.startswith("module.") for k in sd):
+            sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()}
+        load_state_dict(model, _adapt_timm(model, sd), source=f"checkpoint folder {path!r}")
+        return model.eval()
+    if "model_type" not in config:
+        raise CheckpointError(f"config: {os.path.join(path, 'config.json')!r} has neither 'model_type' (Hugging "
+                              "Face) nor 'architecture' (timm / fastvit)")
+    return from_hf(_read_folder_weights(path), config, backend=backend)
+
+
+# --------------------------------------------------------------------------- one entry point, convert
+def model_kwargs(model: VisionTransformer) -> dict:
+    """Constructor arguments that rebuild ``model``'s architecture (what ``fastvit convert`` stores)."""
+    from .model import LayerNorm, LayerScale, PatchEmbed
+
+    pe = model.patch_embed
+    if not isinstance(pe, PatchEmbed):
+        raise ValueError(f"model: a {type(pe).__name__} patch embedding (CNN backbone) cannot be described by "
+                         "constructor arguments; save its state_dict and build it in code")
+    blk = model.blocks[0]
+    dim, hidden = model.embed_dim, blk.mlp.fc1.out_features
+    ratio = hidden / dim if int(dim * (hidden / dim)) == hidden else (hidden + 0.5) / dim
+    fc_norm = isinstance(model.fc_norm, LayerNorm)
+    return dict(
+        img_size=list(pe.img_size), patch_size=list(pe.patch_size), in_chans=pe.proj.in_channels,
+        num_classes=model.num_classes, global_pool=model.global_pool, embed_dim=dim, depth=len(model.blocks),
+        num_heads=blk.attn.num_heads, mlp_ratio=ratio, qkv_bias=blk.attn.qkv.bias is not None,
+        proj_bias=blk.attn.proj.bias is not None,
+        init_values=1.0 if isinstance(blk.ls1, LayerScale) else None,  # the values come with the weights
+        class_token=model.cls_token is not None, pos_embed="none" if model.pos_embed is None else "learn",
+        no_embed_class=model.no_embed_class, reg_tokens=model.num_reg_tokens,
+        pre_norm=isinstance(model.norm_pre, LayerNorm),
+        final_norm=isinstance(model.norm, LayerNorm) or fc_norm, fc_norm=fc_norm,
+        dynamic_img_size=model.dynamic_img_size, dynamic_img_pad=pe.dynamic_img_pad, act=blk.mlp.act,
+        norm_eps=blk.norm1.eps, distilled=model.distilled, pos_embed_antialias=model.pos_embed_antialias,
+    )
+
+
+def _timm_preprocess(name: str):
+    from .preprocess import Preprocessor
+
+    try:
+        import timm
+
+        cfg = timm.models.get_pretrained_cfg(name)
+    except Exception:  # timm missing or name unknown to it: fastvit's defaults
+        return None
+    return Preprocessor.from_timm(cfg.to_dict()) if cfg is not None else None
+
+
+def load_model(checkpoint: str, model_name: Optional[str] = None, backend: Optional[str] = None,
+               local_files_only: bool = False):
+    """Model and its :class:`~fastvit.preprocess.Preprocessor` from whatever the user has.
+
+    Args:
+        checkpoint: a model folder (HF / timm hub layout / fastvit), a hub name, or a state-dict
+            file (.safetensors / .pth / .bin, timm names; then ``model_name`` is required).
+        model_name: a preset of :func:`fastvit.list_models` (for state-dict files, or alone for random
+            weights when ``checkpoint`` is None).
+
+    Returns:
+        (model in eval mode, preprocessor with ``id2label`` when the checkpoint has labels)
+    """
+    from .preprocess import Preprocessor
+    from .registry import create_model
+
+    if checkpoint is None or os.path.isfile(checkpoint):
+        if model_name is None:
+            raise ValueError(f"model_name: a state-dict file ({checkpoint!r}) needs the architecture, e.g. "
+                             "--model vit_base_patch16_224, got None")
+        base = model_name.split(".")[0]
+        model = create_model(base, checkpoint=checkpoint, backend=backend)
+        pre = _timm_preprocess(model_name) or Preprocessor.for_model(model)
+        return model.eval(), pre
+    folder = checkpoint
+    if not os.path.isdir(checkpoint):
+        if not _HUB_NAME.match(checkpoint):
+            raise FileNotFoundError(f"checkpoint: expected a file, a model folder or a hub name 'org/name', "
+                                    f"got {checkpoint!r}")
+        folder = hub_folder(checkpoint, local_files_only=local_files_only)
+    model = from_pretrained(folder, backend=backend)
+    return model, Preprocessor.from_pretrained(folder, model=model)
+
+
+def convert(src: str, dst: str, model_name: Optional[str] = None) -> str:
+    """Write ``src`` (anything :func:`load_model` takes) as a fastvit folder: ``model.safetensors``
+    (timm / fastvit names) + ``config.json`` (architecture 'fastvit', constructor arguments,
+    preprocessing, labels). :func:`from_pretrained` reads it back. Returns ``dst``."""
+    from safetensors.torch import save_file
+
+    model, pre = load_model(src, model_name)
+    kwargs = model_kwargs(model)
+    os.makedirs(dst, exist_ok=True)
+    sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(sd, os.path.join(dst, "model.safetensors"), metadata={"format": "pt", "producer": "fastvit"})
+    from . import __version__
+
+    config = dict(architecture="fastvit", fastvit_version=__version__, model_args=kwargs,
+                  num_classes=model.num_classes, preprocess=pre.to_dict(), source=str(src))
+    if pre.id2label:
+        config["id2label"] = {str(k): v for k, v in sorted(pre.id2label.items())}
+    with open(os.path.join(dst, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    return dst
+
+
+def add_convert_parser(sub) -> None:
+    """Register ``fastvit convert SRC DST`` on an argparse subparsers object."""
+    s = sub.add_parser("convert", help="write a timm / Hugging Face checkpoint as a fastvit folder")
+    s.add_argument("src", help="HF / timm / fastvit folder, hub name 'org/name', or a state-dict file")
+    s.add_argument("dst", help="output folder (model.safetensors + config.json)")
+    s.add_argument("--model", help="architecture for a state-dict file (a name of fastvit.list_models())")
+    s.set_defaults(func=cmd_convert)
+
+
+def cmd_convert(args) -> int:
+    dst = convert(args.src, args.dst, model_name=args.model)
+    print(f"wrote {os.path.join(dst, 'model.safetensors')} and {os.path.join(dst, 'config.json')}")
+    return 0
+
+
+# --------------------------------------------------------------------------- Hugging Face style outputs
+class ViTOutput(dict):
+    """Dict with attribute access, as transformers' ModelOutput: ``last_hidden_state`` (B, N, D),
+    ``pooler_output`` (B, D), ``logits`` (B, C) for classifiers, ``hidden_states`` (depth + 1 tensors
+    (B, N, D): embeddings, then each block's output) and ``attentions`` (depth entries (B, H, N, N),
+    None for layers not asked for) when requested."""
+
+    def __getattr__(self, name):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+def hf_outputs(model: VisionTransformer, pixel_values: torch.Tensor, output_hidden_states: bool = False,
+               output_attentions=False) -> ViTOutput:
+    """Run ``model`` and return transformers-style outputs.
+
+    Args:
+        pixel_values: (B, C, H, W).
+        output_hidden_states: also return every block's output (HF ``hidden_states``).
+        output_attentions: True for every layer, or a list of layer indices: only those compute
+            probabilities (via :func:`fastvit.ops.attention_probs`), the rest stay on the fast path.
+    """
+    depth = len(model.blocks)
+    if output_attentions is True:
+        want = set(range(depth))
+    elif not output_attentions:
+        want = set()
     else:
-        for fn in ("model.safetensors", "pytorch_model.bin"):
-            if os.path.isfile(os.path.join(path, fn)):
-                sd = read_state_dict(os.path.join(path, fn))
-                break
+        want = set(model._take_indices(list(output_attentions)))
+    x = model.embed(pixel_values)
+    hidden = [x]
+    attns: list = [None] * depth
+    for i, blk in enumerate(model.blocks):
+        if i in want:
+            x, attns[i] = blk(x, model.backend, return_attn=True)
         else:
-            raise FileNotFoundError(f"path: expected model.safetensors or pytorch_model.bin (or a sharded index) "
-                                    f"in {path!r}, found {sorted(os.listdir(path))}")
-    return from_hf(sd, config, backend=backend)
+            x = blk(x, model.backend)
+        hidden.append(x)
+    last = model._norm(x)
+    out = ViTOutput(last_hidden_state=last, pooler_output=model.forward_head(last, pre_logits=True))
+    if model.num_classes:
+        out["logits"] = model.forward_head(last)
+    if output_hidden_states:
+        out["hidden_states"] = tuple(hidden)
+    if want:
+        out["attentions"] = tuple(attns)
+    return out
