@@ -175,6 +175,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", help="write pytest-benchmark JSON here")
     s.add_argument("--report", metavar="JSON", help="write the markdown table and plots for this JSON")
     s.set_defaults(func=cmd_bench)
+    from .classify import add_classify_parser
+    from .viz import add_viz_parser
+    from .weights import add_convert_parser
+
+    add_viz_parser(sub)
+    add_classify_parser(sub)
+    add_convert_parser(sub)
     return p
 
 
