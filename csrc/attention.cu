@@ -1,0 +1,287 @@
+// Attention forward, flash style: one block owns 64 query rows of one (batch, head), streams the
+// keys / values in tiles of 64 through shared memory with an online softmax, and never writes an
+// N x N matrix to global memory.
+//
+// fp16 / bf16 run on tensor cores through WMMA (16x16x16 fragments, fp32 accumulation). WMMA does
+// not specify which accumulator element a lane holds, so the per-row softmax rescale cannot be done
+// on fragments: scores S and the output accumulator O make a round trip through shared memory
+// (fp32). That costs shared-memory bandwidth, not correctness; this backend is the fallback and the
+// independent check of the Triton kernels, the Triton kernel is the fast path.
+//
+// Head dims 1..128: tiles are padded to DP = d rounded up to 16 with zeros, so 48 / 80 / 96 / 112
+// or odd dims need nothing special. q / k / v are arbitrary strided views (unit stride on d), e.g.
+// the q, k, v slices of a packed (B, N, 3, H, d) qkv buffer. The output is (B, N, H, d)
+// contiguous, i.e. [B, N, H * d] ready for the projection.
+//
+// fp32 takes a simpler CUDA-core kernel (one warp per query row, keys 32 at a time, one per lane).
+
+#include <mma.h>
+
+#include <cmath>
+
+#include "common.cuh"
+
+namespace fastvit {
+namespace {
+
+using namespace nvcuda;
+
+constexpr int kBlockM = 64;  // query rows per block: 4 warps x 16 rows (one WMMA row tile each)
+constexpr int kBlockN = 64;  // keys per shared-memory tile
+constexpr int kThreads = 128;
+constexpr float kLog2e = 1.4426950408889634f;
+
+struct AttnParams {
+  const void* q;
+  const void* k;
+  const void* v;
+  void* o;
+  int H, N, Nkv, d;
+  int64_t qs[3], ks[3], vs[3];  // element strides of (B, H, N)
+  float scale_log2;             // softmax scale * log2(e): exp2 instead of exp
+};
+
+constexpr size_t align128(size_t n) { return (n + 127) / 128 * 128; }
+
+template <int DP>
+struct Smem {
+  // Leading dims: 16-bit tiles get +8 elements (rows shift by 16 bytes, which spreads WMMA row
+  // loads over the banks) and stay multiples of 8 as WMMA requires; float tiles get +4.
+  static constexpr int LD = DP + 8;        // Q, K, V: (rows, DP) 16-bit
+  static constexpr int LDS = kBlockN + 4;  // S: (kBlockM, kBlockN) fp32
+  static constexpr int LDP = kBlockN + 8;  // P: (kBlockM, kBlockN) 16-bit
+  static constexpr int LDO = DP + 4;       // O: (kBlockM, DP) fp32
+  static constexpr size_t q_off = 0;
+  static constexpr size_t k_off = q_off + align128(sizeof(__half) * kBlockM * LD);
+  static constexpr size_t v_off = k_off + align128(sizeof(__half) * kBlockN * LD);
+  static constexpr size_t s_off = v_off + align128(sizeof(__half) * kBlockN * LD);
+  static constexpr size_t p_off = s_off + align128(sizeof(float) * kBlockM * LDS);
+  static constexpr size_t o_off = p_off + align128(sizeof(__half) * kBlockM * LDP);
+  static constexpr size_t bytes = o_off + align128(sizeof(float) * kBlockM * LDO);
+};
+
+// rows x DP tile from global (row stride `stride`, unit column stride) into shared memory with
+// leading dim LD; rows >= valid_rows and columns >= d are zero so padded products add nothing.
+template <typename T, int DP, int LD>
+__device__ __forceinline__ void load_tile(T* dst, const T* src, int64_t stride, int rows, int valid_rows, int d) {
+  const T zero = from_float<T>(0.f);
+  for (int i = threadIdx.x; i < rows * DP; i += kThreads) {
+    const int r = i / DP, c = i % DP;
+    dst[r * LD + c] = (r < valid_rows && c < d) ? src[r * stride + c] : zero;
+  }
+}
+
+template <typename T, int DP>
+__global__ void __launch_bounds__(kThreads) attn_fwd_tc(const AttnParams p) {
+  using L = Smem<DP>;
+  extern __shared__ __align__(128) unsigned char smem[];
+  T* Qs = reinterpret_cast<T*>(smem + L::q_off);
+  T* Ks = reinterpret_cast<T*>(smem + L::k_off);
+  T* Vs = reinterpret_cast<T*>(smem + L::v_off);
+  float* Ss = reinterpret_cast<float*>(smem + L::s_off);
+  T* Ps = reinterpret_cast<T*>(smem + L::p_off);
+  float* Os = reinterpret_cast<float*>(smem + L::o_off);
+
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int b = blockIdx.x / p.H, h = blockIdx.x % p.H;
+  const int m0 = blockIdx.y * kBlockM;
+  const T* q = static_cast<const T*>(p.q) + b * p.qs[0] + h * p.qs[1];
+  const T* k = static_cast<const T*>(p.k) + b * p.ks[0] + h * p.ks[1];
+  const T* v = static_cast<const T*>(p.v) + b * p.vs[0] + h * p.vs[1];
+
+  load_tile<T, DP, L::LD>(Qs, q + m0 * p.qs[2], p.qs[2], kBlockM, min(kBlockM, p.N - m0), p.d);
+  for (int i = threadIdx.x; i < kBlockM * DP; i += kThreads) Os[(i / DP) * L::LDO + i % DP] = 0.f;
+
+  // Softmax state: lanes 2r and 2r+1 own row r of this warp's 16 rows, 32 score columns each;
+  // both keep identical copies of the row max m_i and the row sum l_i.
+  const int r = lane >> 1, half = lane & 1;
+  const int row = warp * 16 + r;
+  float m_i = -INFINITY, l_i = 0.f;
+  float* srow = Ss + row * L::LDS + half * 32;
+  T* prow = Ps + row * L::LDP + half * 32;
+  float* orow = Os + row * L::LDO;
+
+  for (int n0 = 0; n0 < p.Nkv; n0 += kBlockN) {
+    const int kv_rows = min(kBlockN, p.Nkv - n0);
+    __syncthreads();  // every warp is done with the previous K / V tile (and Q / O are written)
+    load_tile<T, DP, L::LD>(Ks, k + n0 * p.ks[2], p.ks[2], kBlockN, kv_rows, p.d);
+    load_tile<T, DP, L::LD>(Vs, v + n0 * p.vs[2], p.vs[2], kBlockN, kv_rows, p.d);
+    __syncthreads();
+
+    // S (16 x kBlockN per warp) = Q K^T. K is stored (key, d) row-major = K^T column-major.
+#pragma unroll
+    for (int j = 0; j < kBlockN / 16; ++j) {
+      wmma::fragment<wmma::accumulator, 16, 16, 16, float> s;
+      wmma::fill_fragment(s, 0.f);
+#pragma unroll
+      for (int kk = 0; kk < DP / 16; ++kk) {
+        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> bt;
+        wmma::load_matrix_sync(a, Qs + warp * 16 * L::LD + kk * 16, L::LD);
+        wmma::load_matrix_sync(bt, Ks + j * 16 * L::LD + kk * 16, L::LD);
+        wmma::mma_sync(s, a, bt, s);
+      }
+      wmma::store_matrix_sync(Ss + warp * 16 * L::LDS + j * 16, s, L::LDS, wmma::mem_row_major);
+    }
+    __syncwarp();
+
+    // Online softmax on this lane's 32 columns. Every tile holds at least one valid key, so m_new
+    // is finite; columns past Nkv get probability 0.
+    const int valid = kv_rows - half * 32;
+    float mx = -INFINITY;
+#pragma unroll 8
+    for (int c = 0; c < 32; ++c)
+      if (c < valid) mx = fmaxf(mx, srow[c] * p.scale_log2);
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+    const float m_new = fmaxf(m_i, mx);
+    const float alpha = exp2f(m_i - m_new);  // 0 on the first tile (m_i = -inf)
+    float sum = 0.f;
+#pragma unroll 8
+    for (int c = 0; c < 32; ++c) {
+      // P is rounded to the 16-bit type for the tensor-core product; the row sum uses the rounded
+      // values so the final normalisation matches what was multiplied.
+      const T pt = from_float<T>(c < valid ? exp2f(srow[c] * p.scale_log2 - m_new) : 0.f);
+      prow[c] = pt;
+      sum += to_float(pt);
+    }
+    sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+    l_i = l_i * alpha + sum;
+    m_i = m_new;
+    for (int c = half; c < DP; c += 2) orow[c] *= alpha;
+    __syncwarp();
+
+    // O (16 x DP per warp) += P V, accumulator round-tripped through shared memory.
+#pragma unroll
+    for (int j = 0; j < DP / 16; ++j) {
+      wmma::fragment<wmma::accumulator, 16, 16, 16, float> o;
+      wmma::load_matrix_sync(o, Os + warp * 16 * L::LDO + j * 16, L::LDO, wmma::mem_row_major);
+#pragma unroll
+      for (int kk = 0; kk < kBlockN / 16; ++kk) {
+        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> bv;
+        wmma::load_matrix_sync(a, Ps + warp * 16 * L::LDP + kk * 16, L::LDP);
+        wmma::load_matrix_sync(bv, Vs + kk * 16 * L::LD + j * 16, L::LD);
+        wmma::mma_sync(o, a, bv, o);
+      }
+      wmma::store_matrix_sync(Os + warp * 16 * L::LDO + j * 16, o, L::LDO, wmma::mem_row_major);
+    }
+    __syncwarp();
+  }
+
+  if (m0 + row < p.N) {
+    const float inv = 1.f / l_i;
+    T* out = static_cast<T*>(p.o) + ((static_cast<int64_t>(b) * p.N + m0 + row) * p.H + h) * p.d;
+    for (int c = half; c < p.d; c += 2) out[c] = from_float<T>(orow[c] * inv);
+  }
+}
+
+constexpr int kF32Warps = 4;
+
+// fp32: one warp per query row. Each lane scores one key of a 32-key chunk against q (kept in
+// shared memory, pre-scaled), then the chunk's probabilities are broadcast lane by lane and every
+// lane accumulates its d / 32 output columns.
+__global__ void __launch_bounds__(kF32Warps * 32) attn_fwd_f32(const AttnParams p) {
+  __shared__ float qsh[kF32Warps][kMaxHeadDim];
+  constexpr int kPerLane = kMaxHeadDim / 32;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int b = blockIdx.x / p.H, h = blockIdx.x % p.H;
+  const int row = blockIdx.y * kF32Warps + warp;
+  if (row >= p.N) return;  // whole warp leaves together; no block-level barrier below
+  const float* q = static_cast<const float*>(p.q) + b * p.qs[0] + h * p.qs[1] + row * p.qs[2];
+  const float* k = static_cast<const float*>(p.k) + b * p.ks[0] + h * p.ks[1];
+  const float* v = static_cast<const float*>(p.v) + b * p.vs[0] + h * p.vs[1];
+  for (int c = lane; c < p.d; c += 32) qsh[warp][c] = q[c] * p.scale_log2;
+  __syncwarp();
+
+  float acc[kPerLane];
+#pragma unroll
+  for (int i = 0; i < kPerLane; ++i) acc[i] = 0.f;
+  float m_i = -INFINITY, l_i = 0.f;
+  for (int n0 = 0; n0 < p.Nkv; n0 += 32) {
+    const int key = n0 + lane;
+    float s = -INFINITY;
+    if (key < p.Nkv) {
+      const float* kr = k + key * p.ks[2];
+      s = 0.f;
+      for (int c = 0; c < p.d; ++c) s = fmaf(qsh[warp][c], kr[c], s);
+    }
+    const float m_new = fmaxf(m_i, warp_max(s));  // finite: key n0 is always valid
+    const float alpha = exp2f(m_i - m_new);
+    const float pr = key < p.Nkv ? exp2f(s - m_new) : 0.f;
+    l_i = l_i * alpha + warp_sum(pr);
+    m_i = m_new;
+#pragma unroll
+    for (int i = 0; i < kPerLane; ++i) acc[i] *= alpha;
+    const int cnt = min(32, p.Nkv - n0);
+    for (int j = 0; j < cnt; ++j) {
+      const float pj = __shfl_sync(0xffffffffu, pr, j);
+      const float* vr = v + (n0 + j) * p.vs[2];
+#pragma unroll
+      for (int i = 0; i < kPerLane; ++i) {
+        const int c = lane + 32 * i;
+        if (c < p.d) acc[i] = fmaf(pj, vr[c], acc[i]);
+      }
+    }
+  }
+  float* out = static_cast<float*>(p.o) + ((static_cast<int64_t>(b) * p.N + row) * p.H + h) * p.d;
+  const float inv = 1.f / l_i;
+#pragma unroll
+  for (int i = 0; i < kPerLane; ++i) {
+    const int c = lane + 32 * i;
+    if (c < p.d) out[c] = acc[i] * inv;
+  }
+}
+
+template <typename T, int DP>
+int launch_tc(const AttnParams& p, int B, cudaStream_t stream) {
+  constexpr size_t smem = Smem<DP>::bytes;
+  // Above 48 KiB dynamic shared memory must be opted into (per function); sm_80 allows 163 KiB,
+  // sm_90 227 KiB, and DP = 128 needs ~110 KiB.
+  cudaError_t e = cudaFuncSetAttribute(attn_fwd_tc<T, DP>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                       static_cast<int>(smem));
+  if (e != cudaSuccess) return e;
+  const dim3 grid(B * p.H, (p.N + kBlockM - 1) / kBlockM);
+  attn_fwd_tc<T, DP><<<grid, kThreads, smem, stream>>>(p);
+  return cudaGetLastError();
+}
+
+template <typename T>
+int dispatch_dp(const AttnParams& p, int B, cudaStream_t stream) {
+  switch ((p.d + 15) / 16) {
+    case 1: return launch_tc<T, 16>(p, B, stream);
+    case 2: return launch_tc<T, 32>(p, B, stream);
+    case 3: return launch_tc<T, 48>(p, B, stream);
+    case 4: return launch_tc<T, 64>(p, B, stream);
+    case 5: return launch_tc<T, 80>(p, B, stream);
+    case 6: return launch_tc<T, 96>(p, B, stream);
+    case 7: return launch_tc<T, 112>(p, B, stream);
+    case 8: return launch_tc<T, 128>(p, B, stream);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+}  // namespace
+
+int attention_fwd(DType dt, const void* q, const void* k, const void* v, void* out, int B, int H, int N, int Nkv,
+                  int d, const int64_t* q_strides, const int64_t* k_strides, const int64_t* v_strides, float scale,
+                  cudaStream_t stream) {
+  if (d < 1 || d > kMaxHeadDim || N < 1 || Nkv < 1 || B < 1 || H < 1) return cudaErrorInvalidValue;
+  AttnParams p{q, k, v, out, H, N, Nkv, d, {}, {}, {}, scale * kLog2e};
+  for (int i = 0; i < 3; ++i) {
+    p.qs[i] = q_strides[i];
+    p.ks[i] = k_strides[i];
+    p.vs[i] = v_strides[i];
+  }
+  switch (dt) {
+    case kFloat16: return dispatch_dp<__half>(p, B, stream);
+    case kBFloat16: return dispatch_dp<__nv_bfloat16>(p, B, stream);
+    case kFloat32: {
+      const dim3 grid(B * H, (N + kF32Warps - 1) / kF32Warps);
+      attn_fwd_f32<<<grid, kF32Warps * 32, 0, stream>>>(p);
+      return cudaGetLastError();
+    }
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace fastvit

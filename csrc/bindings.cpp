@@ -1,0 +1,336 @@
+// pybind11 entry points of the fastvit CUDA backend (module fastvit._C, or the JIT-built
+// equivalent). Everything torch lives here: argument validation (TORCH_CHECK messages name the
+// argument, what was expected and what was given), output / workspace allocation on the current
+// stream's device, reshapes to 2-D, and the choice between cuBLASLt epilogues and the elementwise
+// epilogue pass. The kernels in the .cu files only see raw pointers and strides.
+//
+// fastvit/cuda_ext.py wraps these functions in torch.library custom ops with fake (meta)
+// implementations, so torch.compile traces through them without graph breaks.
+
+#include <torch/extension.h>
+
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cublasLt.h>
+
+#include <optional>
+#include <vector>
+
+#include "fastvit_cuda.h"
+
+namespace {
+
+using at::Tensor;
+using OptTensor = std::optional<Tensor>;
+
+fastvit::DType dtype_of(const Tensor& t, const char* arg) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return fastvit::kFloat32;
+    case at::kHalf: return fastvit::kFloat16;
+    case at::kBFloat16: return fastvit::kBFloat16;
+    default: TORCH_CHECK_TYPE(false, arg, ": expected dtype float32, float16 or bfloat16, got ", t.scalar_type());
+  }
+  return fastvit::kFloat32;
+}
+
+void check_cuda(const Tensor& t, const char* arg) {
+  TORCH_CHECK(t.is_cuda(), arg, ": expected a CUDA tensor, got device ", t.device());
+}
+
+void check_dim(const Tensor& t, const char* arg, int64_t ndim) {
+  TORCH_CHECK(t.dim() == ndim, arg, ": expected a ", ndim, "-D tensor, got shape ", t.sizes());
+}
+
+void check_like(const Tensor& t, const char* arg, const Tensor& ref, const char* ref_arg) {
+  TORCH_CHECK(t.device() == ref.device(), arg, ": expected device ", ref.device(), " (as ", ref_arg, "), got device ",
+              t.device());
+  TORCH_CHECK_TYPE(t.scalar_type() == ref.scalar_type(), arg, ": expected dtype ", ref.scalar_type(), " (as ", ref_arg,
+                   "), got dtype ", t.scalar_type());
+}
+
+void check_shape(const Tensor& t, const char* arg, at::IntArrayRef shape) {
+  TORCH_CHECK(t.sizes() == shape, arg, ": expected shape ", shape, ", got shape ", t.sizes());
+}
+
+void check_opt(const OptTensor& t, const char* arg, const Tensor& ref, const char* ref_arg, at::IntArrayRef shape) {
+  if (!t.has_value()) return;
+  check_like(*t, arg, ref, ref_arg);
+  check_shape(*t, arg, shape);
+}
+
+void check_last_dim(const Tensor& t, const char* arg) {
+  TORCH_CHECK(t.size(-1) <= 1 || t.stride(-1) == 1, arg, ": expected a last dim with stride 1, got strides ",
+              t.strides());
+}
+
+void check_launch(int err, const char* what) {
+  TORCH_CHECK(err == 0, "fastvit cuda backend: ", what, " launch failed: ",
+              cudaGetErrorString(static_cast<cudaError_t>(err)));
+}
+
+void check_lt(int st, const char* what) {
+  TORCH_CHECK(st == CUBLAS_STATUS_SUCCESS, "fastvit cuda backend: cuBLASLt matmul for ", what, " failed with status ",
+              st);
+}
+
+const void* ptr(const OptTensor& t) { return t.has_value() ? t->data_ptr() : nullptr; }
+
+// (rows, cols) view with unit column stride and a row stride >= cols that cuBLASLt accepts as a
+// leading dimension; copies only when the input cannot be viewed that way.
+Tensor as_matrix(const Tensor& t, int64_t rows, int64_t cols) {
+  Tensor m = t.reshape({rows, cols});
+  if ((cols > 1 && m.stride(1) != 1) || (rows > 1 && m.stride(0) < cols)) m = m.contiguous();
+  return m;
+}
+int64_t ld_of(const Tensor& m) { return m.size(0) > 1 ? m.stride(0) : m.size(1); }
+
+OptTensor contig(const OptTensor& t) {
+  return t.has_value() ? OptTensor(t->contiguous()) : std::nullopt;
+}
+
+Tensor workspace(const Tensor& like) {
+  return at::empty({static_cast<int64_t>(fastvit::kWorkspaceBytes)}, like.options().dtype(at::kByte));
+}
+
+// ------------------------------------------------------------------------------------ ops
+
+Tensor layer_norm(const Tensor& x, const OptTensor& weight, const OptTensor& bias, double eps) {
+  const auto dt = dtype_of(x, "x");
+  TORCH_CHECK(x.dim() >= 1, "x: expected at least 1 dim, got shape ", x.sizes());
+  check_last_dim(x, "x");
+  const int64_t D = x.size(-1);
+  check_opt(weight, "weight", x, "x", {D});
+  check_opt(bias, "bias", x, "x", {D});
+  check_cuda(x, "x");  // last, so that every other check can be exercised without a GPU
+  const c10::cuda::CUDAGuard guard(x.device());
+  Tensor y = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
+  const int64_t M = D > 0 ? x.numel() / D : 0;
+  if (M == 0 || D == 0) return y;
+  const Tensor w = contig(weight).value_or(Tensor()), b = contig(bias).value_or(Tensor());
+  const Tensor x2 = as_matrix(x, M, D);
+  check_launch(fastvit::layer_norm_fwd(dt, x2.data_ptr(), ld_of(x2), w.defined() ? w.data_ptr() : nullptr,
+                                       b.defined() ? b.data_ptr() : nullptr, y.data_ptr(), M, D,
+                                       static_cast<float>(eps), c10::cuda::getCurrentCUDAStream()),
+               "layer_norm");
+  return y;
+}
+
+Tensor linear(const Tensor& x, const Tensor& weight, const OptTensor& bias, int64_t act, const OptTensor& gamma,
+              const OptTensor& residual, const OptTensor& ln_weight, const OptTensor& ln_bias, double ln_eps) {
+  const auto dt = dtype_of(x, "x");
+  TORCH_CHECK(x.dim() >= 1, "x: expected at least 1 dim, got shape ", x.sizes());
+  check_last_dim(x, "x");
+  check_dim(weight, "weight", 2);
+  check_like(weight, "weight", x, "x");
+  const int64_t N = weight.size(0), K = weight.size(1);
+  TORCH_CHECK(x.size(-1) == K, "x: expected last dim ", K, " (= weight.shape[1]), got shape ", x.sizes());
+  TORCH_CHECK(act >= 0 && act <= 2, "act: expected 0 (none), 1 (gelu) or 2 (gelu_tanh), got ", act);
+  check_opt(bias, "bias", x, "x", {N});
+  check_opt(gamma, "gamma", x, "x", {N});
+  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
+  out_shape.back() = N;
+  check_opt(residual, "residual", x, "x", out_shape);
+  if (residual.has_value()) check_last_dim(*residual, "residual");
+  check_opt(ln_weight, "ln_weight", x, "x", {K});
+  check_opt(ln_bias, "ln_bias", x, "x", {K});
+  TORCH_CHECK(!ln_bias.has_value() || ln_weight.has_value(), "ln_weight: expected a tensor when ln_bias is given, got None");
+  TORCH_CHECK(K >= 1, "weight: expected at least one input feature, got shape ", weight.sizes());
+  check_cuda(x, "x");
+
+  const c10::cuda::CUDAGuard guard(x.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const int64_t M = x.numel() / K;
+  Tensor out = at::empty({M, N}, x.options());
+  if (M == 0 || N == 0) return out.view(out_shape);
+
+  Tensor x2 = as_matrix(x, M, K);
+  if (ln_weight.has_value()) {
+    Tensor xn = at::empty({M, K}, x.options());
+    const Tensor lw = ln_weight->contiguous();
+    const OptTensor lb = contig(ln_bias);
+    check_launch(fastvit::layer_norm_fwd(dt, x2.data_ptr(), ld_of(x2), lw.data_ptr(), ptr(lb), xn.data_ptr(), M, K,
+                                         static_cast<float>(ln_eps), stream),
+                 "layer_norm (linear prologue)");
+    x2 = xn;
+  }
+  const Tensor w = as_matrix(weight, N, K);
+  const OptTensor b = contig(bias), g = contig(gamma);
+  OptTensor r;
+  if (residual.has_value()) {
+    r = residual->reshape({M, N});
+    // As the C operand it shares Y's layout (row stride N); otherwise copy once.
+    if ((N > 1 && r->stride(1) != 1) || (M > 1 && r->stride(0) != N)) r = r->contiguous();
+  }
+  Tensor ws = workspace(x);
+
+  // cuBLASLt does bias, erf GELU and (for act == none, no gamma) the residual through beta = 1.
+  const bool residual_in_gemm = r.has_value() && act == fastvit::kActNone && !g.has_value();
+  fastvit::GemmArgs ga{dt, M, N, K, 1, x2.data_ptr(), ld_of(x2), 0, w.data_ptr(), ld_of(w), out.data_ptr(), N, 0,
+                       residual_in_gemm ? r->data_ptr() : nullptr, ptr(b), act == fastvit::kActGelu, ws.data_ptr(),
+                       fastvit::kWorkspaceBytes};
+  int st = fastvit::lt_gemm(ga, stream);
+  bool bias_done = true, act_done = act != fastvit::kActGeluTanh, residual_done = residual_in_gemm;
+  if (st == CUBLAS_STATUS_NOT_SUPPORTED && (ga.bias != nullptr || ga.gelu)) {
+    // No algorithm for this epilogue on this GPU / shape: plain GEMM, the rest elementwise.
+    ga.bias = nullptr;
+    ga.gelu = false;
+    bias_done = !b.has_value();
+    act_done = act == fastvit::kActNone;
+    st = fastvit::lt_gemm(ga, stream);
+  }
+  check_lt(st, "linear");
+  if (!bias_done || !act_done || g.has_value() || (r.has_value() && !residual_done)) {
+    check_launch(fastvit::epilogue_fwd(dt, out.data_ptr(), N, fastvit::RowMap{M, 0, 0}, M, N,
+                                       bias_done ? nullptr : ptr(b),
+                                       act_done ? fastvit::kActNone : static_cast<fastvit::Act>(act), ptr(g),
+                                       residual_done ? nullptr : ptr(r), N, stream),
+                 "linear epilogue");
+  }
+  return out.view(out_shape);
+}
+
+Tensor mlp(const Tensor& x, const Tensor& fc1_weight, const OptTensor& fc1_bias, const Tensor& fc2_weight,
+           const OptTensor& fc2_bias, int64_t act, const OptTensor& gamma, const OptTensor& residual,
+           const OptTensor& ln_weight, const OptTensor& ln_bias, double ln_eps) {
+  check_dim(fc2_weight, "fc2_weight", 2);
+  check_dim(fc1_weight, "fc1_weight", 2);
+  TORCH_CHECK(fc2_weight.size(1) == fc1_weight.size(0), "fc2_weight: expected shape (D_out, ", fc1_weight.size(0),
+              "), got shape ", fc2_weight.sizes());
+  // The hidden activation is materialised in x's dtype, as the unfused composition rounds it.
+  const Tensor h = linear(x, fc1_weight, fc1_bias, act, std::nullopt, std::nullopt, ln_weight, ln_bias, ln_eps);
+  return linear(h, fc2_weight, fc2_bias, fastvit::kActNone, gamma, residual, std::nullopt, std::nullopt, 0.0);
+}
+
+Tensor attention(const Tensor& q, const Tensor& k, const Tensor& v, double scale) {
+  const auto dt = dtype_of(q, "q");
+  check_dim(q, "q", 4);
+  check_dim(k, "k", 4);
+  check_dim(v, "v", 4);
+  check_like(k, "k", q, "q");
+  check_like(v, "v", q, "q");
+  const int64_t B = q.size(0), H = q.size(1), N = q.size(2), d = q.size(3), Nkv = k.size(2);
+  TORCH_CHECK(k.size(0) == B && k.size(1) == H && k.size(3) == d, "k: expected shape (", B, ", ", H, ", N_kv, ", d,
+              ") matching q (B, H, N, d), got shape ", k.sizes());
+  check_shape(v, "v", k.sizes());
+  check_last_dim(q, "q");
+  check_last_dim(k, "k");
+  check_last_dim(v, "v");
+  TORCH_CHECK(d >= 1 && d <= fastvit::kMaxHeadDim, "q: expected head dim 1..", fastvit::kMaxHeadDim, ", got head dim ",
+              d);
+  TORCH_CHECK(Nkv >= 1 || N == 0, "k: expected at least one key (N_kv >= 1), got shape ", k.sizes());
+  TORCH_CHECK(B * H <= 0x7fffffff && N <= 0x7fffffff, "q: expected B * H and N below 2^31, got shape ", q.sizes());
+  check_cuda(q, "q");
+  const c10::cuda::CUDAGuard guard(q.device());
+  Tensor out = at::empty({B, N, H, d}, q.options());  // [B, N, H * d] memory for the projection
+  if (B == 0 || H == 0 || N == 0) return out;
+  const int64_t qs[3] = {q.stride(0), q.stride(1), q.stride(2)};
+  const int64_t ks[3] = {k.stride(0), k.stride(1), k.stride(2)};
+  const int64_t vs[3] = {v.stride(0), v.stride(1), v.stride(2)};
+  check_launch(fastvit::attention_fwd(dt, q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(),
+                                      static_cast<int>(B), static_cast<int>(H), static_cast<int>(N),
+                                      static_cast<int>(Nkv), static_cast<int>(d), qs, ks, vs,
+                                      static_cast<float>(scale), c10::cuda::getCurrentCUDAStream()),
+               "attention");
+  return out;
+}
+
+Tensor patch_embed(const Tensor& x, const Tensor& weight, const OptTensor& bias, const OptTensor& pos_embed,
+                   const OptTensor& prefix, bool pad) {
+  check_dim(x, "x", 4);
+  const auto x_dt = dtype_of(x, "x");
+  check_dim(weight, "weight", 4);
+  TORCH_CHECK(weight.device() == x.device(), "weight: expected device ", x.device(), " (as x), got device ",
+              weight.device());
+  const auto dt = dtype_of(weight, "weight");
+  const int64_t D = weight.size(0), C = weight.size(1), ph = weight.size(2), pw = weight.size(3);
+  const int64_t B = x.size(0), H = x.size(2), W = x.size(3);
+  TORCH_CHECK(x.size(1) == C, "x: expected ", C, " input channels (B, ", C, ", H, W), got shape ", x.sizes());
+  TORCH_CHECK(ph >= 1 && pw >= 1 && D >= 1, "weight: expected a non-empty (D, C, Ph, Pw) kernel, got shape ",
+              weight.sizes());
+  if (!pad)
+    TORCH_CHECK(H % ph == 0 && W % pw == 0, "x: expected height and width multiples of the patch size (", ph, ", ",
+                pw, ") (or pad=True), got image size (", H, ", ", W, ")");
+  const int64_t gh = (H + ph - 1) / ph, gw = (W + pw - 1) / pw, L = gh * gw;
+  TORCH_CHECK(gh >= 1 && gw >= 1, "x: expected an image at least one patch (", ph, ", ", pw,
+              ") large, got image size (", H, ", ", W, ")");
+  check_opt(bias, "bias", weight, "weight", {D});
+  check_opt(pos_embed, "pos_embed", weight, "weight", {L, D});
+  int64_t T = 0;
+  if (prefix.has_value()) {
+    check_dim(*prefix, "prefix", 2);
+    check_like(*prefix, "prefix", weight, "weight");
+    TORCH_CHECK(prefix->size(1) == D, "prefix: expected shape (T, ", D, "), got shape ", prefix->sizes());
+    T = prefix->size(0);
+  }
+  check_cuda(x, "x");
+  const c10::cuda::CUDAGuard guard(x.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  Tensor out = at::empty({B, T + L, D}, weight.options());
+  if (B == 0) return out;
+  const int64_t Kc = C * ph * pw;
+  const Tensor w = weight.reshape({D, Kc}).contiguous();
+  const OptTensor b = contig(bias), pos = contig(pos_embed), pf = contig(prefix);
+  Tensor cols = at::empty({B * L, Kc}, weight.options());
+  const int64_t xs[4] = {x.stride(0), x.stride(1), x.stride(2), x.stride(3)};
+  check_launch(fastvit::patch_embed_prep(x_dt, dt, x.data_ptr(), xs, static_cast<int>(B), static_cast<int>(C),
+                                         static_cast<int>(H), static_cast<int>(W), static_cast<int>(ph),
+                                         static_cast<int>(pw), static_cast<int>(gh), static_cast<int>(gw),
+                                         cols.data_ptr(), ptr(pos), ptr(pf), static_cast<int>(T), D, out.data_ptr(),
+                                         stream),
+               "patch_embed im2col");
+  Tensor ws = workspace(weight);
+  // Without prefix rows the tokens of all images are one (B * L, D) matrix; with them, a strided
+  // batch of B (L, D) matrices whose rows start after the prefix rows of each image.
+  char* y0 = static_cast<char*>(out.data_ptr()) + T * D * out.element_size();
+  fastvit::GemmArgs ga{dt, T > 0 ? L : B * L, D, Kc, T > 0 ? B : 1, cols.data_ptr(), Kc, L * Kc, w.data_ptr(), Kc,
+                       y0, D, (T + L) * D, pos.has_value() ? y0 : nullptr, ptr(b), false, ws.data_ptr(),
+                       fastvit::kWorkspaceBytes};
+  int st = fastvit::lt_gemm(ga, stream);
+  bool bias_done = true;
+  if (st == CUBLAS_STATUS_NOT_SUPPORTED && ga.bias != nullptr) {
+    ga.bias = nullptr;
+    bias_done = false;
+    st = fastvit::lt_gemm(ga, stream);
+  }
+  if (st == CUBLAS_STATUS_NOT_SUPPORTED && ga.batch > 1) {
+    // No strided-batch algorithm (the weight is broadcast with batch stride 0): one GEMM per image.
+    const int64_t batch = ga.batch;
+    ga.batch = 1;
+    st = CUBLAS_STATUS_SUCCESS;
+    for (int64_t i = 0; i < batch && st == CUBLAS_STATUS_SUCCESS; ++i) {
+      fastvit::GemmArgs gi = ga;
+      gi.x = static_cast<const char*>(ga.x) + i * L * Kc * cols.element_size();
+      gi.y = static_cast<char*>(ga.y) + i * (T + L) * D * out.element_size();
+      gi.c = ga.c != nullptr ? gi.y : nullptr;
+      st = fastvit::lt_gemm(gi, stream);
+    }
+  }
+  check_lt(st, "patch_embed");
+  if (!bias_done) {
+    check_launch(fastvit::epilogue_fwd(dt, out.data_ptr(), D, fastvit::RowMap{L, T + L, T}, B * L, D, ptr(b),
+                                       fastvit::kActNone, nullptr, nullptr, 0, stream),
+                 "patch_embed bias");
+  }
+  return out;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "fastvit CUDA backend: patch_embed, attention (flash-style, tensor cores), cuBLASLt linear / mlp, "
+            "layer_norm";
+  m.def("patch_embed", &patch_embed, "x (B,C,H,W), weight (D,C,Ph,Pw), bias (D,)?, pos_embed (L,D)?, prefix (T,D)?, pad "
+        "-> (B, T + L, D)", py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("pos_embed"), py::arg("prefix"),
+        py::arg("pad"));
+  m.def("attention", &attention, "q (B,H,N,d), k, v (B,H,Nkv,d), scale -> (B, N, H, d) contiguous", py::arg("q"),
+        py::arg("k"), py::arg("v"), py::arg("scale"));
+  m.def("layer_norm", &layer_norm, "x (..., D), weight (D,)?, bias (D,)?, eps -> (..., D)", py::arg("x"),
+        py::arg("weight"), py::arg("bias"), py::arg("eps"));
+  m.def("linear", &linear, "act(LN?(x) @ W^T + b) * gamma + residual; act 0 none / 1 gelu / 2 gelu_tanh",
+        py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("act"), py::arg("gamma"), py::arg("residual"),
+        py::arg("ln_weight"), py::arg("ln_bias"), py::arg("ln_eps"));
+  m.def("mlp", &mlp, "residual + gamma * fc2(act(fc1(LN?(x))))", py::arg("x"), py::arg("fc1_weight"),
+        py::arg("fc1_bias"), py::arg("fc2_weight"), py::arg("fc2_bias"), py::arg("act"), py::arg("gamma"),
+        py::arg("residual"), py::arg("ln_weight"), py::arg("ln_bias"), py::arg("ln_eps"));
+  m.attr("MAX_HEAD_DIM") = fastvit::kMaxHeadDim;
+}

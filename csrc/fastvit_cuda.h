@@ -1,0 +1,88 @@
+// Launchers shared by the .cu files and bindings.cpp.
+//
+// The .cu files include only CUDA headers (no torch): they compile in seconds per arch, so CI
+// can run nvcc -Xptxas -v on each of them for sm_80 and sm_90. bindings.cpp owns every torch
+// type: it validates arguments with TORCH_CHECK, allocates outputs and workspaces, and passes
+// raw pointers, strides and the current stream here. Every launcher returns a cudaError_t-like
+// int (0 = success) or, for the cuBLASLt paths, a cublasStatus_t; bindings.cpp turns failures
+// into exceptions that name the op.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include <cuda_runtime.h>
+
+namespace fastvit {
+
+// Element types crossing the boundary; the values are fixed (bindings.cpp maps torch dtypes).
+enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+
+// Activations of the linear epilogue, in the order of fastvit.reference.ACTIVATIONS.
+enum Act : int { kActNone = 0, kActGelu = 1, kActGeluTanh = 2 };
+
+// ------------------------------------------------------------------ attention.cu
+// q, k, v: (B, H, N | Nkv, d) with element strides (sb, sh, sn) and unit stride on d.
+// out: (B, N, H, d) contiguous, i.e. [B, N, H * d]. d <= kMaxHeadDim.
+constexpr int kMaxHeadDim = 128;
+int attention_fwd(DType dt, const void* q, const void* k, const void* v, void* out, int B, int H, int N, int Nkv,
+                  int d, const int64_t* q_strides, const int64_t* k_strides, const int64_t* v_strides, float scale,
+                  cudaStream_t stream);
+
+// ------------------------------------------------------------------ layer_norm.cu
+// x: (M, D) with row stride ldx (elements) and unit column stride; y: (M, D) contiguous.
+// weight, bias: (D,) or null. Statistics in float32.
+int layer_norm_fwd(DType dt, const void* x, int64_t ldx, const void* weight, const void* bias, void* y, int64_t M,
+                   int64_t D, float eps, cudaStream_t stream);
+
+// ------------------------------------------------------------------ linear.cu
+// Row-major Y (rows x N) with rows = batch * rows_per_batch: row m lives at
+//   Y + ((m / rows_per_batch) * batch_row_stride + row_offset + m % rows_per_batch) * ldy.
+struct RowMap {
+  int64_t rows_per_batch;
+  int64_t batch_row_stride;
+  int64_t row_offset;
+};
+
+// In place on Y: Y = act(Y + bias) * gamma + residual, each term optional (null pointer).
+// residual is row-major with row stride ldr, indexed by the packed row m (not the mapped row).
+int epilogue_fwd(DType dt, void* y, int64_t ldy, RowMap map, int64_t rows, int64_t N, const void* bias, Act act,
+                 const void* gamma, const void* residual, int64_t ldr, cudaStream_t stream);
+
+// One cuBLASLt call: for b in [0, batch):  Y_b = epi(alpha * X_b @ W^T + beta * C_b)
+//   X_b: (M, K) row-major, row stride ldx, batch stride stride_x.  W: (N, K) row-major, ldw,
+//   shared by all batches.  Y_b: (M, N), row stride ldy, batch stride stride_y.  C_b: same
+//   layout as Y_b (pass C == Y for in place) or null (beta ignored).  epi: bias (N,) added and
+//   optionally exact-erf GELU applied by cuBLASLt's BIAS / GELU_BIAS epilogues.
+// Returns CUBLAS_STATUS_NOT_SUPPORTED (15) when the heuristic offers no algorithm, so the
+// caller can retry with a plainer epilogue.
+struct GemmArgs {
+  DType dt;
+  int64_t M, N, K, batch;
+  const void* x;
+  int64_t ldx, stride_x;
+  const void* w;
+  int64_t ldw;
+  void* y;
+  int64_t ldy, stride_y;
+  const void* c;  // null: beta = 0
+  const void* bias;
+  bool gelu;  // exact erf GELU after the bias (cuBLASLt GELU / GELU_BIAS epilogue)
+  void* workspace;
+  size_t workspace_bytes;
+};
+int lt_gemm(const GemmArgs& a, cudaStream_t stream);
+constexpr size_t kWorkspaceBytes = 32u << 20;  // cuBLAS recommends 32 MiB on Hopper
+
+// ------------------------------------------------------------------ patch_embed.cu
+// One pass over the image and the output: cols (B * gh * gw, C * ph * pw) row-major = im2col(x)
+// in the output dtype (zero where pad reads past H / W), and the output rows initialised to
+//   out[b, t] = prefix[t] (t < n_prefix),   out[b, n_prefix + l] = pos[l] (or 0 without pos),
+// so that the GEMM that follows adds bias and x @ W^T on top with beta = 1 (the position
+// embedding is fused through the GEMM's C operand, not a separate pass).
+// x: (B, C, H, W) with element strides xs[4], dtype x_dt (any float).  out: (B, n_prefix + L, D).
+int patch_embed_prep(DType x_dt, DType dt, const void* x, const int64_t* xs, int B, int C, int H, int W, int ph,
+                     int pw, int gh, int gw, void* cols, const void* pos, const void* prefix, int n_prefix, int64_t D,
+                     void* out, cudaStream_t stream);
+
+}  // namespace fastvit

@@ -1,0 +1,170 @@
+// Linear layers on cuBLASLt: y = epi(x @ W^T + beta * C), with bias and exact-erf GELU done by
+// cuBLASLt's BIAS / GELU_BIAS epilogues and a residual added through beta = 1 on the C operand.
+// What cuBLASLt has no epilogue for (tanh GELU, LayerScale gamma after the activation, a residual
+// after an activation) is done by one small elementwise pass, `epilogue_fwd`, in place on y.
+//
+// cuBLASLt is column-major: a row-major (M, N) matrix is a column-major (N, M) one, so
+// Y^T = W X^T is computed with A = W (row-major (N, K) = col-major (K, N), op T) and B = X
+// (row-major (M, K) = col-major (K, M), op N). The bias then runs along the rows of the
+// column-major D, which is what cuBLASLt's bias epilogue broadcasts over.
+
+#include <cublasLt.h>
+
+#include <mutex>
+
+#include "common.cuh"
+
+namespace fastvit {
+namespace {
+
+constexpr int kMaxDevices = 64;
+
+// One handle per device, created on first use and kept for the process (cuBLASLt handles are
+// thread safe once created).
+cublasStatus_t get_handle(cublasLtHandle_t* out) {
+  static std::mutex mu;
+  static cublasLtHandle_t handles[kMaxDevices] = {};
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= kMaxDevices) return CUBLAS_STATUS_NOT_INITIALIZED;
+  std::lock_guard<std::mutex> lock(mu);
+  if (handles[dev] == nullptr) {
+    cublasStatus_t st = cublasLtCreate(&handles[dev]);
+    if (st != CUBLAS_STATUS_SUCCESS) {
+      handles[dev] = nullptr;
+      return st;
+    }
+  }
+  *out = handles[dev];
+  return CUBLAS_STATUS_SUCCESS;
+}
+
+cudaDataType_t cuda_type(DType dt) {
+  switch (dt) {
+    case kFloat16: return CUDA_R_16F;
+    case kBFloat16: return CUDA_R_16BF;
+    default: return CUDA_R_32F;
+  }
+}
+
+// Largest power of two (<= 256) dividing the address: cuBLASLt's heuristic assumes 256-byte
+// aligned operands unless told otherwise, and views such as out[:, T:] are not.
+uint32_t alignment(const void* p) {
+  const uintptr_t a = reinterpret_cast<uintptr_t>(p);
+  uint32_t al = 256;
+  while (al > 1 && (a % al) != 0) al >>= 1;
+  return al;
+}
+
+// RAII holders so that every early return releases the descriptors.
+struct Desc {
+  cublasLtMatmulDesc_t op = nullptr;
+  cublasLtMatrixLayout_t a = nullptr, b = nullptr, c = nullptr;
+  cublasLtMatmulPreference_t pref = nullptr;
+  ~Desc() {
+    if (pref) cublasLtMatmulPreferenceDestroy(pref);
+    if (c) cublasLtMatrixLayoutDestroy(c);
+    if (b) cublasLtMatrixLayoutDestroy(b);
+    if (a) cublasLtMatrixLayoutDestroy(a);
+    if (op) cublasLtMatmulDescDestroy(op);
+  }
+};
+
+#define LT_TRY(expr)                                  \
+  do {                                                \
+    cublasStatus_t st_ = (expr);                      \
+    if (st_ != CUBLAS_STATUS_SUCCESS) return st_;     \
+  } while (0)
+
+cublasStatus_t set_batch(cublasLtMatrixLayout_t l, int32_t batch, int64_t stride) {
+  if (batch <= 1) return CUBLAS_STATUS_SUCCESS;
+  LT_TRY(cublasLtMatrixLayoutSetAttribute(l, CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT, &batch, sizeof(batch)));
+  return cublasLtMatrixLayoutSetAttribute(l, CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET, &stride, sizeof(stride));
+}
+
+template <typename T>
+__device__ __forceinline__ float apply_act(float v, Act act) {
+  if (act == kActGelu) return 0.5f * v * (1.f + erff(v * 0.70710678118654752f));
+  if (act == kActGeluTanh) {
+    const float u = 0.7978845608028654f * (v + 0.044715f * v * v * v);  // sqrt(2/pi) (v + 0.044715 v^3)
+    return 0.5f * v * (1.f + tanhf(u));
+  }
+  return v;
+}
+
+template <typename T>
+__global__ void epilogue_kernel(T* __restrict__ y, int64_t ldy, RowMap map, int64_t rows, int64_t N,
+                                const T* __restrict__ bias, Act act, const T* __restrict__ gamma,
+                                const T* __restrict__ residual, int64_t ldr) {
+  const int64_t total = rows * N;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t m = i / N, n = i % N;
+    const int64_t row = (m / map.rows_per_batch) * map.batch_row_stride + map.row_offset + m % map.rows_per_batch;
+    T* p = y + row * ldy + n;
+    float v = to_float(*p);
+    if (bias != nullptr) v += to_float(bias[n]);
+    v = apply_act<T>(v, act);
+    if (gamma != nullptr) v *= to_float(gamma[n]);
+    if (residual != nullptr) v += to_float(residual[m * ldr + n]);
+    *p = from_float<T>(v);
+  }
+}
+
+}  // namespace
+
+int lt_gemm(const GemmArgs& g, cudaStream_t stream) {
+  cublasLtHandle_t handle;
+  LT_TRY(get_handle(&handle));
+  const cudaDataType_t t = cuda_type(g.dt);
+  Desc d;
+  // fp32 inputs use strict fp32 (no TF32) so the fp32 path matches the fp32 reference.
+  LT_TRY(cublasLtMatmulDescCreate(&d.op, CUBLAS_COMPUTE_32F, CUDA_R_32F));
+  const cublasOperation_t ta = CUBLAS_OP_T, tb = CUBLAS_OP_N;
+  LT_TRY(cublasLtMatmulDescSetAttribute(d.op, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof(ta)));
+  LT_TRY(cublasLtMatmulDescSetAttribute(d.op, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof(tb)));
+  cublasLtEpilogue_t epi = CUBLASLT_EPILOGUE_DEFAULT;
+  if (g.bias != nullptr) epi = g.gelu ? CUBLASLT_EPILOGUE_GELU_BIAS : CUBLASLT_EPILOGUE_BIAS;
+  else if (g.gelu) epi = CUBLASLT_EPILOGUE_GELU;
+  LT_TRY(cublasLtMatmulDescSetAttribute(d.op, CUBLASLT_MATMUL_DESC_EPILOGUE, &epi, sizeof(epi)));
+  if (g.bias != nullptr)
+    LT_TRY(cublasLtMatmulDescSetAttribute(d.op, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &g.bias, sizeof(g.bias)));
+
+  LT_TRY(cublasLtMatrixLayoutCreate(&d.a, t, g.K, g.N, g.ldw));  // W^T view, op T -> (N, K)
+  LT_TRY(cublasLtMatrixLayoutCreate(&d.b, t, g.K, g.M, g.ldx));  // X^T
+  LT_TRY(cublasLtMatrixLayoutCreate(&d.c, t, g.N, g.M, g.ldy));  // Y^T (C and D share it)
+  const int32_t batch = static_cast<int32_t>(g.batch);
+  LT_TRY(set_batch(d.a, batch, 0));  // the weight is shared by every batch
+  LT_TRY(set_batch(d.b, batch, g.stride_x));
+  LT_TRY(set_batch(d.c, batch, g.stride_y));
+
+  LT_TRY(cublasLtMatmulPreferenceCreate(&d.pref));
+  LT_TRY(cublasLtMatmulPreferenceSetAttribute(d.pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &g.workspace_bytes,
+                                              sizeof(g.workspace_bytes)));
+  const void* c = g.c != nullptr ? g.c : g.y;
+  const uint32_t al[4] = {alignment(g.w), alignment(g.x), alignment(c), alignment(g.y)};
+  LT_TRY(cublasLtMatmulPreferenceSetAttribute(d.pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &al[0], 4));
+  LT_TRY(cublasLtMatmulPreferenceSetAttribute(d.pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &al[1], 4));
+  LT_TRY(cublasLtMatmulPreferenceSetAttribute(d.pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &al[2], 4));
+  LT_TRY(cublasLtMatmulPreferenceSetAttribute(d.pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &al[3], 4));
+
+  cublasLtMatmulHeuristicResult_t res = {};
+  int found = 0;
+  LT_TRY(cublasLtMatmulAlgoGetHeuristic(handle, d.op, d.a, d.b, d.c, d.c, d.pref, 1, &res, &found));
+  if (found == 0) return CUBLAS_STATUS_NOT_SUPPORTED;
+  const float alpha = 1.f, beta = g.c != nullptr ? 1.f : 0.f;
+  return cublasLtMatmul(handle, d.op, &alpha, g.w, d.a, g.x, d.b, &beta, c, d.c, g.y, d.c, &res.algo, g.workspace,
+                        g.workspace_bytes, stream);
+}
+
+int epilogue_fwd(DType dt, void* y, int64_t ldy, RowMap map, int64_t rows, int64_t N, const void* bias, Act act,
+                 const void* gamma, const void* residual, int64_t ldr, cudaStream_t stream) {
+  if (rows < 1 || N < 1 || map.rows_per_batch < 1) return cudaErrorInvalidValue;
+  constexpr int kThreads = 256;
+  const unsigned grid = grid_for(rows * N, kThreads);
+  FASTVIT_DISPATCH(dt, epilogue_kernel<T><<<grid, kThreads, 0, stream>>>(
+                           static_cast<T*>(y), ldy, map, rows, N, static_cast<const T*>(bias), act,
+                           static_cast<const T*>(gamma), static_cast<const T*>(residual), ldr));
+  return cudaGetLastError();
+}
+
+}  // namespace fastvit
