@@ -47,26 +47,9 @@ def _seed():
     yield
 
 
-def _speedups(entries):
-    """entries: list of extra_info dicts -> adds speedup_vs / best_baseline fields in place."""
-    groups = {}
-    for info in entries:
-        if info.get("case") and info.get("median_ms"):
-            groups.setdefault(info["case"], []).append(info)
-    for group in groups.values():
-        for info in group:
-            others = {o["impl"]: o["median_ms"] / info["median_ms"] for o in group if o["impl"] != info["impl"]}
-            info["speedup_vs"] = {k: round(v, 4) for k, v in sorted(others.items())}
-            base = [o for o in group if not o["impl"].startswith("fastvit")]
-            if base and info["impl"].startswith("fastvit"):
-                best = min(base, key=lambda o: o["median_ms"])
-                info["best_baseline"] = best["impl"]
-                info["speedup_vs_best_baseline"] = round(best["median_ms"] / info["median_ms"], 4)
-
-
 def pytest_benchmark_update_json(config, benchmarks, output_json):
     entries = [b.get("extra_info", {}) for b in output_json.get("benchmarks", [])]
-    _speedups(entries)
+    harness.compute_speedups(entries)
     output_json["fastvit"] = {"env": harness.env_info(), "peaks": harness.measure_peaks() if entries else None}
 
 
@@ -74,7 +57,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     results = list(harness.RESULTS.values())
     if not results:
         return
-    _speedups(results)
+    harness.compute_speedups(results)
     tr = terminalreporter
     tr.section("fastvit speedups (median device time, same process)")
     if harness.is_smoke():

@@ -40,6 +40,7 @@ __all__ = [
     "RESULTS",
     "record",
     "check_output",
+    "compute_speedups",
 ]
 
 HAS_CUDA = torch.cuda.is_available()
@@ -362,3 +363,24 @@ def check_output(out: torch.Tensor, ref32: torch.Tensor, ref_lowp: Optional[torc
     if baseline and ref_lowp is not None:
         atol += 2 * (ref_lowp.float() - ref32.float()).abs().max().item()
     assert_close_rule(out, ref32.float(), ref_lowp, atol=atol, name=name)
+
+
+def compute_speedups(entries: Sequence[Dict[str, Any]]) -> None:
+    """Add ``speedup_vs`` (other impl -> other median / this median) to every result, and for
+    fastvit results ``best_baseline`` / ``speedup_vs_best_baseline``, within each case. In place.
+
+    ``entries`` are extra_info dicts; only those with a ``case`` and a ``median_ms`` count.
+    """
+    groups: Dict[str, List[Dict[str, Any]]] = {}
+    for info in entries:
+        if info.get("case") and info.get("median_ms"):
+            groups.setdefault(info["case"], []).append(info)
+    for group in groups.values():
+        base = [o for o in group if not o["impl"].startswith("fastvit")]
+        for info in group:
+            others = {o["impl"]: o["median_ms"] / info["median_ms"] for o in group if o["impl"] != info["impl"]}
+            info["speedup_vs"] = {k: round(v, 4) for k, v in sorted(others.items())}
+            if base and info["impl"].startswith("fastvit"):
+                best = min(base, key=lambda o: o["median_ms"])
+                info["best_baseline"] = best["impl"]
+                info["speedup_vs_best_baseline"] = round(best["median_ms"] / info["median_ms"], 4)
