@@ -107,6 +107,8 @@ def classify(inputs: Sequence[str], model, preprocessor: Preprocessor, batch_siz
     if bar is not None:
         bar.close()
     if dist and world > 1:
+        print(f"fastvit classify: rank {rank} of {world} classified {len(mine)} of {len(files)} images",
+              file=sys.stderr)
         parts: List[Any] = [None] * world
         torch.distributed.all_gather_object(parts, mine)
         mine = [r for part in parts for r in part]
