@@ -428,13 +428,13 @@ def hub_folder(name: str, revision: Optional[str] = None, cache_dir: Optional[st
         try:
             return hf_hub_download(repo_id, filename, revision=revision, cache_dir=cache_dir,
                                    local_files_only=local_files_only)
+        except LocalEntryNotFoundError as e:  # a subclass of EntryNotFoundError: test it first
+            if required:
+                raise _hub_error(repo_id, filename, e) from e
+            return None
         except EntryNotFoundError:
             if required:
                 raise FileNotFoundError(f"from_pretrained: hub repo {repo_id!r} has no {filename!r}") from None
-            return None
-        except LocalEntryNotFoundError as e:
-            if required:
-                raise _hub_error(repo_id, filename, e) from e
             return None
         except Exception as e:  # network, auth, unknown repo: say which file was wanted
             raise _hub_error(repo_id, filename, e) from e
@@ -512,6 +512,17 @@ def _timm_layout_model(config: dict, backend: Optional[str]) -> VisionTransforme
     return from_timm(timm.create_model(base, pretrained=False, **args).eval(), backend=backend)
 
 
+def _timm_hub_id(name: str) -> Optional[str]:
+    """timm model name (``vit_base_patch16_224.augreg2_in21k_ft_in1k``) -> its hub repo, via timm's table."""
+    try:
+        import timm
+
+        cfg = timm.models.get_pretrained_cfg(name)
+    except Exception:  # timm missing, or not a timm name: the caller reports what it expected
+        return None
+    return getattr(cfg, "hf_hub_id", None) or None
+
+
 def from_pretrained(name_or_path: str, backend: Optional[str] = None, revision: Optional[str] = None,
                     cache_dir: Optional[str] = None, local_files_only: bool = False) -> VisionTransformer:
     """A fastvit model from a model folder or a Hugging Face hub name.
@@ -524,9 +535,13 @@ def from_pretrained(name_or_path: str, backend: Optional[str] = None, revision: 
       ``architecture`` / ``model_args`` + timm-named weights;
     * what ``fastvit convert`` writes (architecture 'fastvit').
 
+    Names: a folder, ``org/name[@revision]``, ``hf-hub:org/name``, or a timm model name with its
+    pretrained tag (``vit_base_patch16_224.augreg2_in21k_ft_in1k``, resolved to its hub repo by timm).
     Hub names need huggingface_hub; offline only its cache is used (see :func:`hub_folder`).
     """
     path = name_or_path
+    if not os.path.isdir(path) and not os.path.exists(path) and "/" not in str(path):
+        path = _timm_hub_id(path) or path
     if not os.path.isdir(path):
         if os.path.exists(path) or not _HUB_NAME.match(str(path)):
             raise FileNotFoundError(f"name_or_path: expected a model folder with config.json or a hub repo id "

@@ -220,7 +220,10 @@ def test_hub_name_offline_error_names_file(tmp_path):
     with pytest.raises(FileNotFoundError) as e:
         from_pretrained("google/vit-base-patch16-224", cache_dir=str(tmp_path), local_files_only=True)
     msg = str(e.value)
-    assert "'config.json'" in msg and "google/vit-base-patch16-224" in msg
+    assert "'config.json'" in msg and "google/vit-base-patch16-224" in msg and "local cache" in msg
+    # a timm model name with its tag resolves to its hub repo (through timm's table), then the same error
+    with pytest.raises(FileNotFoundError, match=r"'config.json'.*timm/vit_base_patch16_224\.augreg2_in21k_ft_in1k"):
+        from_pretrained("vit_base_patch16_224.augreg2_in21k_ft_in1k", cache_dir=str(tmp_path), local_files_only=True)
 
 
 def test_hub_name_from_cache(tmp_path):
