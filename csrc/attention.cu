@@ -59,6 +59,8 @@ struct Smem {
   static constexpr size_t o_off = p_off + align128(sizeof(__half) * kBlockM * LDP);
   static constexpr size_t bytes = o_off + align128(sizeof(float) * kBlockM * LDO);
 };
+// The largest tile set must fit sm_80's 163 KiB of opt-in shared memory per block (sm_90: 227).
+static_assert(Smem<kMaxHeadDim>::bytes <= 163 * 1024, "attention tiles exceed sm_80 shared memory");
 
 // rows x DP tile from global (row stride `stride`, unit column stride) into shared memory with
 // leading dim LD; rows >= valid_rows and columns >= d are zero so padded products add nothing.

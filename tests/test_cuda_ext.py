@@ -1,0 +1,481 @@
+"""Backend ``cuda``: the CUDA C++ extension (csrc/, fastvit/cuda_ext.py).
+
+Without a GPU (CI): the extension is compiled and linked for sm_80 and sm_90 exactly as the
+backend builds it, with ``-Xptxas -v``; every kernel's registers / spills are recorded
+(artifacts/cuda_ext_ptxas.json) and spills fail the test. The built module is imported and its
+argument validation (TORCH_CHECK messages) exercised with CPU tensors, and the fake
+implementations of the custom ops run on meta tensors. Backend reasons are checked.
+
+With a GPU (``@pytest.mark.gpu``): every op against the float32 reference with the DESIGN.md
+tolerance rule on awkward shapes in fp32 / fp16 / bf16, the whole ViT on backend ``cuda``,
+agreement with the triton backend, determinism and ``torch.compile(fullgraph=True)``.
+"""
+
+import json
+import os
+import re
+import subprocess
+import sys
+from collections import defaultdict
+
+import pytest
+import torch
+
+from fastvit import backends, cuda_ext, ops, reference
+from tests.utils import assert_close_rule
+
+HAS_CUDA = torch.cuda.is_available()
+ARCHS = ("sm_80", "sm_90")
+# Kernel families (substring of the mangled name) that must be in the build for every arch.
+KERNELS = ("attn_fwd_tc", "attn_fwd_f32", "layer_norm_kernel", "epilogue_kernel", "patch_embed_prep_kernel")
+
+
+# ------------------------------------------------------------------------------ build (CPU CI)
+def parse_ptxas(log: str):
+    """ptxas -v output -> list of dicts (kernel, arch, registers, stack, spill_stores, spill_loads)."""
+    out, cur = [], None
+    for line in log.splitlines():
+        m = re.search(r"Compiling entry function '(\S+)' for '(sm_\d+a?)'", line)
+        if m:
+            cur = {"kernel": m.group(1), "arch": m.group(2)}
+            out.append(cur)
+            continue
+        if cur is None:
+            continue
+        m = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", line)
+        if m:
+            cur.update(stack=int(m.group(1)), spill_stores=int(m.group(2)), spill_loads=int(m.group(3)))
+        m = re.search(r"Used (\d+) registers", line)
+        if m:
+            cur["registers"] = int(m.group(1))
+    return out
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """(extension module, ptxas records): one build per test session for sm_80 + sm_90.
+
+    The build runs in a subprocess so its compiler output (ninja prints each command's output,
+    ptxas -v included) can be captured whole; the module is then loaded here from the same
+    folder (ninja finds nothing to do)."""
+    if cuda_ext.cuda_home() is None:
+        pytest.skip("no CUDA toolkit (nvcc / CUDA_HOME) on this machine")
+    build_dir = str(tmp_path_factory.mktemp("cuda_ext_build"))
+    code = ("from fastvit import cuda_ext; "
+            f"cuda_ext.build(build_dir={build_dir!r}, archs='8.0;9.0', verbose=True, ptxas_verbose=True)")
+    env = dict(os.environ, MAX_JOBS=os.environ.get("MAX_JOBS", "2"))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=1500)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, "extension build failed:\n" + log[-6000:]
+    mod = cuda_ext.build(build_dir=build_dir, archs="8.0;9.0", ptxas_verbose=True)
+    return mod, parse_ptxas(log)
+
+
+@pytest.mark.slow
+def test_builds_for_sm80_sm90_without_spills(built):
+    _, recs = built
+    by_kernel = defaultdict(dict)
+    for r in recs:
+        by_kernel[r["kernel"]][r["arch"]] = r
+    for fam in KERNELS:
+        names = [k for k in by_kernel if fam in k]
+        assert names, f"kernel family {fam}: not found in the ptxas output; kernels seen: {sorted(by_kernel)}"
+        for k in names:
+            assert set(ARCHS) <= set(by_kernel[k]), f"{k}: compiled for {sorted(by_kernel[k])}, expected {ARCHS}"
+    # fp16 + bf16 x 8 padded head dims (16..128) of the tensor-core attention, for each arch.
+    assert sum("attn_fwd_tc" in k for k in by_kernel) == 16
+    report = []
+    for r in recs:
+        assert {"registers", "spill_stores", "spill_loads", "stack"} <= set(r), f"incomplete ptxas record {r}"
+        assert r["spill_stores"] == 0 and r["spill_loads"] == 0, f"{r['kernel']} on {r['arch']} spills: {r}"
+        assert r["stack"] == 0, f"{r['kernel']} on {r['arch']} uses a stack frame: {r}"
+        # 128-thread attention blocks: <= 128 registers keeps >= 4 blocks per SM by registers.
+        limit = 128 if "attn_fwd" in r["kernel"] else 64
+        assert r["registers"] <= limit, f"{r['kernel']} on {r['arch']}: {r['registers']} registers > {limit}"
+        report.append(r)
+    art = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "artifacts")
+    os.makedirs(art, exist_ok=True)
+    with open(os.path.join(art, "cuda_ext_ptxas.json"), "w") as fh:
+        json.dump(report, fh, indent=1)
+
+
+def test_ptxas_parser_reads_spills():
+    """The build test can only fail on spills if the parser sees them."""
+    log = ("ptxas info    : Compiling entry function '_Z3fooPf' for 'sm_90'\n"
+           "ptxas info    : Function properties for _Z3fooPf\n"
+           "    8 bytes stack frame, 12 bytes spill stores, 16 bytes spill loads\n"
+           "ptxas info    : Used 255 registers, used 1 barriers\n")
+    assert parse_ptxas(log) == [{"kernel": "_Z3fooPf", "arch": "sm_90", "stack": 8, "spill_stores": 12,
+                                 "spill_loads": 16, "registers": 255}]
+
+
+# ------------------------------------------------------------------------------ bindings (CPU)
+def _t(*shape, dtype=torch.float32):
+    return torch.randn(*shape, dtype=dtype)
+
+
+VALIDATION_CASES = [
+    # (op, args, exception, message pattern): argument, expected, actual
+    ("linear", lambda: (_t(2, 3, 8), _t(5, 7), None, 0, None, None, None, None, 1e-6), RuntimeError,
+     r"x: expected last dim 7 \(= weight.shape\[1\]\), got shape \[2, 3, 8\]"),
+    ("linear", lambda: (_t(2, 8).int(), _t(5, 8), None, 0, None, None, None, None, 1e-6), TypeError,
+     r"x: expected dtype float32, float16 or bfloat16, got Int"),
+    ("linear", lambda: (_t(2, 8), _t(5, 8, dtype=torch.float16), None, 0, None, None, None, None, 1e-6), TypeError,
+     r"weight: expected dtype Float \(as x\), got dtype Half"),
+    ("linear", lambda: (_t(2, 8), _t(5, 8), _t(4), 0, None, None, None, None, 1e-6), RuntimeError,
+     r"bias: expected shape \[5\], got shape \[4\]"),
+    ("linear", lambda: (_t(2, 8), _t(5, 8), None, 0, None, _t(2, 6), None, None, 1e-6), RuntimeError,
+     r"residual: expected shape \[2, 5\], got shape \[2, 6\]"),
+    ("linear", lambda: (_t(2, 8), _t(5, 8), None, 3, None, None, None, None, 1e-6), RuntimeError,
+     r"act: expected 0 \(none\), 1 \(gelu\) or 2 \(gelu_tanh\), got 3"),
+    ("linear", lambda: (_t(2, 8), _t(5, 8), None, 0, None, None, None, _t(8), 1e-6), RuntimeError,
+     r"ln_weight: expected a tensor when ln_bias is given, got None"),
+    ("linear", lambda: (_t(8, 2).t(), _t(5, 8), None, 0, None, None, None, None, 1e-6), RuntimeError,
+     r"x: expected a last dim with stride 1, got strides \[1, 2\]"),
+    ("mlp", lambda: (_t(2, 8), _t(5, 8), None, _t(8, 6), None, 1, None, None, None, None, 1e-6), RuntimeError,
+     r"fc2_weight: expected shape \(D_out, 5\), got shape \[8, 6\]"),
+    ("layer_norm", lambda: (_t(3, 8), _t(7), None, 1e-6), RuntimeError,
+     r"weight: expected shape \[8\], got shape \[7\]"),
+    ("attention", lambda: (_t(2, 3, 10, 160), _t(2, 3, 10, 160), _t(2, 3, 10, 160), 1.0), RuntimeError,
+     r"q: expected head dim 1..128, got head dim 160"),
+    ("attention", lambda: (_t(2, 3, 10, 16), _t(2, 3, 10, 8), _t(2, 3, 10, 8), 1.0), RuntimeError,
+     r"k: expected shape \(2, 3, N_kv, 16\) matching q \(B, H, N, d\), got shape \[2, 3, 10, 8\]"),
+    ("attention", lambda: (_t(2, 3, 10, 16), _t(2, 3, 12, 16), _t(2, 3, 11, 16), 1.0), RuntimeError,
+     r"v: expected shape \[2, 3, 12, 16\], got shape \[2, 3, 11, 16\]"),
+    ("attention", lambda: (_t(2, 3, 16, 10).transpose(2, 3), _t(2, 3, 10, 16), _t(2, 3, 10, 16), 1.0), RuntimeError,
+     r"q: expected a last dim with stride 1, got strides \[480, 160, 1, 10\]"),
+    ("attention", lambda: (_t(2, 3, 10, 16, dtype=torch.float16), _t(2, 3, 10, 16), _t(2, 3, 10, 16), 1.0), TypeError,
+     r"k: expected dtype Half \(as q\), got dtype Float"),
+    ("patch_embed", lambda: (_t(1, 3, 30, 32), _t(8, 3, 16, 16), None, None, None, False), RuntimeError,
+     r"x: expected height and width multiples of the patch size \(16, 16\) \(or pad=True\), got image size \(30, 32\)"),
+    ("patch_embed", lambda: (_t(1, 3, 30, 32), _t(8, 3, 16, 16), None, _t(3, 8), None, True), RuntimeError,
+     r"pos_embed: expected shape \[4, 8\], got shape \[3, 8\]"),
+    ("patch_embed", lambda: (_t(1, 4, 32, 32), _t(8, 3, 16, 16), None, None, None, False), RuntimeError,
+     r"x: expected 3 input channels \(B, 3, H, W\), got shape \[1, 4, 32, 32\]"),
+    ("patch_embed", lambda: (_t(1, 3, 32, 32), _t(8, 3, 16, 16), None, None, _t(1, 9), False), RuntimeError,
+     r"prefix: expected shape \(T, 8\), got shape \[1, 9\]"),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("op,make_args,exc,pattern", VALIDATION_CASES,
+                         ids=[f"{c[0]}-{i}" for i, c in enumerate(VALIDATION_CASES)])
+def test_binding_validation_names_argument_expected_actual(built, op, make_args, exc, pattern):
+    mod, _ = built
+    with pytest.raises(exc, match=pattern):
+        getattr(mod, op)(*make_args())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("op,args", [
+    ("linear", lambda: (_t(2, 8), _t(5, 8), _t(5), 1, _t(5), _t(2, 5), _t(8), _t(8), 1e-6)),
+    ("mlp", lambda: (_t(2, 8), _t(6, 8), _t(6), _t(8, 6), _t(8), 2, None, None, None, None, 1e-6)),
+    ("layer_norm", lambda: (_t(3, 8), _t(8), _t(8), 1e-6)),
+    ("attention", lambda: (_t(2, 3, 10, 16), _t(2, 3, 7, 16), _t(2, 3, 7, 16), 0.25)),
+    ("patch_embed", lambda: (_t(2, 3, 32, 48), _t(8, 3, 16, 16), _t(8), _t(6, 8), _t(1, 8), False)),
+])
+def test_binding_rejects_cpu_tensors_after_validating_everything_else(built, op, args):
+    """Well-formed CPU inputs pass every shape / dtype check and stop at the device check."""
+    mod, _ = built
+    name = "q" if op == "attention" else "x"
+    with pytest.raises(RuntimeError, match=rf"{name}: expected a CUDA tensor, got device cpu"):
+        getattr(mod, op)(*args())
+
+
+# ------------------------------------------------------------------------------ custom ops (CPU)
+def test_fake_implementations_give_reference_shapes():
+    """On meta tensors the custom ops run their fake implementations (what torch.compile traces)."""
+    m = dict(device="meta")
+    q = torch.empty(2, 50, 3, 4, 40, **m).permute(2, 0, 3, 1, 4)  # packed qkv -> (3, B, H, N, d) views
+    out = cuda_ext.attention(q[0], q[1], q[2])
+    assert out.shape == (2, 4, 50, 40)
+    assert out.transpose(1, 2).is_contiguous(), "attention must return a (B, H, N, d) view of (B, N, H, d) memory"
+    x = torch.empty(3, 7, 48, **m)
+    assert cuda_ext.linear(x, torch.empty(80, 48, **m), act="gelu_tanh").shape == (3, 7, 80)
+    assert cuda_ext.mlp(x, torch.empty(96, 48, **m), None, torch.empty(24, 96, **m), None).shape == (3, 7, 24)
+    assert cuda_ext.layer_norm(x, None, None).shape == (3, 7, 48)
+    img = torch.empty(2, 3, 30, 45, **m)
+    w = torch.empty(64, 3, 16, 16, **m, dtype=torch.float16)
+    y = cuda_ext.patch_embed(img, w, None, None, torch.empty(5, 64, **m, dtype=torch.float16), pad=True)
+    assert y.shape == (2, 5 + 2 * 3, 64) and y.dtype == torch.float16
+
+
+def test_custom_ops_registered_with_torch_library():
+    for op in ("patch_embed", "attention", "layer_norm", "linear", "mlp"):
+        assert hasattr(torch.ops.fastvit_cuda, op), f"torch.ops.fastvit_cuda.{op} is not registered"
+
+
+# ------------------------------------------------------------------------------ backend reasons
+def test_cuda_backend_reason_on_cpu_and_explicit_request_raises():
+    ok, reason = backends.available_backends(torch.device("cpu"))["cuda"]
+    assert not ok and "cuda backend needs a CUDA tensor" in reason
+    x = torch.randn(2, 8)
+    with pytest.raises(backends.BackendUnavailable, match="backend 'cuda' cannot run layer_norm on cpu"):
+        ops.layer_norm(x, None, None, backend="cuda")
+
+
+def test_unsupported_shapes_have_reasons():
+    assert cuda_ext.unsupported("attention", head_dim=128, dtype=torch.float16) is None
+    assert "head dim 160 > 128" in cuda_ext.unsupported("attention", head_dim=160, dtype=torch.float16)
+    assert "no CUDA kernel" in cuda_ext.unsupported("attention_probs", head_dim=64)
+    assert cuda_ext.unsupported("linear", K=10, N=3, dtype=torch.float32) is None
+
+
+@pytest.fixture
+def fresh_loader(monkeypatch):
+    """Forget the loaded extension for one test and hide any prebuilt fastvit._C."""
+    monkeypatch.setattr(cuda_ext, "_ext", None)
+    monkeypatch.setattr(cuda_ext, "_ext_error", None)
+    monkeypatch.setitem(sys.modules, "fastvit._C", None)  # import of fastvit._C raises ImportError
+    return cuda_ext
+
+
+def test_missing_sources_become_the_reason(fresh_loader, monkeypatch, tmp_path):
+    monkeypatch.setenv("FASTVIT_CSRC", str(tmp_path))
+    reason = fresh_loader.availability(torch.device("cuda"))
+    assert reason is not None and "no CUDA sources in" in reason and str(tmp_path) in reason
+    assert fresh_loader.availability(torch.device("cuda")) == reason  # recorded once, not retried
+
+
+def test_missing_toolkit_becomes_the_reason(fresh_loader, monkeypatch, tmp_path):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.delenv("CUDA_HOME", raising=False)
+    monkeypatch.delenv("CUDA_PATH", raising=False)
+    monkeypatch.setattr(fresh_loader, "_is_cuda_root", lambda path: False)
+    reason = fresh_loader.availability(torch.device("cuda"))
+    assert reason is not None and "CUDA extension unavailable" in reason and "no CUDA toolkit" in reason
+
+
+def test_jit_disabled_becomes_the_reason(fresh_loader, monkeypatch):
+    monkeypatch.setenv("FASTVIT_CUDA_JIT", "0")
+    reason = fresh_loader.availability(torch.device("cuda"))
+    assert reason is not None and "FASTVIT_CUDA_JIT=0" in reason
+
+
+def test_toolchain_lookup_finds_headers_and_cublaslt():
+    home = cuda_ext.cuda_home()
+    if home is None:
+        pytest.skip("no CUDA toolkit on this machine")
+    assert os.path.isfile(os.path.join(home, "include", "cuda_runtime.h"))
+    opts = cuda_ext.build_options()
+    incs = opts["extra_include_paths"] + [os.path.join(home, "include")]
+    assert any(os.path.isfile(os.path.join(i, "cublasLt.h")) for i in incs), incs
+    assert any(f.startswith("-l") and "cublasLt" in f for f in opts["extra_ldflags"]), opts["extra_ldflags"]
+
+
+# ------------------------------------------------------------------------------ GPU correctness
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+@pytest.fixture(autouse=True)
+def _no_tf32():
+    """fp32 references must be fp32: cuDNN convolutions (the reference patch_embed) default to TF32."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def _poison_allocator(nbytes: int = 64 << 20):
+    """Leave NaNs in the caching allocator's free blocks, so that an output the kernel forgets to
+    write shows up as NaN (outputs are allocated inside the extension)."""
+    torch.empty(nbytes // 4, device="cuda").fill_(float("nan"))
+    torch.cuda.synchronize()
+
+
+def _close(out, fn32, fn_lowp, dtype, atol=0.0, name="out"):
+    """DESIGN rule vs the fp32 reference; for fp32 outputs the torch fp32 (non-oracle) path sets the
+    baseline error, since a different summation order is all that differs."""
+    assert_close_rule(out, fn32(), fn_lowp(), atol=atol, name=name)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("N,Nkv", [(1, 1), (2, 2), (50, 50), (197, 197), (257, 257), (577, 577), (10, 130)])
+@pytest.mark.parametrize("d", [32, 48, 64, 80, 96, 128, 40])
+def test_attention_matches_reference(dtype, N, Nkv, d):
+    B, H = 3, 2
+    if N == Nkv:  # views of a packed (B, N, 3, H, d) qkv buffer, as the model passes them
+        qkv = torch.randn(B, N, 3, H, d, device="cuda", dtype=dtype)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    else:
+        q = torch.randn(B, H, N, d, device="cuda", dtype=dtype)
+        k = torch.randn(B, Nkv, H, d, device="cuda", dtype=dtype).transpose(1, 2)
+        v = torch.randn(B, H, Nkv, d, device="cuda", dtype=dtype)
+    _poison_allocator()
+    out = ops.attention(q, k, v, backend="cuda")
+    assert out.shape == (B, H, N, d) and out.transpose(1, 2).is_contiguous()
+    _close(out, lambda: reference.attention(q.float(), k.float(), v.float(), upcast=True),
+           lambda: reference.attention(q, k, v), dtype, atol=1e-5 if dtype == torch.float32 else 0.0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,sliced", [((3, 197, 768), False), ((5, 100), True), ((1, 33), False),
+                                          ((2, 50, 4099), False)])
+@pytest.mark.parametrize("affine", [True, False])
+def test_layer_norm_matches_reference(dtype, shape, sliced, affine):
+    D = shape[-1]
+    x = torch.randn(*shape[:-1], D + (7 if sliced else 0), device="cuda", dtype=dtype) * 3 + 5
+    x = x[..., :D]  # rows with a stride larger than D when sliced
+    w = (1 + 0.1 * torch.randn(D, device="cuda", dtype=dtype)) if affine else None
+    b = 0.1 * torch.randn(D, device="cuda", dtype=dtype) if affine else None
+    _poison_allocator()
+    out = ops.layer_norm(x, w, b, 1e-6, backend="cuda")
+    _close(out, lambda: reference.layer_norm(x.float(), *_up(dict(w=w, b=b)).values(), 1e-6, upcast=True),
+           lambda: reference.layer_norm(x, w, b, 1e-6), dtype, atol=1e-5 if dtype == torch.float32 else 0.0)
+
+
+def _linear_inputs(dtype, lead, K, N, bias, gamma, residual, ln):
+    dev = "cuda"
+    x = torch.randn(*lead, K, device=dev, dtype=dtype)
+    w = torch.randn(N, K, device=dev, dtype=dtype) / K ** 0.5
+    kw = dict(bias=torch.randn(N, device=dev, dtype=dtype) if bias else None,
+              gamma=(0.5 + torch.rand(N, device=dev, dtype=dtype)) if gamma else None,
+              residual=torch.randn(*lead, N, device=dev, dtype=dtype) if residual else None)
+    if ln:
+        kw.update(ln_weight=1 + 0.1 * torch.randn(K, device=dev, dtype=dtype),
+                  ln_bias=0.1 * torch.randn(K, device=dev, dtype=dtype), ln_eps=1e-6)
+    return x, w, kw
+
+
+def _up(kw):
+    return {k: (v.float() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("lead,K,N", [((2, 197), 192, 576), ((1,), 100, 77), ((3, 5), 48, 80), ((7,), 768, 3072)])
+@pytest.mark.parametrize("act", [None, "gelu", "gelu_tanh"])
+@pytest.mark.parametrize("bias,gamma,residual,ln", [(True, False, False, False), (False, False, False, False),
+                                                    (True, False, True, False), (True, True, True, False),
+                                                    (True, False, False, True), (True, True, True, True)])
+def test_linear_matches_reference(dtype, lead, K, N, act, bias, gamma, residual, ln):
+    x, w, kw = _linear_inputs(dtype, lead, K, N, bias, gamma, residual, ln)
+    _poison_allocator()
+    out = ops.linear(x, w, act=act, backend="cuda", **kw)
+    _close(out, lambda: reference.linear(x.float(), w.float(), act=act, upcast=True, **_up(kw)),
+           lambda: reference.linear(x, w, act=act, **kw), dtype, atol=1e-5 if dtype == torch.float32 else 0.0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("act", ["gelu", "gelu_tanh"])
+@pytest.mark.parametrize("gamma,residual,ln", [(False, False, False), (True, True, True), (False, True, True)])
+def test_mlp_matches_reference(dtype, act, gamma, residual, ln):
+    D, Hd = 96, 384
+    x, w1, kw = _linear_inputs(dtype, (2, 50), D, D, False, gamma, residual, ln)
+    b1 = torch.randn(Hd, device="cuda", dtype=dtype)
+    w1 = torch.randn(Hd, D, device="cuda", dtype=dtype) / D ** 0.5
+    w2 = torch.randn(D, Hd, device="cuda", dtype=dtype) / Hd ** 0.5
+    b2 = torch.randn(D, device="cuda", dtype=dtype)
+    _poison_allocator()
+    out = ops.mlp(x, w1, b1, w2, b2, act, backend="cuda", **kw)
+    _close(out, lambda: reference.mlp(x.float(), w1.float(), b1.float(), w2.float(), b2.float(), act, upcast=True,
+                                      **_up(kw)),
+           lambda: reference.mlp(x, w1, b1, w2, b2, act, **kw), dtype, atol=1e-5 if dtype == torch.float32 else 0.0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B,C,H,W,patch,pad,T,pos,bias,x_dtype,channels_last", [
+    (3, 3, 32, 48, (16, 16), False, 1, True, True, None, False),
+    (1, 3, 30, 45, (16, 16), True, 0, False, False, None, False),
+    (2, 3, 28, 42, (14, 14), False, 5, True, True, torch.float32, True),
+    (5, 1, 24, 16, (8, 4), False, 0, True, True, None, False),
+    (2, 4, 20, 20, (5, 5), True, 2, False, True, torch.float16, False),
+])
+def test_patch_embed_matches_reference(dtype, B, C, H, W, patch, pad, T, pos, bias, x_dtype, channels_last):
+    D = 96
+    dev = "cuda"
+    x = torch.randn(B, C, H, W, device=dev, dtype=x_dtype or dtype)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    w = torch.randn(D, C, *patch, device=dev, dtype=dtype) / (C * patch[0] * patch[1]) ** 0.5
+    gh, gw = -(-H // patch[0]), -(-W // patch[1])
+    kw = dict(bias=torch.randn(D, device=dev, dtype=dtype) if bias else None,
+              pos_embed=torch.randn(gh * gw, D, device=dev, dtype=dtype) if pos else None,
+              prefix=torch.randn(T, D, device=dev, dtype=dtype) if T else None)
+    _poison_allocator()
+    out = ops.patch_embed(x, w, pad=pad, backend="cuda", **kw)
+    assert out.shape == (B, T + gh * gw, D) and out.dtype == dtype and out.is_contiguous()
+    _close(out, lambda: reference.patch_embed(x.float(), w.float(), pad=pad, upcast=True, **_up(kw)),
+           lambda: reference.patch_embed(x, w, pad=pad, **kw), dtype, atol=1e-5 if dtype == torch.float32 else 0.0)
+
+
+def _vit(**kw):
+    from fastvit.model import VisionTransformer
+
+    torch.manual_seed(0)
+    m = VisionTransformer(img_size=(48, 64), patch_size=16, embed_dim=192, depth=3, num_heads=3, num_classes=10,
+                          **kw).eval()
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if p.dim() == 1 and "norm" in name and name.endswith("weight"):
+                p.copy_(1 + 0.1 * torch.randn_like(p))
+            else:
+                p.copy_(0.05 * torch.randn_like(p))
+    return m.cuda()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kw", [dict(), dict(init_values=0.1, reg_tokens=4, act="gelu_tanh")], ids=["vit", "ls-reg"])
+def test_whole_vit_on_cuda_backend_matches_torch(dtype, kw):
+    m = _vit(**kw)
+    x = torch.randn(3, 3, 48, 64, device="cuda")
+    with torch.no_grad():
+        ref32 = m.float().set_backend("torch")(x)
+        lowp = m.to(dtype).set_backend("torch")(x.to(dtype))
+        out = m.set_backend("cuda")(x.to(dtype))
+    assert_close_rule(out, ref32, lowp, atol=1e-5 if dtype == torch.float32 else 0.0, name=f"logits {dtype}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_and_triton_backends_agree(dtype):
+    ok, why = backends.available_backends(torch.device("cuda"))["triton"]
+    if not ok:
+        pytest.skip(f"triton backend unavailable: {why}")
+    m = _vit().to(dtype)
+    x = torch.randn(2, 3, 48, 64, device="cuda", dtype=dtype)
+    with torch.no_grad():
+        ref32 = _vit()(x.float())
+        a = m.set_backend("cuda")(x)
+        b = m.set_backend("triton")(x)
+    # Each is held to the rule against fp32; then they differ by at most the sum of both bounds.
+    lowp = m.set_backend("torch")(x)
+    assert_close_rule(a, ref32, lowp, name="cuda")
+    assert_close_rule(b, ref32, lowp, name="triton")
+    base = (lowp.float() - ref32).abs().max().item()
+    bound = 2 * (2 * base + torch.finfo(dtype).eps * ref32.abs().max().item())
+    diff = (a.float() - b.float()).abs().max().item()
+    assert diff <= bound, f"cuda vs triton: max abs diff {diff:.3e} > {bound:.3e}"
+
+
+@pytest.mark.gpu
+def test_outputs_bit_identical_over_reruns():
+    dtype = torch.float16
+    qkv = torch.randn(2, 197, 3, 12, 64, device="cuda", dtype=dtype)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    x, w, kw = _linear_inputs(dtype, (2, 197), 768, 768, True, True, True, True)
+    first = (ops.attention(q, k, v, backend="cuda").clone(), ops.linear(x, w, backend="cuda", **kw).clone())
+    for _ in range(50):
+        assert torch.equal(ops.attention(q, k, v, backend="cuda"), first[0])
+        assert torch.equal(ops.linear(x, w, backend="cuda", **kw), first[1])
+
+
+@pytest.mark.gpu
+def test_torch_compile_fullgraph_no_graph_break():
+    m = _vit().half().set_backend("cuda")
+    x = torch.randn(2, 3, 48, 64, device="cuda", dtype=torch.float16)
+    with torch.no_grad():
+        eager = m(x)
+        compiled = torch.compile(m, fullgraph=True)(x)
+    torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+def test_auto_on_cuda_reports_cuda_available():
+    ok, why = backends.available_backends(torch.device("cuda"))["cuda"]
+    assert ok, f"cuda backend unavailable on this GPU: {why}"
