@@ -234,8 +234,8 @@ def bench(benchmark, fn: Callable[..., Any], arg_sets: Sequence[Sequence[Any]], 
     the returned dict is then empty.
     """
     smoke = is_smoke()
-    target_ms = (5.0 if smoke else 200.0) if target_ms is None else target_ms
-    max_rounds = (3 if smoke else 50) if max_rounds is None else max_rounds
+    target_ms = (5.0 if smoke else 100.0) if target_ms is None else target_ms
+    max_rounds = (3 if smoke else 30) if max_rounds is None else max_rounds
     n_sets = len(arg_sets)
     state = {"i": 0}
 

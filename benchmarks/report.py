@@ -1,8 +1,10 @@
 """Turn a pytest-benchmark JSON of the fastvit suites into a markdown report and plots.
 
-    python -m benchmarks.report benchmarks/results/<device>_<date>.json [--out DIR] [--no-plots]
+    python -m benchmarks.report benchmarks/results/<device>_<date>.json [more.json ...]
+                                [--out DIR] [--name NAME] [--no-plots]
 
-Writes next to the JSON (or into ``--out``): ``<stem>.md`` (environment, issue targets met or
+Several JSONs (e.g. the kernel and the model suites of one run) make one report. Writes next to
+the first JSON (or into ``--out``), named after it (or ``--name``): ``<stem>.md`` (environment, issue targets met or
 missed, per-case summary, every result) and ``<stem>_speedup.png`` (fastvit vs the best baseline
 per shape), ``<stem>_throughput.png`` (img/s vs batch per model), ``<stem>_roofline.png``
 (kernels against the GEMM peak and copy bandwidth measured in the same run).
@@ -293,16 +295,25 @@ def plot_all(results: List[Dict[str, Any]], meta: Dict[str, Any], out_prefix: st
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.report", description=__doc__.split("\n\n")[0])
-    ap.add_argument("json", help="pytest-benchmark JSON written with --benchmark-json")
-    ap.add_argument("--out", default=None, help="output folder (default: next to the JSON)")
+    ap.add_argument("json", nargs="+", help="pytest-benchmark JSON(s) written with --benchmark-json")
+    ap.add_argument("--out", default=None, help="output folder (default: next to the first JSON)")
+    ap.add_argument("--name", default=None, help="output file stem (default: the first JSON's)")
     ap.add_argument("--no-plots", action="store_true", help="markdown only")
     args = ap.parse_args(argv)
-    if not os.path.isfile(args.json):
-        ap.error(f"json: expected an existing file, got {args.json!r}")
-    results, meta = load(args.json)
-    out_dir = args.out or os.path.dirname(os.path.abspath(args.json))
+    results: List[Dict[str, Any]] = []
+    meta: Dict[str, Any] = {}
+    for path in args.json:
+        if not os.path.isfile(path):
+            ap.error(f"json: expected an existing file, got {path!r}")
+        rs, m = load(path)
+        results += rs
+        meta = meta or m
+        if not meta.get("peaks") and m.get("peaks"):
+            meta["peaks"] = m["peaks"]
+    compute_speedups(results)  # across files too: a case's impls may sit in different JSONs
+    out_dir = args.out or os.path.dirname(os.path.abspath(args.json[0]))
     os.makedirs(out_dir, exist_ok=True)
-    prefix = os.path.join(out_dir, os.path.splitext(os.path.basename(args.json))[0])
+    prefix = os.path.join(out_dir, args.name or os.path.splitext(os.path.basename(args.json[0]))[0])
     plots = [] if args.no_plots else plot_all(results, meta, prefix)
     md = render_markdown(results, meta, plots)
     with open(prefix + ".md", "w") as f:
