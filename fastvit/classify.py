@@ -177,6 +177,9 @@ def cmd_classify(args) -> int:
     if use_cuda and world > 1:
         device = f"cuda:{torch.cuda.current_device()}"
     try:
+        if args.checkpoint is None:
+            print(f"fastvit classify: no --checkpoint, so {args.model} has random weights (seed 0)", file=sys.stderr)
+            torch.manual_seed(0)  # the same random model on every rank
         model, pre = load_model(args.checkpoint, args.model, backend=args.backend)
         results = classify(args.paths, model, pre, batch_size=args.batch_size, topk=args.topk,
                            num_workers=args.workers, device=device, dtype=_DTYPES[args.dtype],

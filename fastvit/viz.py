@@ -358,6 +358,8 @@ def cmd_viz(args) -> int:
 
     if args.checkpoint is None and args.model is None:
         raise SystemExit("fastvit viz: expected --checkpoint and/or --model, got neither")
+    if args.checkpoint is None:
+        print(f"fastvit viz: no --checkpoint, so {args.model} has random weights", file=sys.stderr)
     model, pre = load_model(args.checkpoint, args.model, backend=args.backend)
     model.to(args.device)
     if args.query is not None and len(args.query) != 2:
