@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["pos_embed_similarity", "attention_maps", "cls_attention", "query_attention", "attention_rollout",
+           "attention_with_rollout",
            "upsample_map", "plot_patch_grid", "plot_pos_embed_similarity", "plot_attention",
            "plot_query_attention", "plot_rollout", "render_all", "add_viz_parser", "cmd_viz"]
 
@@ -114,6 +115,34 @@ def attention_rollout(attns: Sequence[torch.Tensor], head_fusion: str = "mean", 
         a = a / a.sum(-1, keepdim=True)
         result = a if result is None else a @ result
     return result
+
+
+def attention_with_rollout(model, x: torch.Tensor, layers: Sequence[int], head_fusion: str = "mean"):
+    """One forward pass giving the probabilities of ``layers`` and the rollout up to the last of them.
+
+    Every block up to ``max(layers)`` computes its probabilities (rollout needs them all), but
+    each is folded into the (B, N, N) rollout and dropped at once: memory holds the requested
+    layers' (B, heads, N, N) maps plus one (B, N, N), not every layer's.
+
+    Returns:
+        ({layer: (B, heads, N, N) float32}, rollout (B, N, N) float32)
+    """
+    n = len(model.blocks)
+    want = sorted({i + n if i < 0 else i for i in model._take_indices(list(layers))})
+    maps, roll = {}, None
+    with torch.no_grad():
+        h = model.embed(x)
+        for i, blk in enumerate(model.blocks):
+            if i > want[-1]:
+                break
+            h, p = blk(h, model.backend, return_attn=True)
+            p = p.float()
+            if i in want:
+                maps[i] = p
+            step = attention_rollout([p], head_fusion=head_fusion)  # (B, N, N): fused, residual, renormalised
+            roll = step if roll is None else step @ roll
+            del p
+    return maps, roll
 
 
 def upsample_map(m: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
@@ -316,15 +345,12 @@ def render_all(model, image, out_dir: str, layers: Optional[Sequence[int]] = Non
     if model.pos_embed is not None:
         out["pos_embed_similarity"] = plot_pos_embed_similarity(
             pos_embed_similarity(model), os.path.join(out_dir, "pos_embed_similarity.png"), dpi=dpi)
-    # rollout needs every layer up to the last requested one; the pictures only the requested ones
-    all_attn = attention_maps(model, x, list(range(max(layers) + 1)))
-    chosen = {l: all_attn[l] for l in layers}
+    chosen, roll = attention_with_rollout(model, x, layers)
     if n:
         out["attention_cls"] = plot_attention(shown, chosen, n, grid, os.path.join(out_dir, "attention_cls.png"),
                                               heads=heads, dpi=dpi)
     out["attention_query"] = plot_query_attention(shown, chosen, query, n, grid, patch,
                                                   os.path.join(out_dir, "attention_query.png"), heads=heads, dpi=dpi)
-    roll = attention_rollout([all_attn[i] for i in range(max(layers) + 1)])
     out["attention_rollout"] = plot_rollout(shown, roll, n, grid, os.path.join(out_dir, "attention_rollout.png"),
                                             dpi=dpi)
     return out

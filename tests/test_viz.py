@@ -109,6 +109,15 @@ def test_attention_maps_only_requested_layers(monkeypatch):
     assert list(viz.attention_maps(m, x, [-1])) == [2]
 
 
+def test_attention_with_rollout_matches_parts():
+    m = _tiny(depth=4)
+    x = torch.randn(2, 3, 32, 32)
+    maps, roll = viz.attention_with_rollout(m, x, [0, 2])
+    every = viz.attention_maps(m, x, [0, 1, 2])
+    assert sorted(maps) == [0, 2] and torch.equal(maps[2], every[2])
+    assert torch.allclose(roll, viz.attention_rollout([every[0], every[1], every[2]]), atol=1e-6)
+
+
 def test_upsample_map():
     m = torch.arange(6.0).reshape(1, 2, 3)
     up = viz.upsample_map(m, (8, 12))
