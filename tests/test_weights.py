@@ -122,19 +122,23 @@ def test_timm_file_round_trip(fmt, tmp_path):
         _close(fast(x), ref(x), fmt)
 
 
-@pytest.mark.parametrize("new", [dict(img_size=48), dict(img_size=(40, 56)), dict(img_size=32, patch_size=4)],
-                         ids=["grid6", "grid5x7", "patch4"])
-def test_timm_file_resampled_like_timm(new, tmp_path):
+_REG = dict(reg_tokens=2, no_embed_class=True, init_values=1e-5)  # DINOv2-with-registers layout
+
+
+@pytest.mark.parametrize("new,arch", [(dict(img_size=48), {}), (dict(img_size=(40, 56)), {}),
+                                      (dict(img_size=32, patch_size=4), {}), (dict(img_size=48), _REG)],
+                         ids=["grid6", "grid5x7", "patch4", "registers_grid6"])
+def test_timm_file_resampled_like_timm(new, arch, tmp_path):
     """A checkpoint trained at 32 px / patch 8 loaded at another grid or patch equals timm's own resampling."""
     from safetensors.torch import save_file
     from timm.models.vision_transformer import checkpoint_filter_fn
 
-    src = _timm_tiny()
+    src = _timm_tiny(**arch)
     path = tmp_path / "model.safetensors"
     save_file({k: v.contiguous() for k, v in src.state_dict().items()}, str(path))
-    ref = _timm_tiny(**new)
+    ref = _timm_tiny(**arch, **new)
     ref.load_state_dict(checkpoint_filter_fn(read_state_dict(str(path)), ref))
-    args = dict(patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=5)
+    args = dict(patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=5, **arch)
     args.update(new)
     fast = fastvit.create_model("vit_tiny_patch16_224", checkpoint=str(path), **args)
     x = _img(ref.patch_embed.img_size)
