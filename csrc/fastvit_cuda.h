@@ -49,7 +49,7 @@ struct RowMap {
 int epilogue_fwd(DType dt, void* y, int64_t ldy, RowMap map, int64_t rows, int64_t N, const void* bias, Act act,
                  const void* gamma, const void* residual, int64_t ldr, cudaStream_t stream);
 
-// One cuBLASLt call: for b in [0, batch):  Y_b = epi(alpha * X_b @ W^T + beta * C_b)
+// One cuBLASLt call: for b in [0, batch):  Y_b = epi(alpha * X_b @ W^T + beta * C_b + bias)
 //   X_b: (M, K) row-major, row stride ldx, batch stride stride_x.  W: (N, K) row-major, ldw,
 //   shared by all batches.  Y_b: (M, N), row stride ldy, batch stride stride_y.  C_b: same
 //   layout as Y_b (pass C == Y for in place) or null (beta ignored).  epi: bias (N,) added and
@@ -68,6 +68,9 @@ struct GemmArgs {
   const void* c;  // null: beta = 0
   const void* bias;
   bool gelu;  // exact erf GELU after the bias (cuBLASLt GELU / GELU_BIAS epilogue)
+  // Per-output-feature alpha (N,) float32 on the device, or null for alpha = 1: LayerScale gamma
+  // folded into the GEMM (the bias passed must then be bias * gamma; the bias is not scaled).
+  const float* alpha_vec;
   void* workspace;
   size_t workspace_bytes;
 };

@@ -128,6 +128,11 @@ int lt_gemm(const GemmArgs& g, cudaStream_t stream) {
   LT_TRY(cublasLtMatmulDescSetAttribute(d.op, CUBLASLT_MATMUL_DESC_EPILOGUE, &epi, sizeof(epi)));
   if (g.bias != nullptr)
     LT_TRY(cublasLtMatmulDescSetAttribute(d.op, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &g.bias, sizeof(g.bias)));
+  if (g.alpha_vec != nullptr) {
+    // alpha is a device vector over the rows of the column-major D, i.e. over output features.
+    const cublasLtPointerMode_t mode = CUBLASLT_POINTER_MODE_ALPHA_DEVICE_VECTOR_BETA_HOST;
+    LT_TRY(cublasLtMatmulDescSetAttribute(d.op, CUBLASLT_MATMUL_DESC_POINTER_MODE, &mode, sizeof(mode)));
+  }
 
   LT_TRY(cublasLtMatrixLayoutCreate(&d.a, t, g.K, g.N, g.ldw));  // W^T view, op T -> (N, K)
   LT_TRY(cublasLtMatrixLayoutCreate(&d.b, t, g.K, g.M, g.ldx));  // X^T
@@ -151,8 +156,9 @@ int lt_gemm(const GemmArgs& g, cudaStream_t stream) {
   int found = 0;
   LT_TRY(cublasLtMatmulAlgoGetHeuristic(handle, d.op, d.a, d.b, d.c, d.c, d.pref, 1, &res, &found));
   if (found == 0) return CUBLAS_STATUS_NOT_SUPPORTED;
-  const float alpha = 1.f, beta = g.c != nullptr ? 1.f : 0.f;
-  return cublasLtMatmul(handle, d.op, &alpha, g.w, d.a, g.x, d.b, &beta, c, d.c, g.y, d.c, &res.algo, g.workspace,
+  const float one = 1.f, beta = g.c != nullptr ? 1.f : 0.f;
+  const void* alpha = g.alpha_vec != nullptr ? static_cast<const void*>(g.alpha_vec) : &one;
+  return cublasLtMatmul(handle, d.op, alpha, g.w, d.a, g.x, d.b, &beta, c, d.c, g.y, d.c, &res.algo, g.workspace,
                         g.workspace_bytes, stream);
 }
 

@@ -479,3 +479,41 @@ def test_torch_compile_fullgraph_no_graph_break():
 def test_auto_on_cuda_reports_cuda_available():
     ok, why = backends.available_backends(torch.device("cuda"))["cuda"]
     assert ok, f"cuda backend unavailable on this GPU: {why}"
+
+
+_SANITIZER_SCRIPT = """
+import torch
+from fastvit import ops
+torch.manual_seed(0)
+dev = "cuda"
+for dt in (torch.float32, torch.float16, torch.bfloat16):
+    qkv = torch.randn(2, 67, 3, 3, 40, device=dev, dtype=dt)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    ops.attention(q, k, v, backend="cuda")
+    x = torch.randn(2, 67, 120, device=dev, dtype=dt)
+    w1, w2 = torch.randn(200, 120, device=dev, dtype=dt), torch.randn(120, 200, device=dev, dtype=dt)
+    g, lw = torch.rand(120, device=dev, dtype=dt), torch.rand(120, device=dev, dtype=dt)
+    ops.mlp(x, w1, None, w2, None, "gelu_tanh", gamma=g, residual=x, ln_weight=lw, backend="cuda")
+    ops.linear(x, w2.t().contiguous(), None, "gelu", gamma=torch.rand(200, device=dev, dtype=dt), backend="cuda")
+    img = torch.randn(2, 3, 30, 45, device=dev)
+    ops.patch_embed(img, torch.randn(64, 3, 16, 16, device=dev, dtype=dt), torch.randn(64, device=dev, dtype=dt),
+                    torch.randn(6, 64, device=dev, dtype=dt), torch.randn(2, 64, device=dev, dtype=dt), pad=True,
+                    backend="cuda")
+torch.cuda.synchronize()
+print("done")
+"""
+
+
+@pytest.mark.gpu
+def test_compute_sanitizer_memcheck_clean():
+    import shutil
+
+    home = cuda_ext.cuda_home()
+    exe = shutil.which("compute-sanitizer") or (home and os.path.join(home, "bin", "compute-sanitizer"))
+    if not exe or not os.path.exists(exe):
+        pytest.skip("compute-sanitizer not found")
+    cuda_ext.availability(torch.device("cuda"))  # build (or load) before the slow sanitized run
+    proc = subprocess.run([exe, "--tool", "memcheck", "--error-exitcode", "3", sys.executable, "-c", _SANITIZER_SCRIPT],
+                          capture_output=True, text=True, timeout=1200)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0 and "done" in log and "ERROR SUMMARY: 0 errors" in log, log[-6000:]
