@@ -111,7 +111,6 @@ run_step() {
     rc=$?
     local note=""
     { [ $rc -eq 124 ] || [ $rc -eq 137 ]; } && note=" (time limit ${t}s hit)"
-    [ "$sig" = INT ] && [ $rc -eq 2 ] && [ $((SECONDS - t0)) -ge $((t - 1)) ] && note=" (time limit ${t}s hit, stopped with SIGINT)"
     printf '%-9s rc=%-3s %4ss%s  -> %s\n' "$name" "$rc" "$((SECONDS - t0))" "$note" "$OUT/$name.log" | tee -a "$SUMMARY"
     tail -n 3 "$OUT/$name.log" | sed 's/^/    /' | tee -a "$SUMMARY"
     return 0

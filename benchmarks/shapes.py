@@ -170,12 +170,10 @@ def model_cases() -> List[ModelCase]:
     """The model cases of the active grid, in run order (grouped by model so builds are reused)."""
     g = grid_name()
     if g == "smoke":
-        out = []
-        for m in ("tiny_vit", "tiny_dinov2"):
-            for B in (1, 2):
-                out.append(ModelCase(m, B, "fp32", _EAGER + (("fastvit-compile",) if m == "tiny_vit" and B == 1
-                                                             else ())))
-        return out
+        # the triton model path runs in the interpreter here (~1 s per call): keep the cases few
+        return [ModelCase("tiny_vit", 1, "fp32", _EAGER + ("fastvit-compile",)),
+                ModelCase("tiny_vit", 2, "fp32", _EAGER),
+                ModelCase("tiny_dinov2", 2, "fp32", _EAGER)]
     out = []
     batches = (1, 8, 64, 256)
     for m in ("vit_s16", "vit_b16", "vit_l16", "dinov2_s14"):

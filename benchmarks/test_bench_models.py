@@ -42,8 +42,9 @@ def _backend_reason(name: str) -> Optional[str]:
 
 
 def best_backend() -> str:
-    """The first of triton, cuda, torch that runs the whole model here (what auto would pick on GPU)."""
-    for name in ("triton", "cuda", "torch"):
+    """The first of triton, cuda, torch that runs the whole model here (what auto picks; as auto,
+    never the Triton interpreter on a CPU)."""
+    for name in (("triton", "cuda", "torch") if DEVICE.type == "cuda" else ("torch",)):
         if _backend_reason(name) is None:
             return name
     return "torch"
