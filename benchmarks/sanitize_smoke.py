@@ -27,7 +27,9 @@ if ROOT not in sys.path:
 
 from fastvit import available_backends, ops  # noqa: E402
 from fastvit import reference as R  # noqa: E402
-from tests.utils import assert_close_rule  # noqa: E402
+from benchmarks.harness import load_test_utils  # noqa: E402
+
+assert_close_rule = load_test_utils().assert_close_rule
 
 
 def _cases(dt):
