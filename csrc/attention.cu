@@ -39,6 +39,7 @@ struct AttnParams {
   int H, N, Nkv, d;
   int64_t qs[3], ks[3], vs[3];  // element strides of (B, H, N)
   float scale_log2;             // softmax scale * log2(e): exp2 instead of exp
+  bool vec;                     // 16-byte loads: d, every stride and every base are multiples of 8 elements
 };
 
 constexpr size_t align128(size_t n) { return (n + 127) / 128 * 128; }
@@ -64,8 +65,23 @@ static_assert(Smem<kMaxHeadDim>::bytes <= 163 * 1024, "attention tiles exceed sm
 
 // rows x DP tile from global (row stride `stride`, unit column stride) into shared memory with
 // leading dim LD; rows >= valid_rows and columns >= d are zero so padded products add nothing.
+// With `vec` (a launch-uniform flag) the copy moves 8 elements (16 bytes) per load: shared rows
+// are 16-byte aligned because LD * 2 bytes is a multiple of 16 and d % 8 == 0 keeps every 8-wide
+// chunk either entirely inside or entirely outside the head dim.
 template <typename T, int DP, int LD>
-__device__ __forceinline__ void load_tile(T* dst, const T* src, int64_t stride, int rows, int valid_rows, int d) {
+__device__ __forceinline__ void load_tile(T* dst, const T* src, int64_t stride, int rows, int valid_rows, int d,
+                                          bool vec) {
+  if (vec) {
+    constexpr int kChunks = DP / 8;
+#pragma unroll 2
+    for (int i = threadIdx.x; i < rows * kChunks; i += kThreads) {
+      const int r = i / kChunks, c = (i % kChunks) * 8;
+      uint4 val = make_uint4(0u, 0u, 0u, 0u);  // all-zero bits are 0.0 in fp16 and bf16
+      if (r < valid_rows && c < d) val = *reinterpret_cast<const uint4*>(src + r * stride + c);
+      *reinterpret_cast<uint4*>(dst + r * LD + c) = val;
+    }
+    return;
+  }
   const T zero = from_float<T>(0.f);
   for (int i = threadIdx.x; i < rows * DP; i += kThreads) {
     const int r = i / DP, c = i % DP;
@@ -91,7 +107,7 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_tc(const AttnParams p) {
   const T* k = static_cast<const T*>(p.k) + b * p.ks[0] + h * p.ks[1];
   const T* v = static_cast<const T*>(p.v) + b * p.vs[0] + h * p.vs[1];
 
-  load_tile<T, DP, L::LD>(Qs, q + m0 * p.qs[2], p.qs[2], kBlockM, min(kBlockM, p.N - m0), p.d);
+  load_tile<T, DP, L::LD>(Qs, q + m0 * p.qs[2], p.qs[2], kBlockM, min(kBlockM, p.N - m0), p.d, p.vec);
   for (int i = threadIdx.x; i < kBlockM * DP; i += kThreads) Os[(i / DP) * L::LDO + i % DP] = 0.f;
 
   // Softmax state: lanes 2r and 2r+1 own row r of this warp's 16 rows, 32 score columns each;
@@ -106,8 +122,8 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_tc(const AttnParams p) {
   for (int n0 = 0; n0 < p.Nkv; n0 += kBlockN) {
     const int kv_rows = min(kBlockN, p.Nkv - n0);
     __syncthreads();  // every warp is done with the previous K / V tile (and Q / O are written)
-    load_tile<T, DP, L::LD>(Ks, k + n0 * p.ks[2], p.ks[2], kBlockN, kv_rows, p.d);
-    load_tile<T, DP, L::LD>(Vs, v + n0 * p.vs[2], p.vs[2], kBlockN, kv_rows, p.d);
+    load_tile<T, DP, L::LD>(Ks, k + n0 * p.ks[2], p.ks[2], kBlockN, kv_rows, p.d, p.vec);
+    load_tile<T, DP, L::LD>(Vs, v + n0 * p.vs[2], p.vs[2], kBlockN, kv_rows, p.d, p.vec);
     __syncthreads();
 
     // S (16 x kBlockN per warp) = Q K^T. K is stored (key, d) row-major = K^T column-major.
@@ -268,12 +284,16 @@ int attention_fwd(DType dt, const void* q, const void* k, const void* v, void* o
                   int d, const int64_t* q_strides, const int64_t* k_strides, const int64_t* v_strides, float scale,
                   cudaStream_t stream) {
   if (d < 1 || d > kMaxHeadDim || N < 1 || Nkv < 1 || B < 1 || H < 1) return cudaErrorInvalidValue;
-  AttnParams p{q, k, v, out, H, N, Nkv, d, {}, {}, {}, scale * kLog2e};
+  AttnParams p{q, k, v, out, H, N, Nkv, d, {}, {}, {}, scale * kLog2e, false};
+  bool vec = d % 8 == 0;
   for (int i = 0; i < 3; ++i) {
     p.qs[i] = q_strides[i];
     p.ks[i] = k_strides[i];
     p.vs[i] = v_strides[i];
+    vec = vec && q_strides[i] % 8 == 0 && k_strides[i] % 8 == 0 && v_strides[i] % 8 == 0;
   }
+  for (const void* ptr : {q, k, v}) vec = vec && reinterpret_cast<uintptr_t>(ptr) % 16 == 0;
+  p.vec = vec && dt != kFloat32;
   switch (dt) {
     case kFloat16: return dispatch_dp<__half>(p, B, stream);
     case kBFloat16: return dispatch_dp<__nv_bfloat16>(p, B, stream);
