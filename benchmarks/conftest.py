@@ -66,7 +66,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         if not info["impl"].startswith("fastvit"):
             continue
         sp = ", ".join(f"{k} {v:.2f}x" for k, v in info.get("speedup_vs", {}).items() if not k.startswith("fastvit"))
-        rate = f"{info['tflops']:.1f} TFLOP/s" if info.get("tflops") is not None else ""
+        rate = f"{info['tflops']:.3g} TFLOP/s" if info.get("tflops") is not None else ""
         if info.get("img_per_s") is not None:
-            rate = f"{info['img_per_s']:.0f} img/s"
+            rate = f"{info['img_per_s']:.4g} img/s"
         tr.write_line(f"{info['case']:<48} {info['impl']:<18} {info['median_ms']:.4f} ms {rate:>16}  vs {sp or '-'}")
