@@ -440,7 +440,7 @@ def test_cuda_and_triton_backends_agree(dtype):
     m = _vit().to(dtype)
     x = torch.randn(2, 3, 48, 64, device="cuda", dtype=dtype)
     with torch.no_grad():
-        ref32 = _vit()(x.float())
+        ref32 = _vit().set_backend("torch")(x.float())
         a = m.set_backend("cuda")(x)
         b = m.set_backend("triton")(x)
     # Each is held to the rule against fp32; then they differ by at most the sum of both bounds.
@@ -471,8 +471,9 @@ def test_torch_compile_fullgraph_no_graph_break():
     x = torch.randn(2, 3, 48, 64, device="cuda", dtype=torch.float16)
     with torch.no_grad():
         eager = m(x)
-        compiled = torch.compile(m, fullgraph=True)(x)
-    torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
+        compiled = torch.compile(m, fullgraph=True)(x)  # raises on a graph break
+    # The fastvit ops are opaque custom ops (same kernels); inductor may only re-fuse the glue.
+    torch.testing.assert_close(compiled, eager, rtol=2e-3, atol=2e-3)
 
 
 @pytest.mark.gpu
