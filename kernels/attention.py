@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .autotune import Config, Tunable, n_bucket, next_pow2
+from .autotune import Config, Tunable, n_bucket, next_pow2, smem_limit
 
 LOG2E = 1.4426950408889634
 
@@ -167,9 +167,6 @@ def _attn_probs_fwd(
 
 
 # --------------------------------------------------------------------------- configs
-SMEM_LIMIT = 232448  # sm_90 per-block opt-in maximum; keep() also guards sm_80 via the AOT test
-
-
 def _configs():
     """Candidate tiles. The space follows the Triton fused-attention tutorial's H100 sweep
     (BLOCK_M 64/128 x BLOCK_N 32/64/128, 4 or 8 warps, 2-4 stages)."""
@@ -192,7 +189,7 @@ def keep(cfg: Config, key: Tuple) -> bool:
     n_b, nkv_b, d, dt, _ = key
     block_d = next_pow2(max(d, 16))
     elem = 4 if dt == "float32" else 2
-    if _smem_bytes(cfg, block_d, elem) > SMEM_LIMIT:
+    if _smem_bytes(cfg, block_d, elem) > smem_limit():
         return False
     # an accumulator of BLOCK_M x BLOCK_D fp32 over 4 warps past 64 regs/thread spills
     if cfg["BLOCK_M"] * block_d // (32 * cfg.num_warps) > 64:

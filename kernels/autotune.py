@@ -26,7 +26,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-__all__ = ["Config", "Tunable", "autotune_enabled", "cache_path", "in_capture", "clear_memory_cache"]
+__all__ = ["Config", "Tunable", "autotune_enabled", "cache_path", "in_capture", "clear_memory_cache", "smem_limit",
+           "set_smem_limit", "SMEM_LIMITS"]
 
 _lock = threading.RLock()
 
@@ -147,15 +148,16 @@ class Tunable:
 
     def pick(self, key: Tuple, device: torch.device, run: Callable[[Config], None]) -> Config:
         """The config for ``key``: cached, else tuned (when allowed), else the heuristic."""
-        dev = _device_name(device)
         skey = "|".join(str(k) for k in key)
-        mk = (dev, self.name, skey)
+        if device.type != "cuda" or not autotune_enabled():
+            mk = (device.type, self.name, skey)
+            cfg = _memory.get(mk)
+            if cfg is None:
+                cfg = _memory[mk] = self.heuristic(key)
+            return cfg
+        mk = (_device_name(device), self.name, skey)
         cfg = _memory.get(mk)
         if cfg is not None:
-            return cfg
-        if device.type != "cuda" or not autotune_enabled():
-            cfg = self.heuristic(key)
-            _memory[mk] = cfg
             return cfg
         with _lock:
             path = cache_path(device)
@@ -185,6 +187,30 @@ class Tunable:
                 best, best_t = cfg, t
         self.stats["tuned"] = self.stats.get("tuned", 0) + 1
         return best if best is not None else self.heuristic(key)
+
+
+# Per-block opt-in shared memory (bytes): the AOT test checks compiled kernels against these.
+SMEM_LIMITS = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
+_smem_override: Optional[int] = None
+
+
+def smem_limit() -> int:
+    """Shared memory a config may use: the current GPU's opt-in maximum, else sm_90's (AOT
+    compilation for another arch sets :func:`set_smem_limit`)."""
+    if _smem_override is not None:
+        return _smem_override
+    try:
+        if torch.cuda.is_available():
+            return int(torch.cuda.get_device_properties(torch.cuda.current_device()).shared_memory_per_block_optin)
+    except Exception:
+        pass
+    return SMEM_LIMITS[90]
+
+
+def set_smem_limit(limit: Optional[int]) -> None:
+    """Prune configs for a target other than the current GPU (None: back to the current GPU)."""
+    global _smem_override
+    _smem_override = limit
 
 
 def next_pow2(n: int) -> int:

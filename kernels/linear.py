@@ -21,7 +21,7 @@ fp16 / bf16 use tensor cores with float32 accumulation; float32 inputs use exact
 (``input_precision='ieee'``) unless ``torch.backends.cuda.matmul.allow_tf32`` is set (then tf32),
 mirroring what ``F.linear`` does.
 
-Rows and columns past M / N are *clamped* (index modulo M / N) in the loads instead of masked,
+Rows and columns past M / N are *clamped* (to M - 1 / N - 1) in the loads instead of masked,
 so the K loop has no M/N masks; only the store is masked. K tails are masked only when
 ``K % BLOCK_K != 0`` (``EVEN_K`` constexpr).
 """
@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .autotune import Config, Tunable, next_pow2
+from .autotune import Config, Tunable, next_pow2, smem_limit
 from .layer_norm import row_stats
 
 ACT_CODES = {None: 0, "gelu": 1, "gelu_tanh": 2}
@@ -73,13 +73,19 @@ def _linear_fwd(
     pid_m = first_m + (pid % per_group) % group_rows
     pid_n = (pid % per_group) // group_rows
 
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    # 64-bit math only for the block's base address; per-element offsets stay 32-bit (they
+    # are < BLOCK * stride), which keeps pointer tensors from eating the register file
+    row0 = pid_m * BLOCK_M
+    col0 = pid_n * BLOCK_N
+    offs_m = row0 + tl.arange(0, BLOCK_M)
+    offs_n = col0 + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
-    rows = offs_m % M  # clamped: rows past M recompute row (r mod M), never stored
-    cols = offs_n % N
-    a_ptrs = A + rows[:, None].to(tl.int64) * stride_am + offs_k[None, :]
-    w_ptrs = W + cols[None, :].to(tl.int64) * stride_wn + offs_k[:, None]  # (BLOCK_K, BLOCK_N) = W^T tile
+    rows = tl.minimum(offs_m, M - 1)  # clamped: rows past M re-read row M-1, never stored
+    cols = tl.minimum(offs_n, N - 1)
+    A += row0.to(tl.int64) * stride_am
+    W += col0.to(tl.int64) * stride_wn
+    a_ptrs = A + (rows - row0)[:, None] * stride_am + offs_k[None, :]
+    w_ptrs = W + (cols - col0)[None, :] * stride_wn + offs_k[:, None]  # (BLOCK_K, BLOCK_N) = W^T tile
     if HAS_LN:
         mean = tl.load(Mean + rows)
         rstd = tl.load(Rstd + rows)
@@ -116,16 +122,14 @@ def _linear_fwd(
     if HAS_GAMMA:
         acc *= tl.load(Gamma + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     mask = (offs_m[:, None] < M) & mask_n[None, :]
+    rel = (offs_m - row0)[:, None]
     if HAS_RES:
-        r = tl.load(Res + offs_m[:, None].to(tl.int64) * stride_rm + offs_n[None, :], mask=mask, other=0.0)
+        r = tl.load(Res + row0.to(tl.int64) * stride_rm + rel * stride_rm + offs_n[None, :], mask=mask, other=0.0)
         acc += r.to(tl.float32)
-    tl.store(Y + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :], acc.to(Y.dtype.element_ty), mask=mask)
+    tl.store(Y + row0.to(tl.int64) * stride_ym + rel * stride_ym + offs_n[None, :], acc.to(Y.dtype.element_ty), mask=mask)
 
 
 # --------------------------------------------------------------------------- configs
-SMEM_LIMIT = 232448
-
-
 def _configs():
     """The Triton matmul tutorial's H100 list (fp16) plus 128 x 128 x 64 / 8 warps, which the
     tutorial's own sweep favours for K >= 768 (ViT widths)."""
@@ -154,7 +158,7 @@ def keep(cfg: Config, key: Tuple) -> bool:
     """key = (M bucket, N, K, dtype name, flags)."""
     m_b, N, K, dt, _ = key
     elem = 4 if dt == "float32" else 2
-    if smem_bytes(cfg, elem) > SMEM_LIMIT:
+    if smem_bytes(cfg, elem) > smem_limit():
         return False
     if cfg["BLOCK_K"] < 16 or cfg["BLOCK_M"] < 16:  # tl.dot minimums
         return False

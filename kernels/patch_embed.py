@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .autotune import Config, Tunable, next_pow2
+from .autotune import Config, Tunable, next_pow2, smem_limit
 
 
 @triton.jit
@@ -94,7 +94,7 @@ def keep(cfg: Config, key: Tuple) -> bool:
     """key = (M bucket, D, K, patch, dtype name, flags)."""
     m_b, D, K, _, dt, _ = key
     elem = 4 if dt == "float32" else 2
-    if cfg.num_stages * (cfg["BLOCK_M"] + cfg["BLOCK_N"]) * cfg["BLOCK_K"] * elem > 232448:
+    if cfg.num_stages * (cfg["BLOCK_M"] + cfg["BLOCK_N"]) * cfg["BLOCK_K"] * elem > smem_limit():
         return False
     return cfg["BLOCK_M"] <= 2 * m_b and cfg["BLOCK_N"] <= 2 * next_pow2(D)
 

@@ -1,0 +1,231 @@
+"""Ahead-of-time compilation of every Triton kernel config for sm_90 and sm_80 (no GPU needed).
+
+The interpreter ignores GPU limits (shared memory, registers, tl.dot minimums), so every
+config the autotuner may pick -- ``_configs()`` pruned by ``keep()`` for the key of each
+variant below -- is compiled with ``triton.compile(ASTSource(...), target=GPUTarget(...))``
+and checked: it compiles, ``metadata.shared`` fits the architecture's per-block limit
+(232448 B on sm_90, 166912 B on sm_80), the cubin has no spills (cuobjdump's LOCAL and STACK
+are 0), and the GEMM and attention kernels use wgmma on sm_90 where the tile allows it (16-bit
+operands, a warpgroup multiple of warps, BLOCK_M >= 64). The table (kernel, variant, config,
+arch, regs, spills, smem, wgmma) is written to ``artifacts/aot_table.md`` and printed.
+
+Compilation runs in a subprocess (``python tests/test_aot.py --worker``) because this test
+session has ``TRITON_INTERPRET=1`` set (conftest), under which ``@triton.jit`` yields
+interpreter functions that cannot be compiled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from concurrent.futures import ProcessPoolExecutor
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ARTIFACT = os.path.join(ROOT, "artifacts", "aot_table.md")
+ARCHS = {90: 232448, 80: 166912}
+_TY = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
+
+
+# --------------------------------------------------------------------------- worker side
+def _variants():
+    """(kernel module name, kernel name, variant label, key for keep(), constexprs(cfg), ptr types,
+    whether wgmma is required for eligible configs)."""
+    import importlib
+
+    from fastvit.kernels.autotune import next_pow2
+
+    # import_module: the package re-exports functions named like its submodules (attention ...)
+    attention, layer_norm, linear, patch_embed = (importlib.import_module(f"fastvit.kernels.{m}")
+                                                  for m in ("attention", "layer_norm", "linear", "patch_embed"))
+
+    out = []
+    # attention: every config at d=64 / N=197 (ViT-B), heuristic configs for every head dim
+    for dt in ("float16", "float32"):
+        for d in (32, 48, 64, 80, 96, 128):
+            key = (256, 256, d, dt, False)
+            prec = "ieee" if dt == "float32" else "tf32"
+            cfgs = attention.TUNE_FWD.candidates(key) if (d == 64 and dt == "float16") else [attention.heuristic(key)]
+            for cfg in cfgs:
+                const = dict(HEAD_DIM=d, BLOCK_D=next_pow2(d), PRECISION=prec, **cfg.kwargs)
+                out.append(("attention", "_attn_fwd", f"{dt} d={d}", cfg, const, {"Q": dt, "K": dt, "V": dt, "O": dt},
+                            dt != "float32"))
+        for d in (64, 80):
+            key = (256, 256, d, dt, True)
+            cfg = attention.heuristic(key)
+            const = dict(HEAD_DIM=d, BLOCK_D=next_pow2(d), PRECISION="ieee" if dt == "float32" else "tf32", **cfg.kwargs)
+            out.append(("attention", "_attn_probs_fwd", f"{dt} d={d}", cfg, const,
+                        {"Q": dt, "K": dt, "V": dt, "O": dt, "P": "float32"}, False))
+    # linear: every config for ViT-B qkv with the LN prologue (K=768, N=2304), heuristics for the
+    # other flag sets (fc1 + GELU, fc2 / proj + gamma + residual) and for float32
+    flavours = [("qkv+ln", dict(HAS_BIAS=True, ACT=0, HAS_GAMMA=False, HAS_RES=False, HAS_LN=True, HAS_LN_B=True), 768, 2304),
+                ("fc1+ln+gelu", dict(HAS_BIAS=True, ACT=1, HAS_GAMMA=False, HAS_RES=False, HAS_LN=True, HAS_LN_B=True), 768, 3072),
+                ("fc1+gelu_tanh", dict(HAS_BIAS=True, ACT=2, HAS_GAMMA=False, HAS_RES=False, HAS_LN=False, HAS_LN_B=False), 768, 3072),
+                ("fc2+gamma+res", dict(HAS_BIAS=True, ACT=0, HAS_GAMMA=True, HAS_RES=True, HAS_LN=False, HAS_LN_B=False), 3072, 768)]
+    for dt in ("float16", "float32"):
+        for i, (label, flags, K, N) in enumerate(flavours):
+            key = (8192, N, K, dt, "x")
+            cfgs = linear.TUNE.candidates(key) if (i == 0 and dt == "float16") else [linear.heuristic(key)]
+            for cfg in cfgs:
+                const = dict(flags, EVEN_K=K % cfg["BLOCK_K"] == 0, PRECISION="ieee" if dt == "float32" else "tf32",
+                             **cfg.kwargs)
+                ptrs = {n: dt for n in ("A", "W", "Bias", "Gamma", "Res", "Y", "LnW", "LnB")}
+                ptrs.update(Mean="float32", Rstd="float32")
+                out.append(("linear", "_linear_fwd", f"{dt} {label}", cfg, const, ptrs, dt != "float32"))
+    # layer_norm: every config for D=768 (both modes), heuristic for D in (384, 1024, 1280)
+    for D in (384, 768, 1024, 1280):
+        for mode in ("y", "stats"):
+            key = (D, "float16", mode)
+            cfgs = layer_norm.TUNE.candidates(key) if D == 768 else [layer_norm.heuristic(key)]
+            for cfg in cfgs:
+                const = dict(HAS_W=mode == "y", HAS_B=mode == "y", WRITE_Y=mode == "y", WRITE_STATS=mode == "stats",
+                             **cfg.kwargs)
+                ptrs = {"X": "float16", "W": "float16", "B": "float16", "Y": "float16", "Mean": "float32", "Rstd": "float32"}
+                out.append(("layer_norm", "_ln_fwd", f"float16 D={D} {mode}", cfg, const, ptrs, False))
+    # patch_embed: every config for P=16 fp16 (float32 image cast in the load), heuristics for P 14, 8, 32
+    for P in (16, 14, 8, 32):
+        for dt in ("float16", "float32"):
+            K = 3 * P * P
+            key = (8192, 768, K, (P, P), dt, "110")
+            cfgs = patch_embed.TUNE.candidates(key) if (P == 16 and dt == "float16") else [patch_embed.heuristic(key)]
+            for cfg in cfgs:
+                const = dict(PH=P, PW=P, HAS_BIAS=True, HAS_POS=True, PAD=P == 14,
+                             PRECISION="ieee" if dt == "float32" else "tf32", **cfg.kwargs)
+                ptrs = {"X": "float32", "W": dt, "Bias": dt, "Pos": dt, "Prefix": dt, "Y": dt}
+                out.append(("patch_embed", "_patch_embed_fwd", f"{dt} P={P}", cfg, const, ptrs, dt != "float32"))
+    return out
+
+
+def _compile_one(job):
+    """Compile one (variant, arch); returns a result row (dict)."""
+    mod_name, kname, label, cfg, const, ptrs, want_wgmma, arch = job
+    import importlib
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    fn = getattr(importlib.import_module(f"fastvit.kernels.{mod_name}"), kname)
+    sig = {}
+    for p in fn.params:
+        if p.is_constexpr:
+            sig[p.name] = "constexpr"
+        elif p.name in ptrs:
+            sig[p.name] = "*" + _TY[ptrs[p.name]]
+        elif p.name in ("qk_scale", "eps"):
+            sig[p.name] = "fp32"
+        else:
+            sig[p.name] = "i32"
+    row = dict(kernel=kname, variant=label, config=str(cfg), arch=f"sm_{arch}", ok=False, regs=None, spills=None,
+               smem=None, wgmma=None, error=None, limit=ARCHS[arch])
+    # what the JIT assumes at a real launch: 16-byte aligned pointers and strides that are
+    # multiples of 16 elements (every ViT width is); without it codegen would be scalarised
+    attrs = {(i,): [["tt.divisibility", 16]] for i, p in enumerate(fn.params)
+             if not p.is_constexpr and (p.name in ptrs or p.name.startswith("stride_"))}
+    try:
+        ck = triton.compile(ASTSource(fn, sig, const, attrs), target=GPUTarget("cuda", arch, 32),
+                            options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+    except Exception as e:  # reported in the table and failed by the test
+        row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+        return row
+    row["smem"] = int(ck.metadata.shared)
+    row["wgmma"] = "wgmma" in ck.asm["ptx"]
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(ck.asm["cubin"])
+        f.flush()
+        res = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+    m = re.search(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:\d+\s+LOCAL:(\d+)", res)
+    if m is None:
+        row["error"] = f"cannot parse cuobjdump output: {res[-200:]!r}"
+        return row
+    row["regs"] = int(m.group(1))
+    row["spills"] = int(m.group(2)) + int(m.group(3))  # spilled bytes live in the stack frame / local memory
+    row["want_wgmma"] = bool(want_wgmma and arch == 90 and cfg.num_warps % 4 == 0 and cfg["BLOCK_M"] >= 64)
+    row["ok"] = True
+    return row
+
+
+def worker(out_json: str, jobs: int) -> None:
+    from fastvit.kernels import autotune
+
+    all_jobs = []
+    for arch, limit in ARCHS.items():
+        autotune.set_smem_limit(limit)  # keep() prunes for the target arch, as it would on that GPU
+        all_jobs += [v + (arch,) for v in _variants()]
+    autotune.set_smem_limit(None)
+    with ProcessPoolExecutor(max_workers=jobs) as ex:
+        rows = list(ex.map(_compile_one, all_jobs, chunksize=2))
+    with open(out_json, "w") as f:
+        json.dump(rows, f)
+
+
+# --------------------------------------------------------------------------- test side
+def _table(rows) -> str:
+    lines = ["| kernel | variant | config | arch | regs | spills (B) | smem (B) | limit (B) | wgmma |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r["error"]:
+            lines.append(f"| {r['kernel']} | {r['variant']} | {r['config']} | {r['arch']} | ERROR: {r['error']} | | | | |")
+        else:
+            lines.append(f"| {r['kernel']} | {r['variant']} | {r['config']} | {r['arch']} | {r['regs']} | {r['spills']} "
+                         f"| {r['smem']} | {r['limit']} | {'yes' if r['wgmma'] else 'no'} |")
+    return "\n".join(lines) + "\n"
+
+
+@pytest.fixture(scope="module")
+def aot_rows(tmp_path_factory):
+    pytest.importorskip("triton")
+    out = str(tmp_path_factory.mktemp("aot") / "rows.json")
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    env.setdefault("TRITON_CACHE_DIR", os.path.join(tempfile.gettempdir(), "fastvit-aot-triton-cache"))
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", out, str(max(2, os.cpu_count() or 2))],
+                          env=env, capture_output=True, text=True, timeout=1500, cwd=ROOT)
+    assert proc.returncode == 0, f"AOT worker failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    with open(out) as f:
+        rows = json.load(f)
+    table = _table(rows)
+    os.makedirs(os.path.dirname(ARTIFACT), exist_ok=True)
+    with open(ARTIFACT, "w") as f:
+        f.write("# AOT compile table (generated by tests/test_aot.py)\n\n" + table)
+    print("\n" + table)
+    return rows
+
+
+def test_every_config_compiles(aot_rows):
+    bad = [f"{r['kernel']} {r['variant']} {r['config']} {r['arch']}: {r['error']}" for r in aot_rows if not r["ok"]]
+    assert not bad, "configs that do not compile:\n" + "\n".join(bad)
+    kernels = {r["kernel"] for r in aot_rows}
+    assert kernels == {"_attn_fwd", "_attn_probs_fwd", "_linear_fwd", "_ln_fwd", "_patch_embed_fwd"}, kernels
+    assert {r["arch"] for r in aot_rows} == {"sm_90", "sm_80"}
+
+
+def test_shared_memory_fits(aot_rows):
+    bad = [f"{r['kernel']} {r['variant']} {r['config']} {r['arch']}: smem {r['smem']} > {r['limit']}"
+           for r in aot_rows if r["ok"] and r["smem"] > r["limit"]]
+    assert not bad, "configs over the shared-memory limit (fix keep()):\n" + "\n".join(bad)
+
+
+def test_no_register_spills(aot_rows):
+    bad = [f"{r['kernel']} {r['variant']} {r['config']} {r['arch']}: {r['spills']} B spilled, {r['regs']} regs"
+           for r in aot_rows if r["ok"] and r["spills"] > 0]
+    assert not bad, "configs that spill registers (fix keep() / heuristic()):\n" + "\n".join(bad)
+
+
+def test_wgmma_on_sm90(aot_rows):
+    eligible = [r for r in aot_rows if r["ok"] and r.get("want_wgmma")]
+    assert {r["kernel"] for r in eligible} >= {"_attn_fwd", "_linear_fwd"}, "no wgmma-eligible GEMM/attention config"
+    bad = [f"{r['kernel']} {r['variant']} {r['config']}" for r in eligible if not r["wgmma"]]
+    assert not bad, "sm_90 GEMM / attention configs without wgmma:\n" + "\n".join(bad)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) >= 3 and sys.argv[1] == "--worker":
+        worker(sys.argv[2], int(sys.argv[3]) if len(sys.argv) > 3 else 2)
+    else:
+        sys.exit(f"usage: {sys.argv[0]} --worker OUT.json [JOBS]")
