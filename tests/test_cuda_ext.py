@@ -374,7 +374,8 @@ def test_linear_matches_reference(dtype, lead, K, N, act, bias, gamma, residual,
 @pytest.mark.parametrize("gamma,residual,ln", [(False, False, False), (True, True, True), (False, True, True)])
 def test_mlp_matches_reference(dtype, act, gamma, residual, ln):
     D, Hd = 96, 384
-    x, w1, kw = _linear_inputs(dtype, (2, 50), D, D, False, gamma, residual, ln)
+    x, _, kw = _linear_inputs(dtype, (2, 50), D, D, False, gamma, residual, ln)
+    del kw["bias"]  # mlp has fc1_bias / fc2_bias instead
     b1 = torch.randn(Hd, device="cuda", dtype=dtype)
     w1 = torch.randn(Hd, D, device="cuda", dtype=dtype) / D ** 0.5
     w2 = torch.randn(D, Hd, device="cuda", dtype=dtype) / Hd ** 0.5
