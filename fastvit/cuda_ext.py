@@ -13,6 +13,11 @@ extension validates again (TORCH_CHECK) because it is also callable directly.
 
 The toolchain helpers (:func:`cuda_home`, :func:`build_options`) are shared with setup.py and
 the build test, so the three build the same thing the same way.
+
+Environment: ``FASTVIT_CUDA_CACHE`` (build cache root), ``FASTVIT_CUDA_JIT=0`` (never build at
+run time, use only a prebuilt ``fastvit._C``), ``FASTVIT_CSRC`` (source folder), ``CUDA_HOME``,
+``TORCH_CUDA_ARCH_LIST``, ``MAX_JOBS``; ``FASTVIT_CUDA_PLAIN_GEMM=1`` forces the fallbacks used
+when cuBLASLt offers no algorithm for an epilogue (for tests).
 """
 
 import contextlib

@@ -415,6 +415,21 @@ def test_patch_embed_matches_reference(dtype, B, C, H, W, patch, pad, T, pos, bi
            lambda: reference.patch_embed(x, w, pad=pad, **kw), dtype, atol=1e-5 if dtype == torch.float32 else 0.0)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_plain_gemm_fallback_paths_match_reference(dtype, monkeypatch):
+    """The paths taken when cuBLASLt has no algorithm for an epilogue, a vector alpha or a
+    strided batch: plain GEMM + elementwise epilogue, one GEMM per image."""
+    monkeypatch.setenv("FASTVIT_CUDA_PLAIN_GEMM", "1")
+    for act in (None, "gelu", "gelu_tanh"):
+        for flags in [(True, True, True, True), (True, False, True, False), (False, False, False, False)]:
+            test_linear_matches_reference(dtype, (2, 197), 192, 576, act, *flags)
+    test_mlp_matches_reference(dtype, "gelu", True, True, True)
+    test_patch_embed_matches_reference(dtype, 3, 3, 32, 48, (16, 16), False, 1, True, True, None, False)
+    test_patch_embed_matches_reference(dtype, 2, 4, 20, 20, (5, 5), True, 2, False, True, torch.float16, False)
+    test_patch_embed_matches_reference(dtype, 1, 3, 30, 45, (16, 16), True, 0, False, False, None, False)
+
+
 def _vit(**kw):
     from fastvit.model import VisionTransformer
 
