@@ -57,9 +57,13 @@ _HEADERS = ("fastvit_cuda.h", "common.cuh")
 
 # ------------------------------------------------------------------------------ toolchain
 def csrc_dir() -> str:
-    """Folder holding the CUDA sources (the repository's csrc/, next to the package)."""
-    return os.environ.get("FASTVIT_CSRC") or os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                                          "csrc")
+    """Folder holding the CUDA sources: $FASTVIT_CSRC, else the repository's csrc/ next to the
+    package (source checkout, editable install), else the copy a wheel installs as fastvit/_csrc."""
+    if os.environ.get("FASTVIT_CSRC"):
+        return os.environ["FASTVIT_CSRC"]
+    here = os.path.dirname(os.path.abspath(__file__))
+    repo = os.path.join(os.path.dirname(here), "csrc")
+    return repo if os.path.isdir(repo) else os.path.join(here, "_csrc")
 
 
 def _is_cuda_root(path: Optional[str]) -> bool:
