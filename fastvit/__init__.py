@@ -7,12 +7,13 @@ from .backends import available_backends, get_backend, set_backend
 from .model import Attention, Block, HybridEmbed, Mlp, PatchEmbed, VisionTransformer
 from .registry import create_model, list_models, model_config
 from .weights import from_hf, from_pretrained, from_timm, load_checkpoint
+from .warmup import warmup
 
 __version__ = "0.1.0"
 
 __all__ = [
     "VisionTransformer", "Block", "Attention", "Mlp", "PatchEmbed", "HybridEmbed",
     "create_model", "list_models", "model_config",
-    "from_timm", "from_hf", "from_pretrained", "load_checkpoint",
+    "from_timm", "from_hf", "from_pretrained", "load_checkpoint", "warmup",
     "available_backends", "set_backend", "get_backend",
 ]

@@ -27,7 +27,7 @@ import triton
 
 from fastvit import reference as _ref
 
-from .attention import attention_fwd, attention_probs_fwd, empty_out
+from .attention import FP32_MAX_HEAD_DIM, attention_fwd, attention_probs_fwd, empty_out
 from .layer_norm import layer_norm_fwd
 from .linear import linear_fwd, mlp_fwd
 from .patch_embed import patch_embed_fwd
@@ -63,6 +63,10 @@ def unsupported(op: str, head_dim: Optional[int] = None, dtype: Optional[torch.d
     """Why ``op`` with these shapes cannot run here (None when it can)."""
     if head_dim is not None and head_dim > MAX_HEAD_DIM:
         return f"head dim {head_dim} > {MAX_HEAD_DIM} (the q / acc tiles would not fit on chip)"
+    if (op in ("attention", "attention_probs") and dtype == torch.float32 and head_dim is not None
+            and head_dim > FP32_MAX_HEAD_DIM and not _interpreting()):
+        return (f"float32 attention with head dim {head_dim} > {FP32_MAX_HEAD_DIM}: every Triton config spills "
+                "registers (tests/test_aot.py); use float16 / bfloat16 or another backend")
     if dtype == torch.bfloat16 and _interpreting():
         # the interpreter computes bf16 through numpy float32 bit tricks that round wrongly
         return "bfloat16 is silently wrong in the Triton interpreter (TRITON_INTERPRET=1); use a GPU"

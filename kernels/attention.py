@@ -15,7 +15,10 @@ padding copies), head dims up to 256 through a power-of-two ``BLOCK_D`` with a m
 when ``HEAD_DIM`` is not one (48, 80, 96 ...). fp16 / bf16 inputs use tensor-core dots with
 float32 accumulation. float32 inputs use ``input_precision='ieee'`` (exact fp32 products,
 matching PyTorch's default ``torch.backends.cuda.matmul.allow_tf32 = False``), or tf32 when
-the user enabled ``allow_tf32``.
+the user enabled ``allow_tf32``. On a GPU, float32 attention runs only for head dims <= 64:
+the ieee products run on FMA units with q / k tiles in registers, and the AOT table shows
+every larger-head config spilling (``unsupported()`` then names the reason and the backend
+selection falls back).
 """
 
 from __future__ import annotations
@@ -167,16 +170,19 @@ def _attn_probs_fwd(
 
 
 # --------------------------------------------------------------------------- configs
+# (BLOCK_M, BLOCK_N, num_warps, num_stages). 16-bit: the Triton fused-attention tutorial's
+# H100 space, minus the tiles tests/test_aot.py showed spilling (e.g. 128 x 128 at 4 warps,
+# 128 x 32 at 8 warps with 3+ stages on sm_80). float32 ('ieee' products run on FMA units
+# and keep q / k tiles in registers): only 16-row tiles compile without spills, for d <= 64.
+_CFG_16BIT = [(64, 32, 4, 3), (64, 64, 4, 3), (64, 64, 8, 3), (64, 128, 8, 3), (128, 32, 8, 2),
+              (128, 64, 4, 3), (128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 2), (128, 128, 8, 3)]
+_CFG_PROBS = [(64, 32, 4, 2), (64, 32, 8, 2)]  # the probs kernel keeps more live: small tiles
+_CFG_FP32 = [(16, 16, 4, 2), (16, 32, 4, 2)]
+FP32_MAX_HEAD_DIM = 64
+
+
 def _configs():
-    """Candidate tiles. The space follows the Triton fused-attention tutorial's H100 sweep
-    (BLOCK_M 64/128 x BLOCK_N 32/64/128, 4 or 8 warps, 2-4 stages)."""
-    out = []
-    for bm in (64, 128):
-        for bn in (32, 64, 128):
-            for w in (4, 8):
-                for s in (2, 3, 4):
-                    out.append(Config.make(w, s, BLOCK_M=bm, BLOCK_N=bn))
-    return out
+    return [Config.make(w, s, BLOCK_M=bm, BLOCK_N=bn) for bm, bn, w, s in _CFG_16BIT + _CFG_PROBS + _CFG_FP32]
 
 
 def _smem_bytes(cfg: Config, block_d: int, elem: int) -> int:
@@ -186,37 +192,53 @@ def _smem_bytes(cfg: Config, block_d: int, elem: int) -> int:
 
 def keep(cfg: Config, key: Tuple) -> bool:
     """key = (n bucket, n_kv bucket, head dim, dtype name, probs flag)."""
-    n_b, nkv_b, d, dt, _ = key
+    n_b, nkv_b, d, dt, probs = key
     block_d = next_pow2(max(d, 16))
-    elem = 4 if dt == "float32" else 2
-    if _smem_bytes(cfg, block_d, elem) > smem_limit():
+    row = (cfg["BLOCK_M"], cfg["BLOCK_N"], cfg.num_warps, cfg.num_stages)
+    if dt == "float32":
+        # AOT table: the forward is spill-free at 16 x 16, the probs kernel at 16 x 32
+        return block_d <= FP32_MAX_HEAD_DIM and row == (_CFG_FP32[1] if probs else _CFG_FP32[0])
+    if row not in (_CFG_PROBS if probs else _CFG_16BIT):
         return False
-    # an accumulator of BLOCK_M x BLOCK_D fp32 over 4 warps past 64 regs/thread spills
-    if cfg["BLOCK_M"] * block_d // (32 * cfg.num_warps) > 64:
+    if _smem_bytes(cfg, block_d, 2) > smem_limit():
+        return False
+    threads = 32 * cfg.num_warps
+    acc = cfg["BLOCK_M"] * block_d // threads  # fp32 accumulator registers per thread
+    s = cfg["BLOCK_M"] * cfg["BLOCK_N"] // threads  # score tile registers per thread
+    if acc > (32 if probs else 64) or acc + s > 128:
+        return False
+    # 128-wide heads (d 80 / 96 / 128) also hold 128-wide k / v fragments: on sm_80 only 8-warp
+    # tiles with BLOCK_N <= 64 stay spill-free (AOT table)
+    if block_d >= 128 and (cfg.num_warps < 8 or cfg["BLOCK_N"] > 64):
         return False
     if cfg["BLOCK_M"] > 64 and n_b <= 64:  # tiny sequences: more programs beat bigger tiles
         return False
-    if cfg["BLOCK_N"] > nkv_b:
-        return False
-    return True
+    return cfg["BLOCK_N"] <= max(nkv_b, 32)
 
 
 def heuristic(key: Tuple) -> Config:
-    """Without tuning: 128 x 64 tiles for d <= 64, 128 x 64 with 8 warps for larger heads (the
-    tutorial's H100 choices), shrunk for short sequences and for float32 (twice the bytes)."""
+    """Without tuning: the tutorial's H100 picks (128 x 64; 4 warps for d <= 64, 8 above),
+    64-row tiles for short sequences and the probs kernel, 16-row tiles for float32."""
     n_b, nkv_b, d, dt, probs = key
     block_d = next_pow2(max(d, 16))
-    bm = 128 if n_b > 64 else 64
-    bn = 64 if nkv_b >= 64 else max(16, nkv_b)
-    warps = 4 if block_d <= 64 else 8
-    stages = 3
-    if dt == "float32" or probs:
-        bm, bn, stages = 64, min(bn, 32), 2
-    return Config.make(warps, stages, BLOCK_M=bm, BLOCK_N=bn)
+    if dt == "float32":
+        bm, bn, w, s = _CFG_FP32[1] if probs else _CFG_FP32[0]
+    elif probs:
+        bm, bn, w, s = 64, 32, 4 if block_d <= 64 else 8, 2
+    elif n_b <= 64:
+        bm, bn, w, s = (64, 32, 4, 3) if block_d <= 64 else (64, 64, 8, 3)
+    else:
+        bm, bn, w, s = (128, 64, 4, 3) if block_d <= 64 else (128, 64, 8, 3)
+    return Config.make(w, s, BLOCK_M=bm, BLOCK_N=bn)
 
 
-TUNE_FWD = Tunable("attention", _configs, keep, heuristic)
-TUNE_PROBS = Tunable("attention_probs", _configs, keep, heuristic)
+def interpreter_heuristic(key: Tuple) -> Config:
+    """The CPU interpreter pays per program, not per register: always the 16-bit tiles."""
+    return heuristic(key[:3] + ("float16",) + key[4:])
+
+
+TUNE_FWD = Tunable("attention", _configs, keep, heuristic, interpreter_heuristic)
+TUNE_PROBS = Tunable("attention_probs", _configs, keep, heuristic, interpreter_heuristic)
 
 
 def _precision(dtype: torch.dtype) -> str:

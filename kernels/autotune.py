@@ -97,6 +97,7 @@ def cache_path(device: torch.device) -> str:
     return os.path.join(root, f"autotune-{_device_name(device)}-triton{triton.__version__}.json")
 
 
+TUNABLES: List["Tunable"] = []  # every kernel's Tunable, in import order (fastvit.warmup reports on them)
 _disk: Dict[str, Dict[str, Any]] = {}  # path -> {"kernel|key": config json}
 _memory: Dict[Tuple[str, str, str], Config] = {}  # (device name, kernel, key) -> config
 
@@ -139,7 +140,11 @@ class Tunable:
     configs: Callable[[], Sequence[Config]]
     keep: Callable[[Config, Tuple], bool]
     heuristic: Callable[[Tuple], Config]
+    interpreter: Optional[Callable[[Tuple], Config]] = None  # CPU-interpreter choice (speed only)
     stats: Dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self):
+        TUNABLES.append(self)
 
     def candidates(self, key: Tuple) -> List[Config]:
         """The pruned candidate list for ``key`` (never empty: falls back to the heuristic)."""
@@ -153,7 +158,8 @@ class Tunable:
             mk = (device.type, self.name, skey)
             cfg = _memory.get(mk)
             if cfg is None:
-                cfg = _memory[mk] = self.heuristic(key)
+                choose = self.interpreter if (device.type != "cuda" and self.interpreter) else self.heuristic
+                cfg = _memory[mk] = choose(key)
             return cfg
         mk = (_device_name(device), self.name, skey)
         cfg = _memory.get(mk)
@@ -186,6 +192,7 @@ class Tunable:
             if t < best_t:
                 best, best_t = cfg, t
         self.stats["tuned"] = self.stats.get("tuned", 0) + 1
+        self.stats["benchmarked_configs"] = self.stats.get("benchmarked_configs", 0) + len(self.candidates(key))
         return best if best is not None else self.heuristic(key)
 
 

@@ -85,15 +85,19 @@ def keep(cfg: Config, key: Tuple) -> bool:
     """key = (D, dtype name, mode)."""
     D = key[0]
     bd = cfg["BLOCK_D"]
+    # AOT table: > 64 fp32 values per thread spills, and so (oddly, 8 B) does a single
+    # 1024-wide row at 4 warps on sm_90
+    if cfg["BLOCK_M"] * bd // (32 * cfg.num_warps) > 64 or (cfg["BLOCK_M"] == 1 and bd < 2048):
+        return False
     # one chunk when D fits in 4096 (no loop overhead); never a chunk far wider than D
-    return bd == min(next_pow2(D), 4096) or (D > 4096 and bd >= 1024)
+    return bd == min(next_pow2(max(D, 16)), 4096) or (D > 4096 and bd >= 1024)
 
 
 def heuristic(key: Tuple) -> Config:
     D = key[0]
     bd = min(next_pow2(max(D, 16)), 4096)
     bm = max(1, min(16, 4096 // bd))
-    return Config.make(4 if bm * bd <= 4096 else 8, 1, BLOCK_M=bm, BLOCK_D=bd)
+    return Config.make(4 if bm * bd <= 4096 else 8, 1, BLOCK_M=bm, BLOCK_D=bd)  # <= 32 values per thread
 
 
 TUNE = Tunable("layer_norm", _configs, keep, heuristic)

@@ -155,14 +155,19 @@ def smem_bytes(cfg: Config, elem: int) -> int:
 
 
 def keep(cfg: Config, key: Tuple) -> bool:
-    """key = (M bucket, N, K, dtype name, flags)."""
-    m_b, N, K, dt, _ = key
+    """key = (M bucket, N, K, dtype name, flags string: bias, act, gamma, residual, ln, ln_bias)."""
+    m_b, N, K, dt, flags = key
     elem = 4 if dt == "float32" else 2
     if smem_bytes(cfg, elem) > smem_limit():
         return False
     if cfg["BLOCK_K"] < 16 or cfg["BLOCK_M"] < 16:  # tl.dot minimums
         return False
     if cfg["BLOCK_M"] > 2 * m_b or cfg["BLOCK_N"] > 2 * next_pow2(N) or cfg["BLOCK_K"] > next_pow2(K):
+        return False
+    # the LN prologue normalises A in registers: with 128 accumulator registers per thread on
+    # top, 128 x 128 at 4 warps spills on sm_80 (AOT table)
+    has_ln = len(flags) > 4 and flags[4] == "1"
+    if has_ln and cfg["BLOCK_M"] * cfg["BLOCK_N"] // (32 * cfg.num_warps) > 64:
         return False
     return True
 

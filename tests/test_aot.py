@@ -45,18 +45,22 @@ def _variants():
                                                   for m in ("attention", "layer_norm", "linear", "patch_embed"))
 
     out = []
-    # attention: every config at d=64 / N=197 (ViT-B), heuristic configs for every head dim
+    # attention: every config at d=64 and d=128 (N=197..256), heuristic configs for every head dim
     for dt in ("float16", "float32"):
         for d in (32, 48, 64, 80, 96, 128):
             key = (256, 256, d, dt, False)
             prec = "ieee" if dt == "float32" else "tf32"
-            cfgs = attention.TUNE_FWD.candidates(key) if (d == 64 and dt == "float16") else [attention.heuristic(key)]
+            if dt == "float32" and d > attention.FP32_MAX_HEAD_DIM:
+                continue  # declined by unsupported() on GPUs: no spill-free fp32 config exists
+            cfgs = attention.TUNE_FWD.candidates(key) if (d in (64, 128) and dt == "float16") else [attention.heuristic(key)]
             for cfg in cfgs:
                 const = dict(HEAD_DIM=d, BLOCK_D=next_pow2(d), PRECISION=prec, **cfg.kwargs)
                 out.append(("attention", "_attn_fwd", f"{dt} d={d}", cfg, const, {"Q": dt, "K": dt, "V": dt, "O": dt},
                             dt != "float32"))
         for d in (64, 80):
             key = (256, 256, d, dt, True)
+            if dt == "float32" and d > attention.FP32_MAX_HEAD_DIM:
+                continue
             cfg = attention.heuristic(key)
             const = dict(HEAD_DIM=d, BLOCK_D=next_pow2(d), PRECISION="ieee" if dt == "float32" else "tf32", **cfg.kwargs)
             out.append(("attention", "_attn_probs_fwd", f"{dt} d={d}", cfg, const,
@@ -69,7 +73,9 @@ def _variants():
                 ("fc2+gamma+res", dict(HAS_BIAS=True, ACT=0, HAS_GAMMA=True, HAS_RES=True, HAS_LN=False, HAS_LN_B=False), 3072, 768)]
     for dt in ("float16", "float32"):
         for i, (label, flags, K, N) in enumerate(flavours):
-            key = (8192, N, K, dt, "x")
+            fl = flags
+            key = (8192, N, K, dt, "".join(str(int(fl[f])) for f in ("HAS_BIAS", "ACT", "HAS_GAMMA", "HAS_RES",
+                                                                      "HAS_LN", "HAS_LN_B")))
             cfgs = linear.TUNE.candidates(key) if (i == 0 and dt == "float16") else [linear.heuristic(key)]
             for cfg in cfgs:
                 const = dict(flags, EVEN_K=K % cfg["BLOCK_K"] == 0, PRECISION="ieee" if dt == "float32" else "tf32",

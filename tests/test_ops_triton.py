@@ -227,6 +227,20 @@ def test_model_attention_probs_and_intermediates():
     torch.testing.assert_close(out, out_t, atol=1e-4, rtol=1e-4)
 
 
+def test_warmup_runs_every_batch_size():
+    import fastvit
+
+    m = fastvit.VisionTransformer(img_size=32, patch_size=16, embed_dim=32, depth=1, num_heads=2, num_classes=3,
+                                  backend="triton").to(DEV).eval()
+    report = fastvit.warmup(m, batch_sizes=[1, 3])
+    assert report["batch_sizes"] == [1, 3] and report["seconds"] > 0
+    assert report["autotune"] is (DEV == "cuda" and autotune.autotune_enabled())
+    with pytest.raises(ValueError, match="dtype"):
+        fastvit.warmup(m, 1, dtype=torch.float16)
+    with pytest.raises(ValueError, match="batch_sizes"):
+        fastvit.warmup(m, [0])
+
+
 # --------------------------------------------------------------------------- autograd
 def test_gradients_through_reference_backward():
     """requires_grad inputs: the triton forward + reference backward equals torch's gradients."""
