@@ -280,8 +280,8 @@ def mlp_fwd(x: torch.Tensor, fc1_weight: torch.Tensor, fc1_bias: Optional[torch.
     """``residual + gamma * fc2(act(fc1(LN?(x))))`` as two fused GEMMs.
 
     The hidden activation (..., Hd) is written once in x's dtype (as the unfused chain rounds
-    it). A single-kernel MLP that keeps the hidden tile on chip was not built: without a GPU in
-    this project's sessions so far it could not be shown to beat the pair (see README).
+    it). A single-kernel MLP that keeps the hidden tile on chip is not built: the issue keeps it
+    only if it beats this pair on a GPU, and no GPU has measured that yet.
 
     Args: x (..., D); fc1_weight (Hd, D); fc1_bias (Hd,); fc2_weight (D_out, Hd); fc2_bias
         (D_out,); act / gamma (D_out,) / residual (..., D_out) / ln_* (D,) as :func:`linear_fwd`.

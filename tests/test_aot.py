@@ -133,6 +133,8 @@ def _compile_one(job):
     # multiples of 16 elements (every ViT width is); without it codegen would be scalarised
     attrs = {(i,): [["tt.divisibility", 16]] for i, p in enumerate(fn.params)
              if not p.is_constexpr and (p.name in ptrs or p.name.startswith("stride_"))}
+    # constexprs keyed by argument index: triton 3.8 also accepts names, older 3.x only tuples
+    const = {(fn.arg_names.index(k),): v for k, v in const.items()}
     try:
         ck = triton.compile(ASTSource(fn, sig, const, attrs), target=GPUTarget("cuda", arch, 32),
                             options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
