@@ -3,9 +3,16 @@ of a tiny model on the triton backend (CPU: through the interpreter) with no gra
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
+if __name__ == "__main__" and not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton decorates the kernels
 kernels = pytest.importorskip("fastvit.kernels")
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -39,15 +46,17 @@ def _samples():
     }
 
 
-@pytest.mark.parametrize("name", ["patch_embed", "attention", "attention_probs", "layer_norm", "linear", "mlp"])
-def test_opcheck(name):
+OP_NAMES = ["patch_embed", "attention", "attention_probs", "layer_norm", "linear", "mlp"]
+
+
+# --------------------------------------------------------------------------- checks (run in a fresh process)
+def _opcheck(name):
     """Schema, fake-tensor (shapes and strides), autograd registration and AOT dispatch."""
-    op = kernels.OPS[name]
     for args in _samples()[name]:
-        torch.library.opcheck(op, args)
+        torch.library.opcheck(kernels.OPS[name], args)
 
 
-def test_ops_use_registered_op_under_grad():
+def check_grad_through_registered_op():
     """With requires_grad inputs the public function goes through the custom op (autograd)."""
     x = _t(4, 8, grad=True)
     w = _t(3, 8, grad=True)
@@ -60,11 +69,31 @@ def test_ops_use_registered_op_under_grad():
     torch.testing.assert_close(w.grad, wr.grad)
 
 
-@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
-def test_compile_tiny_model_fullgraph(compiler):
+def check_model_gradients_match_torch():
+    """requires_grad inputs: the triton forward + reference backward equals torch's gradients."""
+    import fastvit
+
+    torch.manual_seed(0)
+    m = fastvit.VisionTransformer(img_size=32, patch_size=16, embed_dim=32, depth=1, num_heads=2,
+                                  num_classes=5, init_values=0.5).to(DEV)
+    x = torch.randn(2, 3, 32, 32, device=DEV, requires_grad=True)
+    grads = {}
+    for backend in ("torch", "triton"):
+        m.zero_grad()
+        x.grad = None
+        m.backend = backend
+        m(x).square().sum().backward()
+        grads[backend] = [x.grad.clone()] + [p.grad.clone() for p in m.parameters() if p.grad is not None]
+    assert len(grads["torch"]) == len(grads["triton"]) > 5
+    for a, b in zip(grads["triton"], grads["torch"]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def _compile_tiny_model(compiler):
     import fastvit
 
     torch._dynamo.reset()
+    torch.manual_seed(0)
     m = fastvit.VisionTransformer(img_size=(32, 48), patch_size=16, embed_dim=32, depth=2, num_heads=2,
                                   num_classes=10, init_values=0.1, reg_tokens=1, backend="triton").to(DEV).eval()
     x = torch.randn(2, 3, 32, 48, device=DEV)
@@ -78,3 +107,53 @@ def test_compile_tiny_model_fullgraph(compiler):
     gm_ops = {str(n.target) for g in explanation.graphs for n in g.graph.nodes if n.op == "call_function"}
     assert any("fastvit.triton_attention" in t for t in gm_ops), sorted(gm_ops)[:20]
     assert any("fastvit.triton_linear" in t for t in gm_ops)
+
+
+CHECKS = {
+    **{f"opcheck_{n}": (lambda n=n: _opcheck(n)) for n in OP_NAMES},
+    "grad_through_registered_op": check_grad_through_registered_op,
+    "model_gradients_match_torch": check_model_gradients_match_torch,
+    "compile_fullgraph_aot_eager": lambda: _compile_tiny_model("aot_eager"),
+    "compile_fullgraph_inductor": lambda: _compile_tiny_model("inductor"),
+}
+
+
+def _run_all() -> dict:
+    out = {}
+    for name, fn in CHECKS.items():
+        try:
+            fn()
+            out[name] = None
+        except Exception as e:  # reported per check by the tests
+            out[name] = f"{type(e).__name__}: {e}"[:3000]
+    return out
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    # A fresh process. In this torch build, after tests/test_classify.py's module fixture ran in
+    # the same pytest process, calls of these custom ops with requires_grad inputs raised
+    # "ValueError: vector::reserve" from the dispatcher and opcheck's SchemaCheckMode segfaulted;
+    # neither happens in a clean process or when the probe runs after that fixture in a
+    # separate file, so the cause is still open (reported to the lead).
+    out = tmp_path_factory.mktemp("compile") / "results.json"
+    env = dict(os.environ)
+    if DEV == "cpu":
+        env["TRITON_INTERPRET"] = "1"
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--run", str(out)], env=env,
+                          capture_output=True, text=True, timeout=1200, cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert proc.returncode == 0, f"check subprocess failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    return json.loads(out.read_text())
+
+
+@pytest.mark.parametrize("name", list(CHECKS))
+def test_registered_ops(name, results):
+    assert results[name] is None, results[name]
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--run":
+        with open(sys.argv[2], "w") as f:
+            json.dump(_run_all(), f)
+    else:
+        sys.exit(f"usage: {sys.argv[0]} --run OUT.json")
