@@ -43,23 +43,29 @@ def cmd_info(args) -> int:
     return 0
 
 
-def _demo_images(size: int):
-    """The two scikit-image photos (cat 'chelsea', 'astronaut') as a (2, 3, size, size) float batch."""
-    import numpy as np
-    import torch
-    import torch.nn.functional as F
+def _demo_photos():
+    """The two photos scikit-image ships (the cat 'chelsea', 'astronaut') as uint8 HWC arrays."""
     from skimage import data
 
-    imgs = []
-    for arr in (data.chelsea(), data.astronaut()):
-        h, w = arr.shape[:2]
-        s = min(h, w)
-        arr = arr[(h - s) // 2:(h - s) // 2 + s, (w - s) // 2:(w - s) // 2 + s]
-        t = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).float().div(255)
-        t = F.interpolate(t[None], size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0]
-        mean = torch.tensor([0.5, 0.5, 0.5]).view(3, 1, 1)
-        imgs.append((t - mean) / 0.5)
-    return torch.stack(imgs), ["chelsea", "astronaut"]
+    return [data.chelsea(), data.astronaut()], ["chelsea", "astronaut"]
+
+
+def sincos_pos_embed(grid, dim: int, temperature: float = 10000.0):
+    """Fixed 2-D sine-cosine position embedding (MAE / big_vision style), (gh * gw, dim).
+
+    The demo has no trained checkpoint offline; with this embedding its position-similarity
+    picture shows the 2-D structure a trained ViT learns, instead of noise. ``temperature`` sets
+    the lowest frequency (10000 as MAE; the demo uses 30 so similarity falls off within a 14 x 14
+    grid and the picture has contrast)."""
+    import torch
+
+    gh, gw = grid
+    if dim % 4:
+        raise ValueError(f"dim: expected a multiple of 4, got {dim}")
+    omega = 1.0 / temperature ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
+    yy, xx = torch.meshgrid(torch.arange(gh, dtype=torch.float64), torch.arange(gw, dtype=torch.float64), indexing="ij")
+    out = [f(c.reshape(-1, 1) * omega) for c in (yy, xx) for f in (torch.sin, torch.cos)]
+    return torch.cat(out, 1).float()
 
 
 def _time(fn, min_time: float = 0.3, max_iters: int = 20) -> float:
@@ -75,7 +81,7 @@ def run_demo(model_name: str = "vit_tiny_patch16_224", out: Optional[str] = "dem
              seed: int = 0) -> List[dict]:
     """Build ``model_name`` (random weights, seeded), run every available backend on the demo
     photos, compare each with the float32 reference and return rows (backend, device, dtype,
-    max_err, img_per_s). Writes pictures to ``out`` when fastvit.viz is present."""
+    max_err, img_per_s). Writes the pictures of :func:`fastvit.viz.render_all` to ``out``."""
     import torch
 
     import fastvit
@@ -84,12 +90,24 @@ def run_demo(model_name: str = "vit_tiny_patch16_224", out: Optional[str] = "dem
     if interpret and not torch.cuda.is_available() and "fastvit.kernels" not in sys.modules:
         # the CPU machine has no GPU: show the Triton kernels running in Triton's interpreter
         os.environ.setdefault("TRITON_INTERPRET", "1")
+    from .preprocess import Preprocessor
+
     torch.manual_seed(seed)
     model = fastvit.create_model(model_name).eval()
-    size = model.patch_embed.img_size[0]
-    x, names = _demo_images(size)
-    with torch.no_grad():  # float32 reference: the torch backend on the CPU
-        ref = model.set_backend("torch")(x).float()
+    if model.pos_embed is not None:
+        with torch.no_grad():
+            n = 0 if model.no_embed_class else model.num_prefix_tokens
+            model.pos_embed[0, n:] = sincos_pos_embed(model.patch_embed.grid_size, model.embed_dim, temperature=30.0)
+    pre = Preprocessor.for_model(model)
+    photos, names = _demo_photos()
+    x = pre(photos)  # (2, 3, H, W), resized, centre-cropped, normalised
+    # The interpreter executes Triton kernels in Python: it checks one photo at 112 px (a 7 x 7
+    # grid through the same weights, position embedding resampled) so the demo stays short.
+    x_small = torch.nn.functional.interpolate(x[:1], size=(112, 112), mode="bilinear", antialias=True)
+    model.dynamic_img_size = True
+    with torch.no_grad():  # float32 references: the torch backend on the CPU
+        model.set_backend("torch")
+        refs = {"full": model(x).float(), "small": model(x_small).float()}
     runs = [("cpu", torch.float32)]
     if torch.cuda.is_available():
         runs += [("cuda", torch.float16), ("cuda", torch.bfloat16)]
@@ -97,46 +115,46 @@ def run_demo(model_name: str = "vit_tiny_patch16_224", out: Optional[str] = "dem
     for dev, dtype in runs:
         device = torch.device(dev)
         m = model.to(device=device, dtype=dtype)
-        xd = x.to(device=device, dtype=dtype)
         for name, (ok, reason) in backends.available_backends(device).items():
+            row = dict(backend=name, device=dev, dtype=str(dtype).replace("torch.", ""), max_err=None,
+                       img_per_s=None, note=reason)
+            rows.append(row)
             if not ok:
-                rows.append(dict(backend=name, device=dev, dtype=str(dtype).replace("torch.", ""), max_err=None,
-                                 img_per_s=None, note=reason))
                 continue
+            interp = dev == "cpu" and name == "triton"
+            which = "small" if interp else "full"
+            xd = (x_small if interp else x).to(device=device, dtype=dtype)
             m.set_backend(name)
-            with torch.no_grad():
-                y = m(xd)
+
+            def step():
+                out = m(xd)
                 if dev == "cuda":
                     torch.cuda.synchronize()
-                err = (y.float().cpu() - ref).abs().max().item()
+                return out
 
-                def step():
-                    m(xd)
-                    if dev == "cuda":
-                        torch.cuda.synchronize()
-
-                slow = dev == "cpu" and name == "triton"  # interpreter: one timed pass is enough
-                sec = _time(step, min_time=0.0 if slow else 0.3, max_iters=1 if slow else 20)
-            rows.append(dict(backend=name, device=dev, dtype=str(dtype).replace("torch.", ""), max_err=err,
-                             img_per_s=xd.shape[0] / sec,
-                             note="Triton interpreter (CPU), not a speed claim" if slow else ""))
+            with torch.no_grad():
+                t0 = time.perf_counter()
+                y = step()
+                sec = time.perf_counter() - t0 if interp else _time(step)
+            row.update(max_err=(y.float().cpu() - refs[which]).abs().max().item(), img_per_s=xd.shape[0] / sec,
+                       note="Triton interpreter on the CPU, 1 photo at 112 px: a correctness check, not a speed"
+                       if interp else "")
+    model.dynamic_img_size = False
     model.to(device="cpu", dtype=torch.float32).set_backend(None)
     if out:
         os.makedirs(out, exist_ok=True)
-        try:
-            from . import viz
-        except ImportError:
-            viz = None
-        if viz is not None and hasattr(viz, "render_all"):
-            for i, n in enumerate(names):
-                viz.render_all(model, x[i], os.path.join(out, n))
+        from . import viz
+
+        for photo, n in zip(photos, names):
+            viz.render_all(model, photo, os.path.join(out, n), preprocessor=pre)
     return rows
 
 
 def cmd_demo(args) -> int:
     t0 = time.perf_counter()
     rows = run_demo(args.model, args.out, interpret=not args.no_interpret)
-    print(f"fastvit demo: {args.model} (random weights, seed 0) on the scikit-image photos chelsea, astronaut")
+    print(f"fastvit demo: {args.model} (random weights, seed 0, sin-cos position embedding) on the scikit-image "
+          "photos chelsea, astronaut")
     print(f"{'backend':<8} {'device':<6} {'dtype':<9} {'max |err| vs fp32 ref':>22} {'img/s':>9}  note")
     for r in rows:
         err = "-" if r["max_err"] is None else f"{r['max_err']:.2e}"
