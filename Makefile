@@ -30,7 +30,7 @@ demo: $(STAMP)
 	$(VENV)/bin/fastvit demo --out demo_out
 
 test: $(STAMP)
-	$(PY) -m pytest -q -x --timeout=1800 tests benchmarks -p no:cacheprovider
+	$(PY) -m pytest -q --timeout=1800 tests benchmarks -p no:cacheprovider
 
 bench: $(STAMP)
 	$(PY) -m pytest benchmarks --benchmark-only
