@@ -34,6 +34,9 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
+from . import reference as _ref
+from ._autograd import register_reference_backward
+
 __all__ = [
     "patch_embed",
     "attention",
@@ -349,6 +352,20 @@ def _mlp_op(x: torch.Tensor, fc1_weight: torch.Tensor, fc1_bias: Optional[torch.
 @_mlp_op.register_fake
 def _(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, act, gamma, residual, ln_weight, ln_bias, ln_eps):
     return x.new_empty(tuple(x.shape[:-1]) + (fc2_weight.shape[0],))
+
+
+_ACT_NAME = {code: name for name, code in _ACT_CODE.items()}
+
+# Gradients: recompute through the PyTorch reference (the ops' own argument order and layout;
+# attention returns (B, N, H, d) memory, act travels as an int code).
+register_reference_backward(_patch_embed_op, _ref.patch_embed, (0, 1, 2, 3, 4))
+register_reference_backward(_attention_op, lambda q, k, v, s: _ref.attention(q, k, v, s).transpose(1, 2), (0, 1, 2))
+register_reference_backward(_layer_norm_op, _ref.layer_norm, (0, 1, 2))
+register_reference_backward(
+    _linear_op, lambda x, w, b, act, *rest: _ref.linear(x, w, b, _ACT_NAME[act], *rest), (0, 1, 2, 4, 5, 6, 7))
+register_reference_backward(
+    _mlp_op, lambda x, w1, b1, w2, b2, act, *rest: _ref.mlp(x, w1, b1, w2, b2, _ACT_NAME[act], *rest),
+    (0, 1, 2, 3, 4, 6, 7, 8, 9))
 
 
 # ------------------------------------------------------------------------------ backend API

@@ -23,6 +23,8 @@ import os
 from typing import Callable, Optional, Sequence, Tuple
 
 import torch
+
+from fastvit._autograd import register_reference_backward
 import triton
 
 from fastvit import reference as _ref
@@ -81,41 +83,6 @@ def _needs_grad(*tensors) -> bool:
 def _compiling() -> bool:
     f = getattr(torch.compiler, "is_compiling", None)
     return bool(f and f())
-
-
-def _reference_autograd(op, reference_fn: Callable, tensor_args: Sequence[int]):
-    """Give ``op`` a backward that differentiates the PyTorch reference at the saved inputs.
-
-    ``tensor_args``: positions of the (optional) tensor arguments of ``op``.
-    """
-    tensor_args = tuple(tensor_args)
-
-    def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(*(inputs[i] for i in tensor_args))
-        ctx.others = [None if i in tensor_args else a for i, a in enumerate(inputs)]
-
-    def backward(ctx, *grads):
-        args = list(ctx.others)
-        leaves, where = [], []
-        for i, t in zip(tensor_args, ctx.saved_tensors):
-            if t is not None and ctx.needs_input_grad[i]:
-                t = t.detach().requires_grad_(True)
-                leaves.append(t)
-                where.append(i)
-            args[i] = t
-        result = [None] * len(args)
-        if not leaves:
-            return tuple(result)
-        with torch.enable_grad():
-            outs = reference_fn(*args)
-        outs = outs if isinstance(outs, tuple) else (outs,)
-        pairs = [(o, g) for o, g in zip(outs, grads) if g is not None and o.requires_grad]
-        got = torch.autograd.grad([o for o, _ in pairs], leaves, [g for _, g in pairs], allow_unused=True)
-        for i, g in zip(where, got):
-            result[i] = g
-        return tuple(result)
-
-    op.register_autograd(backward, setup_context=setup_context)
 
 
 _HAS_CUSTOM_OP = hasattr(torch.library, "custom_op") and hasattr(torch.library, "register_fake")
@@ -182,12 +149,12 @@ if _HAS_CUSTOM_OP:
     def _(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, act, gamma, residual, ln_weight, ln_bias, ln_eps):
         return x.new_empty(*x.shape[:-1], fc2_weight.shape[0])
 
-    _reference_autograd(_patch_embed_op, _ref.patch_embed, (0, 1, 2, 3, 4))
-    _reference_autograd(_attention_op, _ref.attention, (0, 1, 2))
-    _reference_autograd(_attention_probs_op, _ref.attention_probs, (0, 1, 2))
-    _reference_autograd(_layer_norm_op, _ref.layer_norm, (0, 1, 2))
-    _reference_autograd(_linear_op, _ref.linear, (0, 1, 2, 4, 5, 6, 7))
-    _reference_autograd(_mlp_op, _ref.mlp, (0, 1, 2, 3, 4, 6, 7, 8, 9))
+    register_reference_backward(_patch_embed_op, _ref.patch_embed, (0, 1, 2, 3, 4))
+    register_reference_backward(_attention_op, _ref.attention, (0, 1, 2))
+    register_reference_backward(_attention_probs_op, _ref.attention_probs, (0, 1, 2))
+    register_reference_backward(_layer_norm_op, _ref.layer_norm, (0, 1, 2))
+    register_reference_backward(_linear_op, _ref.linear, (0, 1, 2, 4, 5, 6, 7))
+    register_reference_backward(_mlp_op, _ref.mlp, (0, 1, 2, 3, 4, 6, 7, 8, 9))
     OPS = {"patch_embed": _patch_embed_op, "attention": _attention_op, "attention_probs": _attention_probs_op,
            "layer_norm": _layer_norm_op, "linear": _linear_op, "mlp": _mlp_op}
 

@@ -548,3 +548,51 @@ def test_compute_sanitizer_memcheck_clean():
                           capture_output=True, text=True, timeout=1200)
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0 and "done" in log and "ERROR SUMMARY: 0 errors" in log, log[-6000:]
+
+
+def test_every_cuda_op_has_a_backward():
+    """Meta tensors run the fake forward and the reference backward: shapes of every gradient,
+    with no GPU (an op without a registered formula raises 'no autograd formula')."""
+    m = dict(device="meta", requires_grad=True)
+    x, w, b = torch.randn(2, 5, 8, **m), torch.randn(4, 8, **m), torch.randn(4, **m)
+    g, r, lw, lb = torch.randn(4, **m), torch.randn(2, 5, 4, **m), torch.randn(8, **m), torch.randn(8, **m)
+    w2, b2 = torch.randn(8, 4, **m), torch.randn(8, **m)
+    q = torch.randn(2, 3, 6, 16, **m)
+    img, pw, pos, pre = torch.randn(2, 3, 16, 16, **m), torch.randn(4, 3, 8, 8, **m), torch.randn(4, 4, **m), \
+        torch.randn(1, 4, **m)
+    calls = [
+        (cuda_ext._linear_op(x, w, b, 1, g, r, lw, lb, 1e-6), (x, w, b, g, r, lw, lb)),
+        (cuda_ext._mlp_op(x, w, b, w2, b2, 2, None, None, lw, lb, 1e-6), (x, w, b, w2, b2, lw, lb)),
+        (cuda_ext._attention_op(q, q, q, 0.25), (q,)),
+        (cuda_ext._layer_norm_op(x, lw, lb, 1e-6), (x, lw, lb)),
+        (cuda_ext._patch_embed_op(img, pw, b, pos, pre, False), (img, pw, b, pos, pre)),
+    ]
+    for out, leaves in calls:
+        for t in leaves:
+            t.grad = None
+        out.sum().backward()
+        for t in leaves:
+            assert t.grad is not None and t.grad.shape == t.shape
+
+
+@pytest.mark.gpu
+def test_gradients_flow_through_the_reference_backward():
+    dev = torch.device("cuda")
+    x = torch.randn(2, 7, 48, device=dev, requires_grad=True)
+    w, b = torch.randn(64, 48, device=dev, requires_grad=True), torch.randn(64, device=dev, requires_grad=True)
+    r = torch.randn(2, 7, 64, device=dev, requires_grad=True)
+    lw = torch.randn(48, device=dev, requires_grad=True)
+    leaves = (x, w, b, r, lw)
+    ops.linear(x, w, b, "gelu", None, r, lw, None, backend="cuda").square().sum().backward()
+    got = [t.grad.clone() for t in leaves]
+    for t in leaves:
+        t.grad = None
+    reference.linear(x, w, b, "gelu", None, r, lw, None).square().sum().backward()
+    for g, t in zip(got, leaves):
+        torch.testing.assert_close(g, t.grad, rtol=1e-3, atol=1e-3)
+    qkv = torch.randn(2, 33, 3, 4, 32, device=dev, dtype=torch.float16, requires_grad=True)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    ops.attention(q, k, v, backend="cuda").float().square().sum().backward()
+    g1, qkv.grad = qkv.grad.clone(), None
+    reference.attention(q, k, v, upcast=True).float().square().sum().backward()
+    torch.testing.assert_close(g1.float(), qkv.grad.float(), rtol=2e-2, atol=2e-2)
