@@ -1,23 +1,34 @@
-"""Public ops: validate once, then dispatch to a backend.
+"""Public ops: each op's contract, written once, then validation and dispatch.
 
-Every op has the same signature and semantics in every backend; :mod:`fastvit.reference`
-defines them. Validation happens here, before dispatch, so a backend receives only inputs it
-was promised: errors are ``ValueError`` / ``TypeError`` naming the argument, what was expected
-and what was given.
+For every op this file holds, side by side (as flash-attention's ``flash_attn_interface``):
+
+* the public function (its docstring is the contract: shapes, dtypes, output layout),
+* its ``torch.library`` custom op under the one namespace ``fastvit`` (``fastvit::<op>``),
+  whose last argument names the backend that runs it, with its fake (meta) function and its
+  autograd (the backward differentiates the PyTorch reference at the saved inputs).
+
+Backends (:mod:`fastvit.backends`) supply implementations only. The custom op is what
+``torch.compile`` sees (opaque, traced through its fake: no graph break) and what autograd
+records; an eager inference call skips the dispatcher and calls the backend function directly.
+The ``torch`` backend never needs the custom op: its functions are traceable and differentiable.
+
+Validation happens here, before dispatch: errors are ``ValueError`` / ``TypeError`` naming the
+argument, what was expected and what was given. It runs the first time a call signature is seen
+(shapes, strides where checked, dtypes, devices, flags, backend choice); the result - the
+backend function to call - is cached as a *plan*, so a repeated call costs one dict lookup.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
+from torch import Tensor
 
-from . import backends
-from .reference import ACTIVATIONS
+from . import backends, reference
+from .facts import ACTIVATIONS, FLOAT_DTYPES, MAX_HEAD_DIM, patch_grid
 
-__all__ = ["patch_embed", "attention", "attention_probs", "linear", "mlp", "layer_norm"]
-
-_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+__all__ = ["patch_embed", "attention", "attention_probs", "linear", "mlp", "layer_norm", "clear_plans"]
 
 
 # --------------------------------------------------------------------------- validation helpers
@@ -32,7 +43,7 @@ def _tensor(t, arg: str, ndim: Optional[int] = None, min_ndim: Optional[int] = N
         _fail(arg, "a torch.Tensor", "None", TypeError)
     if not isinstance(t, torch.Tensor):
         _fail(arg, "a torch.Tensor", type(t).__name__, TypeError)
-    if t.dtype not in _FLOATS:
+    if t.dtype not in FLOAT_DTYPES:
         _fail(arg, "dtype float32, float16 or bfloat16", t.dtype, TypeError)
     if ndim is not None and t.dim() != ndim:
         _fail(arg, f"a {ndim}-D tensor", f"shape {tuple(t.shape)}")
@@ -45,7 +56,7 @@ def _shape(t, arg: str, shape: Sequence[int]):
         _fail(arg, f"shape {tuple(shape)}", f"shape {tuple(t.shape)}")
 
 
-def _same(ref: torch.Tensor, ref_arg: str, **others):
+def _same(ref: Tensor, ref_arg: str, **others):
     for arg, t in others.items():
         if t is None:
             continue
@@ -61,25 +72,227 @@ def _last_dim_contiguous(t, arg: str):
 
 
 def _act(act):
-    if act not in ACTIVATIONS:
+    try:
+        ok = act in ACTIVATIONS
+    except TypeError:  # unhashable
+        ok = False
+    if not ok:
         _fail("act", f"one of {ACTIVATIONS}", repr(act))
 
 
-def _device(t: torch.Tensor) -> torch.device:
-    return t.device
+def _scale(scale, d: int) -> float:
+    if scale is None:
+        return d ** -0.5
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        _fail("scale", "a float or None", type(scale).__name__, TypeError)
+    return float(scale)
+
+
+# --------------------------------------------------------------------------- plans
+_PLANS: Dict[tuple, Callable] = {}
+_MAX_PLANS = 4096  # call signatures are few in a served model; this bounds a pathological caller
+
+
+def clear_plans() -> None:
+    """Forget every cached plan (the next call of each signature validates and resolves again)."""
+    _PLANS.clear()
+
+
+backends.on_reset(clear_plans)
+
+
+def _sig(t: Optional[Tensor]):
+    return None if t is None else (t.shape, t.dtype, t.device)
+
+
+def _compiling() -> bool:
+    return torch.compiler.is_compiling()
+
+
+def _cached(key, build: Callable[[], Callable]) -> Callable:
+    """The plan for ``key``; ``build`` validates and resolves on a miss. Under torch.compile the
+    cache is bypassed (dynamo traces the validation once per graph instead)."""
+    if key is None or _compiling():
+        return build()
+    try:
+        plan = _PLANS.get(key)
+    except TypeError:  # an unhashable argument: validation names it
+        return build()
+    if plan is None:
+        plan = build()
+        if len(_PLANS) >= _MAX_PLANS:
+            _PLANS.clear()
+        _PLANS[key] = plan
+    return plan
+
+
+def _plan(op: str, mod, custom_op, grad_args: Tuple[int, ...]) -> Callable:
+    """The callable that runs ``op`` on backend module ``mod``.
+
+    The torch backend is called directly (traceable, differentiable). Another backend is
+    called directly for inference, and through its custom op when torch.compile traces or when
+    an input needs a gradient (``grad_args``: positions of tensor arguments)."""
+    fn = getattr(mod, op)
+    if mod is reference:
+        return fn
+    name = mod.LIMITS.name
+
+    def run(*args):
+        if _compiling() or (torch.is_grad_enabled() and any(
+                args[i] is not None and args[i].requires_grad for i in grad_args)):
+            return custom_op(*args, name)
+        return fn(*args)
+
+    return run
+
+
+# --------------------------------------------------------------------------- the contract
+def _register_reference_backward(op, reference_fn: Callable, tensor_args: Sequence[int]) -> None:
+    """Give custom op ``op`` a backward that differentiates ``reference_fn`` (same arguments,
+    minus the trailing backend name) at the saved inputs: exact gradients of the reference
+    formula for kernels that are forward-only."""
+    tensor_args = tuple(tensor_args)
+
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*(inputs[i] for i in tensor_args))
+        ctx.others = [None if i in tensor_args else a for i, a in enumerate(inputs[:-1])]
+
+    def backward(ctx, *grads):
+        args = list(ctx.others)
+        leaves, where = [], []
+        for i, t in zip(tensor_args, ctx.saved_tensors):
+            if t is not None and ctx.needs_input_grad[i]:
+                t = t.detach().requires_grad_(True)
+                leaves.append(t)
+                where.append(i)
+            args[i] = t
+        result = [None] * (len(args) + 1)
+        if not leaves:
+            return tuple(result)
+        with torch.enable_grad():
+            outs = reference_fn(*args)
+        outs = outs if isinstance(outs, tuple) else (outs,)
+        pairs = [(o, g) for o, g in zip(outs, grads) if g is not None and o.requires_grad]
+        got = torch.autograd.grad([o for o, _ in pairs], leaves, [g for _, g in pairs], allow_unused=True)
+        for i, g in zip(where, got):
+            result[i] = g
+        return tuple(result)
+
+    op.register_autograd(backward, setup_context=setup_context)
+
+
+def _attention_layout(q: Tensor) -> Tensor:
+    """A (B, H, N, d) view of a fresh (B, N, H, d) buffer: the layout every backend returns."""
+    B, H, N, d = q.shape
+    return q.new_empty(B, N, H, d).transpose(1, 2)
+
+
+def _call_backend(op: str, backend: str, *args):
+    return getattr(backends.module(backend), op)(*args)
+
+
+@torch.library.custom_op("fastvit::patch_embed", mutates_args=())
+def _patch_embed_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], pos_embed: Optional[Tensor],
+                    prefix: Optional[Tensor], pad: bool, backend: str) -> Tensor:
+    return _call_backend("patch_embed", backend, x, weight, bias, pos_embed, prefix, pad)
+
+
+@_patch_embed_op.register_fake
+def _(x, weight, bias, pos_embed, prefix, pad, backend):
+    D, _, ph, pw = weight.shape
+    gh, gw = patch_grid(x.shape[2], x.shape[3], (ph, pw), pad)
+    T = 0 if prefix is None else prefix.shape[0]
+    return weight.new_empty(x.shape[0], T + gh * gw, D)
+
+
+@torch.library.custom_op("fastvit::attention", mutates_args=())
+def _attention_op(q: Tensor, k: Tensor, v: Tensor, scale: float, backend: str) -> Tensor:
+    return _call_backend("attention", backend, q, k, v, scale)
+
+
+@_attention_op.register_fake
+def _(q, k, v, scale, backend):
+    return _attention_layout(q)
+
+
+@torch.library.custom_op("fastvit::attention_probs", mutates_args=())
+def _attention_probs_op(q: Tensor, k: Tensor, v: Tensor, scale: float, backend: str) -> Tuple[Tensor, Tensor]:
+    return _call_backend("attention_probs", backend, q, k, v, scale)
+
+
+@_attention_probs_op.register_fake
+def _(q, k, v, scale, backend):
+    B, H, N, _ = q.shape
+    return _attention_layout(q), q.new_empty(B, H, N, k.shape[2], dtype=torch.float32)
+
+
+@torch.library.custom_op("fastvit::layer_norm", mutates_args=())
+def _layer_norm_op(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float, backend: str) -> Tensor:
+    return _call_backend("layer_norm", backend, x, weight, bias, eps)
+
+
+@_layer_norm_op.register_fake
+def _(x, weight, bias, eps, backend):
+    return x.new_empty(x.shape)
+
+
+@torch.library.custom_op("fastvit::linear", mutates_args=())
+def _linear_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], act: Optional[str], gamma: Optional[Tensor],
+               residual: Optional[Tensor], ln_weight: Optional[Tensor], ln_bias: Optional[Tensor], ln_eps: float,
+               backend: str) -> Tensor:
+    return _call_backend("linear", backend, x, weight, bias, act, gamma, residual, ln_weight, ln_bias, ln_eps)
+
+
+@_linear_op.register_fake
+def _(x, weight, bias, act, gamma, residual, ln_weight, ln_bias, ln_eps, backend):
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+@torch.library.custom_op("fastvit::mlp", mutates_args=())
+def _mlp_op(x: Tensor, fc1_weight: Tensor, fc1_bias: Optional[Tensor], fc2_weight: Tensor, fc2_bias: Optional[Tensor],
+            act: Optional[str], gamma: Optional[Tensor], residual: Optional[Tensor], ln_weight: Optional[Tensor],
+            ln_bias: Optional[Tensor], ln_eps: float, backend: str) -> Tensor:
+    return _call_backend("mlp", backend, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, act, gamma, residual,
+                         ln_weight, ln_bias, ln_eps)
+
+
+@_mlp_op.register_fake
+def _(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, act, gamma, residual, ln_weight, ln_bias, ln_eps, backend):
+    return x.new_empty(*x.shape[:-1], fc2_weight.shape[0])
+
+
+# positions of the tensor arguments of each op (saved for backward, checked for requires_grad)
+_TENSOR_ARGS = {
+    "patch_embed": (0, 1, 2, 3, 4),
+    "attention": (0, 1, 2),
+    "attention_probs": (0, 1, 2),
+    "layer_norm": (0, 1, 2),
+    "linear": (0, 1, 2, 4, 5, 6, 7),
+    "mlp": (0, 1, 2, 3, 4, 6, 7, 8, 9),
+}
+CUSTOM_OPS = {
+    "patch_embed": _patch_embed_op, "attention": _attention_op, "attention_probs": _attention_probs_op,
+    "layer_norm": _layer_norm_op, "linear": _linear_op, "mlp": _mlp_op,
+}
+for _name, _op in CUSTOM_OPS.items():
+    _register_reference_backward(_op, getattr(reference, _name), _TENSOR_ARGS[_name])
+
+
+def _resolve(op: str, device: torch.device, backend: Optional[str], **props) -> Callable:
+    return _plan(op, backends.resolve(op, device, backend, **props), CUSTOM_OPS[op], _TENSOR_ARGS[op])
 
 
 # --------------------------------------------------------------------------- ops
 def patch_embed(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: Optional[torch.Tensor] = None,
-    pos_embed: Optional[torch.Tensor] = None,
-    prefix: Optional[torch.Tensor] = None,
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor] = None,
+    pos_embed: Optional[Tensor] = None,
+    prefix: Optional[Tensor] = None,
     pad: bool = False,
     *,
     backend: Optional[str] = None,
-) -> torch.Tensor:
+) -> Tensor:
     """Image -> tokens: patchify + project + bias + position embedding + prefix token rows.
 
     Args:
@@ -95,35 +308,41 @@ def patch_embed(
     Returns:
         (B, T + gh * gw, D) contiguous, in ``weight.dtype``.
     """
-    _tensor(x, "x", ndim=4)
-    _tensor(weight, "weight", ndim=4)
-    D, C, ph, pw = weight.shape
-    if x.shape[1] != C:
-        _fail("x", f"{C} input channels (B, {C}, H, W)", f"shape {tuple(x.shape)}")
-    if x.device != weight.device:
-        _fail("x", f"device {weight.device} (as weight)", f"device {x.device}")
-    B, _, H, W = x.shape
-    if pad:
-        gh, gw = -(-H // ph), -(-W // pw)
-    else:
-        if H % ph or W % pw:
+    pad = bool(pad)
+
+    def build():
+        _tensor(x, "x", ndim=4)
+        _tensor(weight, "weight", ndim=4)
+        D, C, ph, pw = weight.shape
+        if x.shape[1] != C:
+            _fail("x", f"{C} input channels (B, {C}, H, W)", f"shape {tuple(x.shape)}")
+        if x.device != weight.device:
+            _fail("x", f"device {weight.device} (as weight)", f"device {x.device}")
+        H, W = x.shape[2:]
+        if not pad and (H % ph or W % pw):
             _fail("x", f"height and width multiples of the patch size {(ph, pw)} (or pad=True / "
                   "dynamic_img_pad)", f"image size {(H, W)}")
-        gh, gw = H // ph, W // pw
-    if gh == 0 or gw == 0:
-        _fail("x", f"an image at least one patch {(ph, pw)} large", f"image size {(H, W)}")
-    for name, t, shp in (("bias", bias, (D,)), ("pos_embed", pos_embed, (gh * gw, D))):
-        _tensor(t, name, optional=True)
-        _shape(t, name, shp)
-    _tensor(prefix, "prefix", ndim=2, optional=True)
-    if prefix is not None and prefix.shape[1] != D:
-        _fail("prefix", f"shape (T, {D})", f"shape {tuple(prefix.shape)}")
-    _same(weight, "weight", bias=bias, pos_embed=pos_embed, prefix=prefix)
-    impl = backends.resolve("patch_embed", _device(x), backend, patch=(ph, pw), dtype=weight.dtype)
-    return impl.patch_embed(x, weight, bias, pos_embed, prefix, pad)
+        gh, gw = patch_grid(H, W, (ph, pw), pad)
+        if gh == 0 or gw == 0:
+            _fail("x", f"an image at least one patch {(ph, pw)} large", f"image size {(H, W)}")
+        for name, t, shp in (("bias", bias, (D,)), ("pos_embed", pos_embed, (gh * gw, D))):
+            _tensor(t, name, optional=True)
+            _shape(t, name, shp)
+        _tensor(prefix, "prefix", ndim=2, optional=True)
+        if prefix is not None and prefix.shape[1] != D:
+            _fail("prefix", f"shape (T, {D})", f"shape {tuple(prefix.shape)}")
+        _same(weight, "weight", bias=bias, pos_embed=pos_embed, prefix=prefix)
+        return _resolve("patch_embed", x.device, backend, dtype=weight.dtype)
+
+    try:
+        key = ("patch_embed", backend, pad, x.shape, x.dtype, x.device, weight.shape, weight.dtype, weight.device,
+               _sig(bias), _sig(pos_embed), _sig(prefix))
+    except AttributeError:  # not a tensor: validation says which
+        key = None
+    return _cached(key, build)(x, weight, bias, pos_embed, prefix, pad)
 
 
-def _check_qkv(q, k, v):
+def _check_qkv(q, k, v) -> int:
     for name, t in (("q", q), ("k", k), ("v", v)):
         _tensor(t, name, ndim=4)
         _last_dim_contiguous(t, name)
@@ -132,19 +351,27 @@ def _check_qkv(q, k, v):
         _fail("k", f"shape ({B}, {H}, N_kv, {d}) matching q (B, H, N, d)", f"shape {tuple(k.shape)}")
     _shape(v, "v", k.shape)
     _same(q, "q", k=k, v=v)
-    if d > 256:
-        _fail("q", "head dim <= 256", f"head dim {d}")
+    if d > MAX_HEAD_DIM:
+        _fail("q", f"head dim <= {MAX_HEAD_DIM}", f"head dim {d}")
     return d
 
 
+def _qkv_key(op, backend, q, k, v):
+    try:
+        return (op, backend, q.shape, q.stride(), q.dtype, q.device, k.shape, k.stride(), k.dtype, k.device,
+                v.shape, v.stride(), v.dtype, v.device)
+    except AttributeError:
+        return None
+
+
 def attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
     scale: Optional[float] = None,
     *,
     backend: Optional[str] = None,
-) -> torch.Tensor:
+) -> Tensor:
     """Softmax attention like ``F.scaled_dot_product_attention`` (no mask, no dropout).
 
     Args:
@@ -154,51 +381,64 @@ def attention(
         backend: see :func:`patch_embed`.
 
     Returns:
-        (B, H, N, d). On the fast paths a transposed view of a (B, N, H, d) buffer, so
-        ``out.transpose(1, 2).reshape(B, N, H * d)`` needs no copy.
+        (B, H, N, d) in q's dtype, from every backend a transposed view of a (B, N, H, d)
+        buffer, so ``out.transpose(1, 2).reshape(B, N, H * d)`` needs no copy.
     """
-    d = _check_qkv(q, k, v)
-    impl = backends.resolve("attention", _device(q), backend, head_dim=d, dtype=q.dtype)
-    return impl.attention(q, k, v, scale)
+    def build():
+        d = _check_qkv(q, k, v)
+        return _resolve("attention", q.device, backend, dtype=q.dtype, head_dim=d)
+
+    plan = _cached(_qkv_key("attention", backend, q, k, v), build)
+    return plan(q, k, v, _scale(scale, q.shape[-1]))
 
 
 def attention_probs(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
     scale: Optional[float] = None,
     *,
     backend: Optional[str] = None,
-) -> Tuple[torch.Tensor, torch.Tensor]:
+) -> Tuple[Tensor, Tensor]:
     """Attention that also returns the softmax probabilities, for pictures (opt-in, slow path).
 
     Args: as :func:`attention`.
 
     Returns:
-        out (B, H, N, d) in q's dtype and probs (B, H, N, N_kv) in float32.
+        out (B, H, N, d) in q's dtype (layout as :func:`attention`) and probs (B, H, N, N_kv)
+        in float32.
     """
-    d = _check_qkv(q, k, v)
-    impl = backends.resolve("attention_probs", _device(q), backend, head_dim=d, dtype=q.dtype)
-    return impl.attention_probs(q, k, v, scale)
+    def build():
+        d = _check_qkv(q, k, v)
+        return _resolve("attention_probs", q.device, backend, dtype=q.dtype, head_dim=d)
+
+    plan = _cached(_qkv_key("attention_probs", backend, q, k, v), build)
+    return plan(q, k, v, _scale(scale, q.shape[-1]))
 
 
 def layer_norm(
-    x: torch.Tensor,
-    weight: Optional[torch.Tensor],
-    bias: Optional[torch.Tensor],
+    x: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
     eps: float = 1e-6,
     *,
     backend: Optional[str] = None,
-) -> torch.Tensor:
+) -> Tensor:
     """LayerNorm over the last dim. x: (..., D); weight, bias: (D,) or None. Returns (..., D)."""
-    _tensor(x, "x", min_ndim=1)
-    _last_dim_contiguous(x, "x")
-    for name, t in (("weight", weight), ("bias", bias)):
-        _tensor(t, name, optional=True)
-        _shape(t, name, x.shape[-1:])
-    _same(x, "x", weight=weight, bias=bias)
-    impl = backends.resolve("layer_norm", _device(x), backend, dtype=x.dtype)
-    return impl.layer_norm(x, weight, bias, eps)
+    def build():
+        _tensor(x, "x", min_ndim=1)
+        _last_dim_contiguous(x, "x")
+        for name, t in (("weight", weight), ("bias", bias)):
+            _tensor(t, name, optional=True)
+            _shape(t, name, x.shape[-1:])
+        _same(x, "x", weight=weight, bias=bias)
+        return _resolve("layer_norm", x.device, backend, dtype=x.dtype)
+
+    try:
+        key = ("layer_norm", backend, x.shape, x.stride(), x.dtype, x.device, _sig(weight), _sig(bias))
+    except AttributeError:
+        key = None
+    return _cached(key, build)(x, weight, bias, float(eps))
 
 
 def _check_linear_args(x, weight, bias, ln_weight, ln_bias, w_name="weight", b_name="bias"):
@@ -226,19 +466,23 @@ def _check_epilogue(x, Nout, gamma, residual):
     _same(x, "x", gamma=gamma, residual=residual)
 
 
+def _residual_sig(r: Optional[Tensor]):
+    return None if r is None else (r.shape, r.stride(), r.dtype, r.device)
+
+
 def linear(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: Optional[torch.Tensor] = None,
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor] = None,
     act: Optional[str] = None,
-    gamma: Optional[torch.Tensor] = None,
-    residual: Optional[torch.Tensor] = None,
-    ln_weight: Optional[torch.Tensor] = None,
-    ln_bias: Optional[torch.Tensor] = None,
+    gamma: Optional[Tensor] = None,
+    residual: Optional[Tensor] = None,
+    ln_weight: Optional[Tensor] = None,
+    ln_bias: Optional[Tensor] = None,
     ln_eps: float = 1e-6,
     *,
     backend: Optional[str] = None,
-) -> torch.Tensor:
+) -> Tensor:
     """``y = act(LN?(x) @ weight.T + bias) * gamma + residual`` in one GEMM on the fast paths.
 
     Args:
@@ -253,30 +497,37 @@ def linear(
     Returns:
         (..., N) in x's dtype.
     """
-    _tensor(x, "x", min_ndim=1)
-    _last_dim_contiguous(x, "x")
-    _act(act)
-    Nout, K = _check_linear_args(x, weight, bias, ln_weight, ln_bias)
-    _check_epilogue(x, Nout, gamma, residual)
-    impl = backends.resolve("linear", _device(x), backend, K=K, N=Nout, dtype=x.dtype)
-    return impl.linear(x, weight, bias, act, gamma, residual, ln_weight, ln_bias, ln_eps)
+    def build():
+        _tensor(x, "x", min_ndim=1)
+        _last_dim_contiguous(x, "x")
+        _act(act)
+        Nout, _ = _check_linear_args(x, weight, bias, ln_weight, ln_bias)
+        _check_epilogue(x, Nout, gamma, residual)
+        return _resolve("linear", x.device, backend, dtype=x.dtype, act=act)
+
+    try:
+        key = ("linear", backend, act, x.shape, x.stride(), x.dtype, x.device, weight.shape, weight.dtype,
+               weight.device, _sig(bias), _sig(gamma), _residual_sig(residual), _sig(ln_weight), _sig(ln_bias))
+    except AttributeError:
+        key = None
+    return _cached(key, build)(x, weight, bias, act, gamma, residual, ln_weight, ln_bias, float(ln_eps))
 
 
 def mlp(
-    x: torch.Tensor,
-    fc1_weight: torch.Tensor,
-    fc1_bias: Optional[torch.Tensor],
-    fc2_weight: torch.Tensor,
-    fc2_bias: Optional[torch.Tensor],
+    x: Tensor,
+    fc1_weight: Tensor,
+    fc1_bias: Optional[Tensor],
+    fc2_weight: Tensor,
+    fc2_bias: Optional[Tensor],
     act: Optional[str] = "gelu",
-    gamma: Optional[torch.Tensor] = None,
-    residual: Optional[torch.Tensor] = None,
-    ln_weight: Optional[torch.Tensor] = None,
-    ln_bias: Optional[torch.Tensor] = None,
+    gamma: Optional[Tensor] = None,
+    residual: Optional[Tensor] = None,
+    ln_weight: Optional[Tensor] = None,
+    ln_bias: Optional[Tensor] = None,
     ln_eps: float = 1e-6,
     *,
     backend: Optional[str] = None,
-) -> torch.Tensor:
+) -> Tensor:
     """Transformer MLP ``residual + gamma * fc2(act(fc1(LN?(x))))``.
 
     Args:
@@ -287,19 +538,29 @@ def mlp(
         backend: see :func:`patch_embed`.
 
     Returns:
-        (..., D_out) in x's dtype.
+        (..., D_out) in x's dtype; the hidden activation is rounded to x's dtype between the
+        two products, as the unfused composition rounds it.
     """
-    _tensor(x, "x", min_ndim=1)
-    _last_dim_contiguous(x, "x")
-    _act(act)
-    hid, D = _check_linear_args(x, fc1_weight, fc1_bias, ln_weight, ln_bias, "fc1_weight", "fc1_bias")
-    _tensor(fc2_weight, "fc2_weight", ndim=2)
-    if fc2_weight.shape[1] != hid:
-        _fail("fc2_weight", f"shape (D_out, {hid})", f"shape {tuple(fc2_weight.shape)}")
-    Nout = fc2_weight.shape[0]
-    _tensor(fc2_bias, "fc2_bias", optional=True)
-    _shape(fc2_bias, "fc2_bias", (Nout,))
-    _same(x, "x", fc2_weight=fc2_weight, fc2_bias=fc2_bias)
-    _check_epilogue(x, Nout, gamma, residual)
-    impl = backends.resolve("mlp", _device(x), backend, K=D, hidden=hid, N=Nout, dtype=x.dtype)
-    return impl.mlp(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, act, gamma, residual, ln_weight, ln_bias, ln_eps)
+    def build():
+        _tensor(x, "x", min_ndim=1)
+        _last_dim_contiguous(x, "x")
+        _act(act)
+        hid, _ = _check_linear_args(x, fc1_weight, fc1_bias, ln_weight, ln_bias, "fc1_weight", "fc1_bias")
+        _tensor(fc2_weight, "fc2_weight", ndim=2)
+        if fc2_weight.shape[1] != hid:
+            _fail("fc2_weight", f"shape (D_out, {hid})", f"shape {tuple(fc2_weight.shape)}")
+        Nout = fc2_weight.shape[0]
+        _tensor(fc2_bias, "fc2_bias", optional=True)
+        _shape(fc2_bias, "fc2_bias", (Nout,))
+        _same(x, "x", fc2_weight=fc2_weight, fc2_bias=fc2_bias)
+        _check_epilogue(x, Nout, gamma, residual)
+        return _resolve("mlp", x.device, backend, dtype=x.dtype, act=act)
+
+    try:
+        key = ("mlp", backend, act, x.shape, x.stride(), x.dtype, x.device, fc1_weight.shape, fc1_weight.dtype,
+               fc1_weight.device, _sig(fc1_bias), fc2_weight.shape, fc2_weight.dtype, fc2_weight.device,
+               _sig(fc2_bias), _sig(gamma), _residual_sig(residual), _sig(ln_weight), _sig(ln_bias))
+    except AttributeError:
+        key = None
+    return _cached(key, build)(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, act, gamma, residual, ln_weight,
+                               ln_bias, float(ln_eps))

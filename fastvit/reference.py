@@ -1,4 +1,4 @@
-"""Pure-PyTorch implementation of every fastvit op.
+"""The ``torch`` backend: pure PyTorch, and the oracle of every test.
 
 This module is two things at once:
 
@@ -7,8 +7,9 @@ This module is two things at once:
 * the oracle of every test: call an op with ``upcast=True`` and it runs in float32 with the
   explicit (math) formulation, whatever the input dtype, and casts the result back.
 
-Every backend implements the same functions with the same signatures and semantics; inputs
-have already been validated by :mod:`fastvit.ops` when they arrive here.
+Its face is every backend's (:mod:`fastvit.backends`): ``LIMITS``, ``available()`` and one
+function per op with the op's signature; inputs arrive validated by :mod:`fastvit.ops`. The
+semantics defined here are the ones every other backend must reproduce.
 """
 
 from __future__ import annotations
@@ -18,7 +19,11 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from .facts import ACTIVATIONS, OPS, BackendLimits
+
 __all__ = [
+    "LIMITS",
+    "available",
     "patch_embed",
     "attention",
     "attention_probs",
@@ -26,20 +31,36 @@ __all__ = [
     "mlp",
     "layer_norm",
     "gelu",
+    "resample_pos_embed",
 ]
 
-ACTIVATIONS = (None, "gelu", "gelu_tanh")
+LIMITS = BackendLimits(
+    name="torch",
+    ops=frozenset(OPS),
+    devices=("cpu", "cuda"),
+    note="fastvit/reference.py: ATen calls (SDPA, F.linear, F.layer_norm); the CPU path and the test oracle",
+)
+
+
+def available() -> Optional[str]:
+    """The torch backend always runs."""
+    return None
+
+
+_ACT_FNS = {
+    "gelu": F.gelu,
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+}
 
 
 def gelu(x: torch.Tensor, act: Optional[str]) -> torch.Tensor:
     """Apply the activation named ``act`` (None, 'gelu' = exact erf form, 'gelu_tanh')."""
     if act is None:
         return x
-    if act == "gelu":
-        return F.gelu(x)
-    if act == "gelu_tanh":
-        return F.gelu(x, approximate="tanh")
-    raise ValueError(f"act: expected one of {ACTIVATIONS}, got {act!r}")
+    fn = _ACT_FNS.get(act)
+    if fn is None:
+        raise ValueError(f"act: expected one of {ACTIVATIONS}, got {act!r}")
+    return fn(x)
 
 
 def _up(t: Optional[torch.Tensor], upcast: bool) -> Optional[torch.Tensor]:
@@ -110,11 +131,17 @@ def attention(
         scale = q.shape[-1] ** -0.5
     if upcast:
         out, _ = _attention_math(q, k, v, scale)
-        return out.to(q.dtype)
-    out = torch.empty(q.shape[0], q.shape[2], q.shape[1], q.shape[3], dtype=q.dtype, device=q.device)
-    out = out.transpose(1, 2)  # (B, H, N, d) view of (B, N, H, d) memory
-    out.copy_(F.scaled_dot_product_attention(q, k, v, scale=scale))
-    return out
+        return _contract_layout(out.to(q.dtype))
+    return _contract_layout(F.scaled_dot_product_attention(q, k, v, scale=scale))
+
+
+def _contract_layout(out: torch.Tensor) -> torch.Tensor:
+    """``out`` (B, H, N, d) as a view of (B, N, H, d) memory: the attention output layout of every
+    backend. SDPA's flash paths already return it (no copy); other paths are copied once."""
+    B, H, N, d = out.shape
+    if out.stride() == (N * H * d, d, H * d, 1) or out.numel() == 0:
+        return out
+    return out.transpose(1, 2).contiguous().transpose(1, 2)
 
 
 def _attention_math(q, k, v, scale) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -143,7 +170,7 @@ def attention_probs(
     if scale is None:
         scale = q.shape[-1] ** -0.5
     out, p = _attention_math(q, k, v, scale)
-    return out.to(q.dtype), p
+    return _contract_layout(out.to(q.dtype)), p
 
 
 def layer_norm(
@@ -186,18 +213,19 @@ def linear(
     Returns:
         (..., N) in x's dtype.
     """
-    dt = x.dtype
-    x, weight, bias, gamma, residual, ln_weight, ln_bias = (
-        _up(t, upcast) for t in (x, weight, bias, gamma, residual, ln_weight, ln_bias)
-    )
+    if upcast:
+        dt = x.dtype
+        x, weight, bias, gamma, residual, ln_weight, ln_bias = (
+            _up(t, True) for t in (x, weight, bias, gamma, residual, ln_weight, ln_bias))
+        return linear(x, weight, bias, act, gamma, residual, ln_weight, ln_bias, ln_eps).to(dt)
     if ln_weight is not None:
         x = F.layer_norm(x, x.shape[-1:], ln_weight, ln_bias, ln_eps)
-    y = gelu(F.linear(x, weight, bias), act)
+    y = F.linear(x, weight, bias)
+    if act is not None:
+        y = gelu(y, act)
     if gamma is not None:
         y = y * gamma
-    if residual is not None:
-        y = y + residual
-    return y.to(dt)
+    return y if residual is None else y + residual
 
 
 def mlp(

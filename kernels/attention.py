@@ -29,6 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fastvit.facts import dtype_name
+
 from .autotune import Config, Tunable, n_bucket, next_pow2, smem_limit
 
 LOG2E = 1.4426950408889634
@@ -82,8 +84,12 @@ def _attn_fwd(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    pid_bh = tl.program_id(0)  # batch * heads on axis 0 (no 65535 limit); q blocks of one head adjacent
-    pid_m = tl.program_id(1)
+    # 1-D grid, query blocks of one (batch, head) adjacent: CTAs running together share K / V
+    # in L2 instead of re-reading them from HBM once per query block (and no 65535 axis limit)
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(N_Q, BLOCK_M)
+    pid_bh = pid // num_m
+    pid_m = pid % num_m
     b = pid_bh // H
     h = pid_bh % H
     EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
@@ -129,8 +135,10 @@ def _attn_probs_fwd(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    pid_bh = tl.program_id(0)
-    pid_m = tl.program_id(1)
+    pid = tl.program_id(0)  # same launch order as _attn_fwd
+    num_m = tl.cdiv(N_Q, BLOCK_M)
+    pid_bh = pid // num_m
+    pid_m = pid % num_m
     b = pid_bh // H
     h = pid_bh % H
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -191,8 +199,8 @@ def _smem_bytes(cfg: Config, block_d: int, elem: int) -> int:
 
 
 def keep(cfg: Config, key: Tuple) -> bool:
-    """key = (n bucket, n_kv bucket, head dim, dtype name, probs flag)."""
-    n_b, nkv_b, d, dt, probs = key
+    """key = (n bucket, n_kv bucket, head dim, dtype name, probs flag, batch * heads bucket)."""
+    n_b, nkv_b, d, dt, probs, _ = key
     block_d = next_pow2(max(d, 16))
     row = (cfg["BLOCK_M"], cfg["BLOCK_N"], cfg.num_warps, cfg.num_stages)
     if dt == "float32":
@@ -219,7 +227,7 @@ def keep(cfg: Config, key: Tuple) -> bool:
 def heuristic(key: Tuple) -> Config:
     """Without tuning: the tutorial's H100 picks (128 x 64; 4 warps for d <= 64, 8 above),
     64-row tiles for short sequences and the probs kernel, 16-row tiles for float32."""
-    n_b, nkv_b, d, dt, probs = key
+    n_b, nkv_b, d, dt, probs, _ = key
     block_d = next_pow2(max(d, 16))
     if dt == "float32":
         bm, bn, w, s = _CFG_FP32[1] if probs else _CFG_FP32[0]
@@ -247,8 +255,16 @@ def _precision(dtype: torch.dtype) -> str:
     return "tf32"  # ignored for 16-bit operands
 
 
+def bh_bucket(bh: int) -> int:
+    """batch * heads, bucketed: it sets how many CTAs fill the GPU, which changes the best tile
+    (bs1 ViT-B has 12 heads = 12-24 CTAs, bs256 has 3072 x the query blocks). Powers of two,
+    capped where every config runs many waves on any GPU."""
+    return min(next_pow2(bh), 1024)
+
+
 def _key(q, k, probs: bool):
-    return (n_bucket(q.shape[2]), n_bucket(k.shape[2]), q.shape[3], str(q.dtype).replace("torch.", ""), probs)
+    return (n_bucket(q.shape[2]), n_bucket(k.shape[2]), q.shape[3], dtype_name(q.dtype), probs,
+            bh_bucket(q.shape[0] * q.shape[1]))
 
 
 def empty_out(q: torch.Tensor) -> torch.Tensor:
@@ -284,7 +300,7 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Opti
     prec = _precision(q.dtype)
 
     def run(cfg: Config):
-        grid = (B * H, triton.cdiv(N, cfg["BLOCK_M"]))
+        grid = (B * H * triton.cdiv(N, cfg["BLOCK_M"]),)
         _attn_fwd[grid](
             q, k, v, out, float(scale) * LOG2E,
             q.stride(0), q.stride(1), q.stride(2),
@@ -325,7 +341,7 @@ def attention_probs_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale
     prec = _precision(q.dtype)
 
     def run(cfg: Config):
-        grid = (B * H, triton.cdiv(N, cfg["BLOCK_M"]))
+        grid = (B * H * triton.cdiv(N, cfg["BLOCK_M"]),)
         _attn_probs_fwd[grid](
             q, k, v, out, probs, float(scale) * LOG2E,
             q.stride(0), q.stride(1), q.stride(2),

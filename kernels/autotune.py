@@ -26,6 +26,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from fastvit.facts import interpret_mode
+
 __all__ = ["Config", "Tunable", "autotune_enabled", "cache_path", "in_capture", "clear_memory_cache", "smem_limit",
            "set_smem_limit", "SMEM_LIMITS"]
 
@@ -69,7 +71,7 @@ class Config:
 
 def autotune_enabled() -> bool:
     """False under ``FASTVIT_AUTOTUNE=0`` and in Triton's CPU interpreter (nothing to time there)."""
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    if interpret_mode():
         return False
     return os.environ.get("FASTVIT_AUTOTUNE", "1") not in ("0", "false", "False", "")
 
@@ -99,13 +101,13 @@ def cache_path(device: torch.device) -> str:
 
 TUNABLES: List["Tunable"] = []  # every kernel's Tunable, in import order (fastvit.warmup reports on them)
 _disk: Dict[str, Dict[str, Any]] = {}  # path -> {"kernel|key": config json}
-_memory: Dict[Tuple[str, str, str], Config] = {}  # (device name, kernel, key) -> config
 
 
 def clear_memory_cache() -> None:
     """Forget in-process choices (tests use it to force re-reading the disk cache)."""
     with _lock:
-        _memory.clear()
+        for t in TUNABLES:
+            t._chosen.clear()
         _disk.clear()
 
 
@@ -142,6 +144,7 @@ class Tunable:
     heuristic: Callable[[Tuple], Config]
     interpreter: Optional[Callable[[Tuple], Config]] = None  # CPU-interpreter choice (speed only)
     stats: Dict[str, int] = field(default_factory=dict)
+    _chosen: Dict[Tuple[torch.device, Tuple], Config] = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
         TUNABLES.append(self)
@@ -152,19 +155,20 @@ class Tunable:
         return kept or [self.heuristic(key)]
 
     def pick(self, key: Tuple, device: torch.device, run: Callable[[Config], None]) -> Config:
-        """The config for ``key``: cached, else tuned (when allowed), else the heuristic."""
-        skey = "|".join(str(k) for k in key)
+        """The config for ``key``: chosen before in this process (one dict lookup: the launch
+        path formats no strings and reads no environment), else read from the disk cache, else
+        tuned (when allowed), else the heuristic."""
+        cfg = self._chosen.get((device, key))
+        if cfg is None:
+            cfg = self._choose(key, device, run)
+        return cfg
+
+    def _choose(self, key: Tuple, device: torch.device, run: Callable[[Config], None]) -> Config:
         if device.type != "cuda" or not autotune_enabled():
-            mk = (device.type, self.name, skey)
-            cfg = _memory.get(mk)
-            if cfg is None:
-                choose = self.interpreter if (device.type != "cuda" and self.interpreter) else self.heuristic
-                cfg = _memory[mk] = choose(key)
+            choose = self.interpreter if (device.type != "cuda" and self.interpreter) else self.heuristic
+            cfg = self._chosen[(device, key)] = choose(key)
             return cfg
-        mk = (_device_name(device), self.name, skey)
-        cfg = _memory.get(mk)
-        if cfg is not None:
-            return cfg
+        skey = "|".join(str(k) for k in key)
         with _lock:
             path = cache_path(device)
             saved = _load_disk(path).get(f"{self.name}|{skey}")
@@ -177,7 +181,7 @@ class Tunable:
             else:
                 cfg = self._tune(key, run)
                 _save_disk(path, f"{self.name}|{skey}", cfg)
-            _memory[mk] = cfg
+            self._chosen[(device, key)] = cfg
         return cfg
 
     def _tune(self, key: Tuple, run: Callable[[Config], None]) -> Config:

@@ -22,6 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fastvit.facts import dtype_name
+
 from .autotune import Config, Tunable, next_pow2
 
 
@@ -139,7 +141,7 @@ def layer_norm_fwd(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Option
             **cfg.launch_kwargs(),
         )
 
-    run(config or TUNE.pick((D, str(x.dtype)[6:], "y"), x.device, run))
+    run(config or TUNE.pick((D, dtype_name(x.dtype), "y"), x.device, run))
     return out
 
 
@@ -157,7 +159,7 @@ def row_stats(x2: torch.Tensor, eps: float, config: Optional[Config] = None) -> 
             HAS_W=False, HAS_B=False, WRITE_Y=False, WRITE_STATS=True, **cfg.launch_kwargs(),
         )
 
-    run(config or TUNE.pick((D, str(x2.dtype)[6:], "stats"), x2.device, run))
+    run(config or TUNE.pick((D, dtype_name(x2.dtype), "stats"), x2.device, run))
     return mean, rstd
 
 

@@ -34,15 +34,15 @@ import torch
 import triton
 import triton.language as tl
 
+from fastvit.facts import ACT_CODES, dtype_name
+
 from .autotune import Config, Tunable, next_pow2, smem_limit
 from .layer_norm import row_stats
-
-ACT_CODES = {None: 0, "gelu": 1, "gelu_tanh": 2}
 
 
 @triton.jit
 def _act(x, ACT: tl.constexpr):
-    """0: identity, 1: exact GELU (erf), 2: tanh GELU; x is float32."""
+    """ACT: code of fastvit.facts.ACT_CODES (0 identity, 1 exact GELU (erf), 2 tanh GELU); x is float32."""
     if ACT == 1:
         x = 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))
     elif ACT == 2:
@@ -155,7 +155,7 @@ def smem_bytes(cfg: Config, elem: int) -> int:
 
 
 def keep(cfg: Config, key: Tuple) -> bool:
-    """key = (M bucket, N, K, dtype name, flags string: bias, act, gamma, residual, ln, ln_bias)."""
+    """key = (M bucket, N, K, dtype name, flags: (bias, act code, gamma, residual, ln, ln_bias))."""
     m_b, N, K, dt, flags = key
     elem = 4 if dt == "float32" else 2
     if smem_bytes(cfg, elem) > smem_limit():
@@ -166,7 +166,7 @@ def keep(cfg: Config, key: Tuple) -> bool:
         return False
     # the LN prologue normalises A in registers: with 128 accumulator registers per thread on
     # top, 128 x 128 at 4 warps spills on sm_80 (AOT table)
-    has_ln = len(flags) > 4 and flags[4] == "1"
+    has_ln = bool(flags[4])
     if has_ln and cfg["BLOCK_M"] * cfg["BLOCK_N"] // (32 * cfg.num_warps) > 64:
         return False
     return True
@@ -267,7 +267,7 @@ def linear_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
             PRECISION=_precision(x.dtype), **cfg.launch_kwargs(),
         )
 
-    key = (_m_bucket(M), N, K, str(x.dtype)[6:], "".join(str(int(f)) for f in flags))
+    key = (_m_bucket(M), N, K, dtype_name(x.dtype), flags)
     run(config or TUNE.pick(key, x.device, run))
     return out
 
@@ -294,4 +294,4 @@ def mlp_fwd(x: torch.Tensor, fc1_weight: torch.Tensor, fc1_bias: Optional[torch.
 
 
 KERNELS = {"linear": _linear_fwd}
-__all__ = ["linear_fwd", "mlp_fwd", "TUNE", "keep", "heuristic", "_configs", "KERNELS", "ACT_CODES"]
+__all__ = ["linear_fwd", "mlp_fwd", "TUNE", "keep", "heuristic", "_configs", "KERNELS"]

@@ -21,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fastvit.facts import dtype_name, patch_grid
+
 from .autotune import Config, Tunable, next_pow2, smem_limit
 
 
@@ -94,8 +96,8 @@ def _configs():
 
 
 def keep(cfg: Config, key: Tuple) -> bool:
-    """key = (M bucket, D, K, patch, dtype name, flags)."""
-    m_b, D, K, _, dt, _ = key
+    """key = (M bucket, D, K, patch, dtype name, flags, image dtype name)."""
+    m_b, D, K, _, dt, _, _ = key
     elem = 4 if dt == "float32" else 2
     if cfg.num_stages * (cfg["BLOCK_M"] + cfg["BLOCK_N"]) * cfg["BLOCK_K"] * elem > smem_limit():
         return False
@@ -107,7 +109,7 @@ def keep(cfg: Config, key: Tuple) -> bool:
 def heuristic(key: Tuple) -> Config:
     """A gathered A tile cannot use TMA / cp.async bulk copies, so deep pipelines buy little:
     64 x 64 x 32 at 4 warps (32 x 64 for float32, whose ieee products run on FMA units)."""
-    m_b, D, K, _, dt, _ = key
+    m_b, D, K, _, dt, _, _ = key
     bm = max(16, min(32 if dt == "float32" else 64, m_b))
     bn = max(16, min(64, next_pow2(D)))
     return Config.make(4, 3, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=32)
@@ -133,7 +135,7 @@ def patch_embed_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
     """
     B, C, H, W = x.shape
     D, _, ph, pw = weight.shape
-    gh, gw = (-(-H // ph), -(-W // pw)) if pad else (H // ph, W // pw)
+    gh, gw = patch_grid(H, W, (ph, pw), pad)
     T = 0 if prefix is None else prefix.shape[0]
     if out is None:
         out = torch.empty(B, T + gh * gw, D, dtype=weight.dtype, device=x.device)
@@ -168,7 +170,8 @@ def patch_embed_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
         )
 
     m_b = min(next_pow2(max(M, 16)), 8192)
-    key = (m_b, D, K, (ph, pw), str(weight.dtype)[6:], "".join(str(int(f)) for f in flags))
+    # the image dtype is cast in the load: it changes the compiled code and the bytes read
+    key = (m_b, D, K, (ph, pw), dtype_name(weight.dtype), flags, dtype_name(x.dtype))
     run(config or TUNE.pick(key, x.device, run))
     return out
 

@@ -48,7 +48,7 @@ def _variants():
     # attention: every config at d=64 and d=128 (N=197..256), heuristic configs for every head dim
     for dt in ("float16", "float32"):
         for d in (32, 48, 64, 80, 96, 128):
-            key = (256, 256, d, dt, False)
+            key = (256, 256, d, dt, False, 1024)
             prec = "ieee" if dt == "float32" else "tf32"
             if dt == "float32" and d > attention.FP32_MAX_HEAD_DIM:
                 continue  # declined by unsupported() on GPUs: no spill-free fp32 config exists
@@ -58,7 +58,7 @@ def _variants():
                 out.append(("attention", "_attn_fwd", f"{dt} d={d}", cfg, const, {"Q": dt, "K": dt, "V": dt, "O": dt},
                             dt != "float32"))
         for d in (64, 80):
-            key = (256, 256, d, dt, True)
+            key = (256, 256, d, dt, True, 1024)
             if dt == "float32" and d > attention.FP32_MAX_HEAD_DIM:
                 continue
             cfg = attention.heuristic(key)
@@ -74,8 +74,8 @@ def _variants():
     for dt in ("float16", "float32"):
         for i, (label, flags, K, N) in enumerate(flavours):
             fl = flags
-            key = (8192, N, K, dt, "".join(str(int(fl[f])) for f in ("HAS_BIAS", "ACT", "HAS_GAMMA", "HAS_RES",
-                                                                      "HAS_LN", "HAS_LN_B")))
+            key = (8192, N, K, dt, tuple(fl[f] for f in ("HAS_BIAS", "ACT", "HAS_GAMMA", "HAS_RES", "HAS_LN",
+                                                         "HAS_LN_B")))
             cfgs = linear.TUNE.candidates(key) if (i == 0 and dt == "float16") else [linear.heuristic(key)]
             for cfg in cfgs:
                 const = dict(flags, EVEN_K=K % cfg["BLOCK_K"] == 0, PRECISION="ieee" if dt == "float32" else "tf32",
@@ -97,7 +97,7 @@ def _variants():
     for P in (16, 14, 8, 32):
         for dt in ("float16", "float32"):
             K = 3 * P * P
-            key = (8192, 768, K, (P, P), dt, "110")
+            key = (8192, 768, K, (P, P), dt, (True, True, False), "float32")
             cfgs = patch_embed.TUNE.candidates(key) if (P == 16 and dt == "float16") else [patch_embed.heuristic(key)]
             for cfg in cfgs:
                 const = dict(PH=P, PW=P, HAS_BIAS=True, HAS_POS=True, PAD=P == 14,
