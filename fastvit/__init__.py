@@ -4,12 +4,11 @@
 """
 
 from .backends import available_backends, get_backend, set_backend
+from .factory import create_model, from_hf, from_pretrained, from_timm, load_checkpoint
 from .model import Attention, Block, HybridEmbed, Mlp, PatchEmbed, VisionTransformer
-from .registry import create_model, list_models, model_config
-from .weights import from_hf, from_pretrained, from_timm, load_checkpoint
+from .registry import list_models, model_config
+from .version import __version__
 from .warmup import warmup
-
-__version__ = "0.1.0"
 
 __all__ = [
     "VisionTransformer", "Block", "Attention", "Mlp", "PatchEmbed", "HybridEmbed",

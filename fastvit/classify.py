@@ -156,7 +156,7 @@ def add_classify_parser(sub) -> None:
 
 
 def cmd_classify(args) -> int:
-    from .weights import load_model
+    from .factory import load_model
 
     if args.checkpoint is None and args.model is None:
         raise SystemExit("fastvit classify: expected --checkpoint (and --model for a state-dict file), got neither")

@@ -1,4 +1,5 @@
-"""The ``fastvit`` command: ``info``, ``demo``, ``bench`` (more subcommands register in ``build_parser``)."""
+"""The ``fastvit`` command: ``info``, ``demo``, ``bench``, ``convert`` (more subcommands register in
+``build_parser``)."""
 
 from __future__ import annotations
 
@@ -23,9 +24,10 @@ def _version(pkg: str) -> str:
 def cmd_info(args) -> int:
     import torch
 
-    import fastvit
+    from .backends import available_backends
+    from .version import __version__
 
-    print(f"fastvit      {fastvit.__version__}")
+    print(f"fastvit      {__version__}")
     print(f"python       {platform.python_version()} ({sys.executable})")
     for pkg in ("torch", "triton", "timm", "transformers", "safetensors"):
         print(f"{pkg:<12} {_version(pkg)}")
@@ -38,7 +40,7 @@ def cmd_info(args) -> int:
     devices = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
     print("backends:")
     for dev in devices:
-        for name, (ok, reason) in fastvit.available_backends(torch.device(dev)).items():
+        for name, (ok, reason) in available_backends(torch.device(dev)).items():
             print(f"  {dev:<7} {name:<7} {'yes' if ok else 'no ':<4} {reason or ''}")
     return 0
 
@@ -84,8 +86,8 @@ def run_demo(model_name: str = "vit_tiny_patch16_224", out: Optional[str] = "dem
     max_err, img_per_s). Writes the pictures of :func:`fastvit.viz.render_all` to ``out``."""
     import torch
 
-    import fastvit
-    from fastvit import backends
+    from . import backends
+    from .factory import create_model
 
     if interpret and not torch.cuda.is_available() and "fastvit.kernels" not in sys.modules:
         # the CPU machine has no GPU: show the Triton kernels running in Triton's interpreter
@@ -93,7 +95,7 @@ def run_demo(model_name: str = "vit_tiny_patch16_224", out: Optional[str] = "dem
     from .preprocess import Preprocessor
 
     torch.manual_seed(seed)
-    model = fastvit.create_model(model_name).eval()
+    model = create_model(model_name).eval()
     if model.pos_embed is not None:
         with torch.no_grad():
             n = 0 if model.no_embed_class else model.num_prefix_tokens
@@ -179,6 +181,23 @@ def cmd_bench(args) -> int:
     return subprocess.call(cmd)
 
 
+def cmd_convert(args) -> int:
+    from .factory import convert
+
+    dst = convert(args.src, args.dst, model_name=args.model)
+    print(f"wrote {os.path.join(dst, 'model.safetensors')} and {os.path.join(dst, 'config.json')}")
+    return 0
+
+
+def add_convert_parser(sub) -> None:
+    """Register ``fastvit convert SRC DST`` on an argparse subparsers object."""
+    s = sub.add_parser("convert", help="write a timm / Hugging Face checkpoint as a fastvit folder")
+    s.add_argument("src", help="HF / timm / fastvit folder, hub name 'org/name', or a state-dict file")
+    s.add_argument("dst", help="output folder (model.safetensors + config.json)")
+    s.add_argument("--model", help="architecture for a state-dict file (a name of fastvit.list_models())")
+    s.set_defaults(func=cmd_convert)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fastvit", description="Fast drop-in Vision Transformer inference.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -195,7 +214,6 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_bench)
     from .classify import add_classify_parser
     from .viz import add_viz_parser
-    from .weights import add_convert_parser
 
     add_viz_parser(sub)
     add_classify_parser(sub)

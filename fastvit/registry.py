@@ -1,17 +1,16 @@
-"""Named model presets: ``create_model(name, checkpoint=None, **overrides)`` and ``list_models()``.
+"""Named model presets: ``model_config(name)`` and ``list_models()``.
 
 Names follow timm so a timm user finds the same model under the same name; the preset
-arguments are the architecture only (the weights come from ``checkpoint``).
+arguments are the architecture only. Building a preset with its weights is
+:func:`fastvit.factory.create_model`; this table imports no loading code.
 """
 
 from __future__ import annotations
 
 import fnmatch
-from typing import Dict, List, Optional
+from typing import Dict, List
 
-from .model import VisionTransformer
-
-__all__ = ["create_model", "list_models", "model_config"]
+__all__ = ["list_models", "model_config"]
 
 # width, depth, heads for each size
 _SIZES = {
@@ -67,23 +66,3 @@ def model_config(name: str) -> dict:
 def list_models(pattern: str = "*") -> List[str]:
     """Preset names matching the shell-style ``pattern``, sorted."""
     return sorted(fnmatch.filter(_PRESETS, pattern))
-
-
-def create_model(name: str, checkpoint: Optional[str] = None, **overrides) -> VisionTransformer:
-    """Build preset ``name`` with ``overrides`` applied; load ``checkpoint`` strictly if given.
-
-    Args:
-        name: a name from :func:`list_models` (timm's naming).
-        checkpoint: path to a timm / fastvit state dict (.safetensors, .pth, .bin); see
-            :func:`fastvit.weights.load_checkpoint`.
-        overrides: constructor arguments of :class:`VisionTransformer` (e.g. num_classes=10).
-    """
-    cfg = model_config(name)
-    cfg.update(overrides)
-    model = VisionTransformer(**cfg)
-    if checkpoint is not None:
-        from .weights import load_checkpoint
-
-        load_checkpoint(model, checkpoint)
-    model.eval()
-    return model

@@ -380,7 +380,7 @@ def add_viz_parser(sub) -> None:
 
 
 def cmd_viz(args) -> int:
-    from .weights import load_model
+    from .factory import load_model
 
     if args.checkpoint is None and args.model is None:
         raise SystemExit("fastvit viz: expected --checkpoint and/or --model, got neither")

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from fastvit.classify import classify, expand_inputs, write_results
-from fastvit.weights import convert, load_model
+from fastvit.factory import convert, load_model
 
 Image = pytest.importorskip("PIL.Image")
 skdata = pytest.importorskip("skimage.data")

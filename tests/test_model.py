@@ -8,6 +8,7 @@ import torch.nn as nn
 
 import fastvit
 from fastvit import VisionTransformer
+from fastvit.checkpoint import load_state_dict
 
 timm = pytest.importorskip("timm")
 transformers = pytest.importorskip("transformers")
@@ -283,7 +284,7 @@ def test_wrong_checkpoint_keys_listed():
     sd["blocks.0.extra.weight"] = torch.zeros(1)
     sd["head.weight"] = torch.zeros(5, 32)
     with pytest.raises(ValueError) as e:
-        fastvit.weights.load_state_dict(m, sd)
+        load_state_dict(m, sd)
     msg = str(e.value)
     assert "missing keys (1): ['blocks.0.attn.qkv.bias']" in msg
     assert "unexpected keys (1): ['blocks.0.extra.weight']" in msg

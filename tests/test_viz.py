@@ -163,7 +163,7 @@ def test_render_all_normalised_tensor_and_no_class_token(tmp_path):
 
 def test_cli_viz(tmp_path):
     from fastvit.cli import main
-    from fastvit.weights import convert
+    from fastvit.factory import convert
 
     transformers = pytest.importorskip("transformers")
     hf = transformers.ViTForImageClassification(transformers.ViTConfig(

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 import fastvit
-from fastvit.weights import CheckpointError, convert, from_pretrained, hf_outputs, load_model, model_kwargs, \
-    read_state_dict
+from fastvit.checkpoint import CheckpointError, read_state_dict
+from fastvit.convert import model_kwargs
+from fastvit.factory import convert, from_pretrained, hf_outputs, load_model
 
 timm = pytest.importorskip("timm")
 T = pytest.importorskip("transformers")

@@ -1,0 +1,279 @@
+"""Models from what a user has: a preset name, a checkpoint file, a timm / transformers object,
+a model folder or a hub name; and a model written back as a fastvit folder (``fastvit convert``).
+
+This module only ties the pieces together: presets (:mod:`fastvit.registry`), file reading and
+strict loading (:mod:`fastvit.checkpoint`), key / config conversion (:mod:`fastvit.convert`)
+and hub folders (:mod:`fastvit.hub`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Mapping, Optional, Sequence, Union
+
+import torch
+import torch.nn as nn
+
+from .checkpoint import CheckpointError, load_state_dict, read_folder_state_dict, read_state_dict
+from .convert import (convert_hf_state_dict, convert_timm_state_dict, hf_config_to_kwargs, is_hf_state_dict,
+                      model_kwargs, timm_model_kwargs)
+from .hub import hub_folder, is_hub_name, read_config, timm_hub_id, timm_pretrained_cfg
+from .model import VisionTransformer
+from .preprocess import Preprocessor
+from .registry import list_models, model_config
+from .version import __version__
+
+__all__ = [
+    "create_model",
+    "load_checkpoint",
+    "from_timm",
+    "from_hf",
+    "from_pretrained",
+    "load_model",
+    "convert",
+    "hf_outputs",
+    "ViTOutput",
+]
+
+
+def create_model(name: str, checkpoint: Optional[str] = None, **overrides) -> VisionTransformer:
+    """Build preset ``name`` with ``overrides`` applied; load ``checkpoint`` strictly if given.
+
+    Args:
+        name: a name from :func:`fastvit.list_models` (timm's naming).
+        checkpoint: path to a timm / fastvit state dict (.safetensors, .pth, .bin); see
+            :func:`load_checkpoint`.
+        overrides: constructor arguments of :class:`VisionTransformer` (e.g. num_classes=10).
+
+    Returns:
+        the model in eval mode.
+    """
+    cfg = model_config(name)
+    cfg.update(overrides)
+    model = VisionTransformer(**cfg)
+    if checkpoint is not None:
+        load_checkpoint(model, checkpoint)
+    return model.eval()
+
+
+def load_checkpoint(model: VisionTransformer, path: str) -> VisionTransformer:
+    """Load a timm or fastvit checkpoint file into ``model`` strictly (resampling pos / patch as timm)."""
+    sd = read_state_dict(path)
+    if is_hf_state_dict(sd):
+        raise CheckpointError(f"checkpoint {path!r}: this is a Hugging Face state dict; use fastvit.from_pretrained "
+                              "on its folder (config.json beside it)")
+    load_state_dict(model, convert_timm_state_dict(sd, model), source=f"checkpoint {path!r}")
+    return model
+
+
+def from_timm(timm_model: nn.Module, backend: Optional[str] = None) -> VisionTransformer:
+    """Same architecture and weights as a timm ``VisionTransformer`` / DeiT (config read from the object).
+
+    Returns a fastvit model on the timm model's device and dtype, in its train / eval mode.
+    """
+    model = VisionTransformer(backend=backend, **timm_model_kwargs(timm_model))
+    p = next(timm_model.parameters())
+    model.to(device=p.device, dtype=p.dtype)
+    load_state_dict(model, timm_model.state_dict(), source="timm_model")
+    if model.distilled:
+        model.distilled_training = getattr(timm_model, "distilled_training", False)
+    return model.train(timm_model.training)
+
+
+def from_hf(hf_model_or_state_dict, config=None, backend: Optional[str] = None) -> VisionTransformer:
+    """fastvit model with the weights of a transformers ViT / DeiT / DINOv2 model (or its state dict).
+
+    Args:
+        hf_model_or_state_dict: ``ViTModel``, ``ViTForImageClassification``, ``DeiTModel``,
+            ``DeiTForImageClassification(WithTeacher)``, ``Dinov2Model``, ``Dinov2WithRegistersModel``,
+            or a state dict of one of them (then ``config`` is required).
+        config: the transformers config (or config.json as a dict); read from the model if omitted.
+
+    ``forward_features`` equals HF's ``last_hidden_state``; for ``*Model`` classes ``forward``
+    returns the (normalised) class token, i.e. DINOv2's ``pooler_output``; for classifiers the logits.
+    """
+    if isinstance(hf_model_or_state_dict, nn.Module):
+        hf = hf_model_or_state_dict
+        config = config if config is not None else hf.config
+        sd = hf.state_dict()
+        arch = type(hf).__name__
+        p = next(hf.parameters())
+        device, dtype = p.device, p.dtype
+    elif isinstance(hf_model_or_state_dict, Mapping):
+        if config is None:
+            raise ValueError("config: expected the transformers config (or config.json dict) with a state dict, "
+                             "got None")
+        sd, arch, device, dtype = hf_model_or_state_dict, None, None, None
+    else:
+        raise TypeError(f"hf_model_or_state_dict: expected a transformers model or a state dict, "
+                        f"got {type(hf_model_or_state_dict).__name__}")
+    kwargs = hf_config_to_kwargs(config, arch)
+    sd = convert_hf_state_dict(sd, config)
+    if kwargs["num_classes"] == 0 and "head.weight" in sd:
+        kwargs["num_classes"] = sd["head.weight"].shape[0]
+    if "dist_token" in sd and kwargs.get("reg_tokens") == 1:
+        sd["reg_token"] = sd.pop("dist_token")
+    model = VisionTransformer(backend=backend, **kwargs)
+    if device is not None:
+        model.to(device=device, dtype=dtype)
+    load_state_dict(model, sd, source="Hugging Face state_dict")
+    return model.eval()
+
+
+def _timm_layout_model(config: dict, backend: Optional[str]) -> VisionTransformer:
+    """Model of a timm hub / fastvit folder (config.json with 'architecture' and 'model_args')."""
+    arch = config["architecture"]
+    args = dict(config.get("model_args") or {})
+    if arch == "fastvit":
+        return VisionTransformer(backend=backend, **args)
+    for k in ("num_classes", "global_pool"):
+        if k in config and k not in args:
+            args[k] = config[k]
+    base = arch.split(".")[0]
+    if base in list_models():
+        cfg = model_config(base)
+        cfg.update(args)
+        return VisionTransformer(backend=backend, **cfg)
+    try:
+        import timm
+    except ImportError:
+        raise ValueError(f"config: architecture {arch!r} is not a fastvit preset (fastvit.list_models()) and timm "
+                         "is not installed to describe it") from None
+    return from_timm(timm.create_model(base, pretrained=False, **args).eval(), backend=backend)
+
+
+def from_pretrained(name_or_path: str, backend: Optional[str] = None, revision: Optional[str] = None,
+                    cache_dir: Optional[str] = None, local_files_only: bool = False) -> VisionTransformer:
+    """A fastvit model (eval mode) from a model folder or a Hugging Face hub name.
+
+    Folders (local, or the hub snapshot of ``org/name``) may be:
+
+    * Hugging Face ViT / DeiT / DINOv2: config.json with ``model_type`` + model.safetensors or
+      pytorch_model.bin, sharded index files too;
+    * timm hub layout (``timm/vit_base_patch16_224.augreg2_in21k_ft_in1k``): config.json with
+      ``architecture`` / ``model_args`` + timm-named weights;
+    * what ``fastvit convert`` writes (architecture 'fastvit').
+
+    Names: a folder, ``org/name[@revision]``, ``hf-hub:org/name``, or a timm model name with its
+    pretrained tag (``vit_base_patch16_224.augreg2_in21k_ft_in1k``, resolved to its hub repo by timm).
+    Hub names need huggingface_hub; offline only its cache is used (see :func:`fastvit.hub.hub_folder`).
+    """
+    path = name_or_path
+    if not os.path.isdir(path) and not os.path.exists(path) and "/" not in str(path):
+        path = timm_hub_id(path) or path
+    if not os.path.isdir(path):
+        if os.path.exists(path) or not is_hub_name(path):
+            raise FileNotFoundError(f"name_or_path: expected a model folder with config.json or a hub repo id "
+                                    f"'org/name', got {name_or_path!r}")
+        path = hub_folder(path, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only)
+    config = read_config(path)
+    if "architecture" in config:
+        model = _timm_layout_model(config, backend)
+        sd = convert_timm_state_dict(read_folder_state_dict(path), model)
+        load_state_dict(model, sd, source=f"checkpoint folder {path!r}")
+        return model.eval()
+    if "model_type" not in config:
+        raise CheckpointError(f"config: {os.path.join(path, 'config.json')!r} has neither 'model_type' (Hugging "
+                              "Face) nor 'architecture' (timm / fastvit)")
+    return from_hf(read_folder_state_dict(path), config, backend=backend)
+
+
+def load_model(checkpoint: Optional[str], model_name: Optional[str] = None, backend: Optional[str] = None,
+               local_files_only: bool = False):
+    """Model and its :class:`~fastvit.preprocess.Preprocessor` from whatever the user has.
+
+    Args:
+        checkpoint: a model folder (HF / timm hub layout / fastvit), a hub name, or a state-dict
+            file (.safetensors / .pth / .bin, timm names; then ``model_name`` is required).
+        model_name: a preset of :func:`fastvit.list_models` (for state-dict files, or alone for random
+            weights when ``checkpoint`` is None), optionally with timm's pretrained tag for its preprocessing.
+
+    Returns:
+        (model in eval mode, preprocessor with ``id2label`` when the checkpoint has labels)
+    """
+    if checkpoint is None or os.path.isfile(checkpoint):
+        if model_name is None:
+            raise ValueError(f"model_name: a state-dict file ({checkpoint!r}) needs the architecture, e.g. "
+                             "--model vit_base_patch16_224, got None")
+        model = create_model(model_name.split(".")[0], checkpoint=checkpoint, backend=backend)
+        cfg = timm_pretrained_cfg(model_name)
+        pre = Preprocessor.from_timm(cfg.to_dict()) if cfg is not None else Preprocessor.for_model(model)
+        return model, pre
+    folder = checkpoint
+    if not os.path.isdir(checkpoint):
+        if not is_hub_name(checkpoint):
+            raise FileNotFoundError(f"checkpoint: expected a file, a model folder or a hub name 'org/name', "
+                                    f"got {checkpoint!r}")
+        folder = hub_folder(checkpoint, local_files_only=local_files_only)
+    model = from_pretrained(folder, backend=backend)
+    return model, Preprocessor.from_pretrained(folder, model=model)
+
+
+def convert(src: str, dst: str, model_name: Optional[str] = None) -> str:
+    """Write ``src`` (anything :func:`load_model` takes) as a fastvit folder: ``model.safetensors``
+    (timm / fastvit names) + ``config.json`` (architecture 'fastvit', constructor arguments,
+    preprocessing, labels). :func:`from_pretrained` reads it back. Returns ``dst``."""
+    from safetensors.torch import save_file
+
+    model, pre = load_model(src, model_name)
+    kwargs = model_kwargs(model)
+    os.makedirs(dst, exist_ok=True)
+    sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(sd, os.path.join(dst, "model.safetensors"), metadata={"format": "pt", "producer": "fastvit"})
+    config = dict(architecture="fastvit", fastvit_version=__version__, model_args=kwargs,
+                  num_classes=model.num_classes, preprocess=pre.to_dict(), source=str(src))
+    if pre.id2label:
+        config["id2label"] = {str(k): v for k, v in sorted(pre.id2label.items())}
+    with open(os.path.join(dst, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    return dst
+
+
+# --------------------------------------------------------------------------- Hugging Face style outputs
+class ViTOutput(dict):
+    """Dict with attribute access, as transformers' ModelOutput: ``last_hidden_state`` (B, N, D),
+    ``pooler_output`` (B, D), ``logits`` (B, C) for classifiers, ``hidden_states`` (depth + 1 tensors
+    (B, N, D): embeddings, then each block's output) and ``attentions`` (depth entries (B, H, N, N),
+    None for layers not asked for) when requested."""
+
+    def __getattr__(self, name):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+def hf_outputs(model: VisionTransformer, pixel_values: torch.Tensor, output_hidden_states: bool = False,
+               output_attentions: Union[bool, Sequence[int]] = False) -> ViTOutput:
+    """Run ``model`` and return transformers-style outputs (see :class:`ViTOutput`).
+
+    Args:
+        pixel_values: (B, C, H, W).
+        output_hidden_states: also return the embeddings and every block's output, each (B, N, D)
+            with N = prefix + patch tokens (HF ``hidden_states``).
+        output_attentions: True for every layer, or a list of layer indices: only those compute
+            probabilities (via :func:`fastvit.ops.attention_probs`), the rest stay on the fast path.
+    """
+    depth = len(model.blocks)
+    if output_attentions is True:
+        attn_layers = list(range(depth))
+    else:
+        attn_layers = list(output_attentions) if output_attentions else None
+    # no block output is kept unless asked for: the run then costs what forward_features does
+    last, inter, *rest = model.forward_intermediates(
+        pixel_values, indices=None if output_hidden_states else [], return_prefix_tokens=True, output_fmt="NLC",
+        attn_layers=attn_layers)
+    out = ViTOutput(last_hidden_state=last, pooler_output=model.forward_head(last, pre_logits=True))
+    if model.num_classes:
+        out["logits"] = model.forward_head(last)
+    if output_hidden_states:
+        if model.num_prefix_tokens:  # (patch (B, gh * gw, D), prefix (B, T, D)) -> (B, T + gh * gw, D)
+            inter = [torch.cat([prefix, patch], 1) for patch, prefix in inter]
+        # forward_intermediates returns block outputs only (as timm); HF's first hidden state is the
+        # embedding, so the patch embedding runs once more (cheap next to the blocks).
+        out["hidden_states"] = (model.embed(pixel_values), *inter)
+    if attn_layers:
+        attns = rest[0]
+        out["attentions"] = tuple(attns.get(i) for i in range(depth))
+    return out
