@@ -53,7 +53,19 @@ def pytest_benchmark_update_json(config, benchmarks, output_json):
     output_json["fastvit"] = {"env": harness.env_info(), "peaks": harness.measure_peaks() if entries else None}
 
 
+def _host_summary(tr) -> None:
+    from benchmarks.test_host_overhead import HOST_RESULTS
+
+    if not HOST_RESULTS:
+        return
+    tr.section("fastvit host cost per call (min over interleaved repeats, this machine)")
+    for r in HOST_RESULTS:
+        tr.write_line(f"{r['case']:<40} {r['impl']:<38} {r['us']:9.2f} us  vs {r['baseline']} {r['baseline_us']:.2f} us"
+                      f"  = {r['ratio']:.2f}x")
+
+
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    _host_summary(terminalreporter)
     results = list(harness.RESULTS.values())
     if not results:
         return

@@ -4,6 +4,7 @@
 """
 
 from .backends import available_backends, get_backend, set_backend
+from .graphs import compile
 from .factory import create_model, from_hf, from_pretrained, from_timm, load_checkpoint
 from .model import Attention, Block, HybridEmbed, Mlp, PatchEmbed, VisionTransformer
 from .registry import list_models, model_config
@@ -13,6 +14,6 @@ from .warmup import warmup
 __all__ = [
     "VisionTransformer", "Block", "Attention", "Mlp", "PatchEmbed", "HybridEmbed",
     "create_model", "list_models", "model_config",
-    "from_timm", "from_hf", "from_pretrained", "load_checkpoint", "warmup",
+    "from_timm", "from_hf", "from_pretrained", "load_checkpoint", "warmup", "compile",
     "available_backends", "set_backend", "get_backend",
 ]

@@ -123,7 +123,8 @@ def not_supported_reasons(
     if op is not None and op not in limits.ops:
         out.append(f"{name} has no {op} kernel")
     if device.type not in limits.devices:
-        out.append(f"{name} runs on {' / '.join(limits.devices)} tensors, got device {device.type!r}")
+        out.append(f"{name} needs a {' or '.join(d.upper() for d in limits.devices)} tensor, got device "
+                   f"{device.type!r}")
     elif device.type == "cpu" and limits.cpu_needs_interpreter:
         if not interpret_mode():
             out.append(f"CPU tensors run on {name} only in the Triton interpreter (TRITON_INTERPRET=1)")

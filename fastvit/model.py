@@ -20,11 +20,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import backends, ops
+from .facts import ACTIVATIONS, patch_grid
 from .reference import resample_pos_embed
 
 __all__ = ["VisionTransformer", "Block", "Attention", "Mlp", "PatchEmbed", "HybridEmbed", "LayerScale", "LayerNorm"]
 
-_ACTS = ("gelu", "gelu_tanh")
+_ACTS = tuple(a for a in ACTIVATIONS if a is not None)  # an MLP always has one
 
 
 def _pair(v) -> Tuple[int, int]:
@@ -75,11 +76,7 @@ class PatchEmbed(nn.Module):
 
     def dynamic_feat_size(self, img_size: Tuple[int, int]) -> Tuple[int, int]:
         """Token grid (rows, cols) for an image of ``img_size`` (H, W)."""
-        H, W = img_size
-        ph, pw = self.patch_size
-        if self.dynamic_img_pad:
-            return -(-H // ph), -(-W // pw)
-        return H // ph, W // pw
+        return patch_grid(img_size[0], img_size[1], self.patch_size, self.dynamic_img_pad)
 
     def forward(self, x, pos_embed=None, prefix=None, backend=None) -> torch.Tensor:
         """x (B, C, H, W) -> (B, T + gh * gw, D); see :func:`fastvit.ops.patch_embed`."""

@@ -44,7 +44,7 @@ def warmup(
         in_chans: image channels; default read from the patch projection weight.
 
     Returns:
-        {"batch_sizes": [...], "seconds": wall time, "tuned": {kernel: new tunings},
+        {"batch_sizes": [...], "img_size": (H, W), "in_chans": C, "seconds": wall time, "tuned": {kernel: new tunings},
          "autotune": whether tuning was enabled}.
     """
     if isinstance(batch_sizes, int):
@@ -85,6 +85,8 @@ def warmup(
     autotune = sys.modules.get("fastvit.kernels.autotune")
     return {
         "batch_sizes": batch_sizes,
+        "img_size": tuple(img_size),
+        "in_chans": in_chans,
         "seconds": time.perf_counter() - t0,
         "tuned": {k: v - before.get(k, 0) for k, v in after.items() if v - before.get(k, 0)},
         "autotune": bool(autotune is not None and autotune.autotune_enabled() and param.device.type == "cuda"),

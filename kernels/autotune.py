@@ -29,7 +29,7 @@ import torch
 from fastvit.facts import interpret_mode
 
 __all__ = ["Config", "Tunable", "autotune_enabled", "cache_path", "in_capture", "clear_memory_cache", "smem_limit",
-           "set_smem_limit", "SMEM_LIMITS"]
+           "set_target", "target_arch", "SMEM_LIMITS", "NotWarmedUp"]
 
 _lock = threading.RLock()
 
@@ -134,6 +134,18 @@ def _save_disk(path: str, entry: str, cfg: Config) -> None:
         pass  # a read-only home still works, it just re-tunes next process
 
 
+class NotWarmedUp(RuntimeError):
+    """A CUDA-graph capture reached a kernel shape that never ran eagerly in this process."""
+
+    def __init__(self, kernel: str, key: Tuple):
+        super().__init__(
+            f"fastvit: the {kernel} kernel for shape key {key} has not run in this process, and a CUDA graph "
+            "is being captured: its first launch would compile and load code inside the capture. Run "
+            "fastvit.warmup(model, batch_sizes, dtype) with the shapes you capture (or use fastvit.compile, "
+            "which does) before capturing.")
+        self.kernel, self.key = kernel, key
+
+
 @dataclass
 class Tunable:
     """A kernel's config space. ``run(cfg)`` launches it once with ``cfg`` (used for timing)."""
@@ -164,6 +176,11 @@ class Tunable:
         return cfg
 
     def _choose(self, key: Tuple, device: torch.device, run: Callable[[Config], None]) -> Config:
+        if device.type == "cuda" and in_capture():
+            # a first launch compiles and loads a module: inside a capture that would break the
+            # graph, so stop before anything is launched (fastvit.warmup / fastvit.compile run
+            # every shape eagerly first)
+            raise NotWarmedUp(self.name, key)
         if device.type != "cuda" or not autotune_enabled():
             choose = self.interpreter if (device.type != "cuda" and self.interpreter) else self.heuristic
             cfg = self._chosen[(device, key)] = choose(key)
@@ -175,9 +192,7 @@ class Tunable:
             if saved is not None:
                 cfg = Config.from_json(saved)
             elif in_capture():
-                # Tuning would sync and launch throwaway kernels into the graph: use the
-                # heuristic now and leave the key untuned (fastvit.warmup tunes before capture).
-                return self.heuristic(key)
+                raise NotWarmedUp(self.name, key)
             else:
                 cfg = self._tune(key, run)
                 _save_disk(path, f"{self.name}|{skey}", cfg)
@@ -202,26 +217,41 @@ class Tunable:
 
 # Per-block opt-in shared memory (bytes): the AOT test checks compiled kernels against these.
 SMEM_LIMITS = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
-_smem_override: Optional[int] = None
+_target_override: Optional[int] = None
+_current: Dict[str, int] = {}  # the current GPU's arch and shared memory, asked once
+
+
+def _current_gpu() -> Dict[str, int]:
+    if not _current:
+        try:
+            if torch.cuda.is_available():
+                p = torch.cuda.get_device_properties(torch.cuda.current_device())
+                _current.update(arch=p.major * 10 + p.minor, smem=int(p.shared_memory_per_block_optin))
+        except Exception:  # no usable CUDA runtime: configs are pruned for sm_90
+            pass
+        _current.setdefault("arch", 90)
+        _current.setdefault("smem", SMEM_LIMITS[90])
+    return _current
+
+
+def target_arch() -> int:
+    """The architecture configs are pruned for (80, 90, ...): :func:`set_target`'s, else the
+    current GPU's, else sm_90. ``keep()`` functions use it where codegen differs by arch."""
+    return _target_override if _target_override is not None else _current_gpu()["arch"]
 
 
 def smem_limit() -> int:
-    """Shared memory a config may use: the current GPU's opt-in maximum, else sm_90's (AOT
-    compilation for another arch sets :func:`set_smem_limit`)."""
-    if _smem_override is not None:
-        return _smem_override
-    try:
-        if torch.cuda.is_available():
-            return int(torch.cuda.get_device_properties(torch.cuda.current_device()).shared_memory_per_block_optin)
-    except Exception:
-        pass
-    return SMEM_LIMITS[90]
+    """Shared memory a config may use on :func:`target_arch` (per-block opt-in maximum)."""
+    if _target_override is not None:
+        return SMEM_LIMITS.get(_target_override, SMEM_LIMITS[80])
+    return _current_gpu()["smem"]
 
 
-def set_smem_limit(limit: Optional[int]) -> None:
-    """Prune configs for a target other than the current GPU (None: back to the current GPU)."""
-    global _smem_override
-    _smem_override = limit
+def set_target(arch: Optional[int]) -> None:
+    """Prune configs for GPU architecture ``arch`` (e.g. 80 for AOT compilation for sm_80) instead
+    of the current GPU (None: back to the current GPU)."""
+    global _target_override
+    _target_override = arch
 
 
 def next_pow2(n: int) -> int:
