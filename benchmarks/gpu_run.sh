@@ -7,7 +7,8 @@
 #   env       nvidia-smi, python / torch / triton / CUDA versions, commit   -> <tag>_env.txt
 #   install   make `import fastvit` work: pip install -e . (no deps, no build isolation, no
 #             extension build), else a symlink shim on PYTHONPATH
-#   build     the CUDA extension through fastvit's own build-on-first-use (fastvit.cuda_ext.build)
+#   build     the CUDA extension through fastvit's own build-on-first-use (csrc/build.py, into the
+#             cache fastvit.cuda loads it from)
 #   gputests  pytest -m gpu tests
 #   tests     the rest of tests/ (pytest -m "not gpu" tests), under CUDA
 #   sanitize  compute-sanitizer memcheck on benchmarks/sanitize_smoke.py (+ tests marked sanitizer)
@@ -163,8 +164,8 @@ step_install() {
     rm -rf "$shim" && mkdir -p "$shim/fastvit"
     for f in "$ROOT"/fastvit/*; do ln -s "$f" "$shim/fastvit/$(basename "$f")"; done
     ln -s "$ROOT/kernels" "$shim/fastvit/kernels"
+    ln -s "$ROOT/csrc" "$shim/fastvit/cuda"
     export PYTHONPATH="$shim:$PYTHONPATH"
-    export FASTVIT_CSRC="$ROOT/csrc"
     if "$PY" -c "import fastvit.kernels" >> "$OUT/install.log" 2>&1; then
         printf '%-9s pip failed (see install.log); using the symlink shim %s\n' install "$shim" | tee -a "$SUMMARY"
     else
@@ -178,7 +179,7 @@ for s in "${EXPANDED[@]}"; do
         install) step_install ;;
         build)
             if [ "$HAS_GPU" = 1 ]; then
-                run_step build 300 TERM "$PY" -c "from fastvit import cuda_ext; m = cuda_ext.build(verbose=True); print('built', m.__file__)"
+                run_step build 300 TERM "$PY" csrc/build.py --verbose
             else
                 printf '%-9s skipped: no GPU\n' build | tee -a "$SUMMARY"
             fi ;;

@@ -29,7 +29,7 @@ from .shapes import KernelCase, compile_enabled, kernel_cases
 
 DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
 COMPILE_MODE = "max-autotune-no-cudagraphs"
-_BACKEND_MODULES = {"triton": "fastvit.kernels", "cuda": "fastvit.cuda_ext", "torch": "fastvit.reference"}
+_BACKEND_MODULES = {"triton": "fastvit.kernels", "cuda": "fastvit.cuda", "torch": "fastvit.reference"}
 SDPA_BACKENDS = ("flash", "efficient", "cudnn", "math")
 
 

@@ -27,7 +27,7 @@ from .shapes import MODEL_SPECS, ModelCase, compile_enabled, model_cases
 DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
 COMPILE_MODE = "max-autotune-no-cudagraphs"
 _OPS = ("patch_embed", "linear", "attention", "mlp", "layer_norm")
-_BACKEND_MODULES = {"triton": "fastvit.kernels", "cuda": "fastvit.cuda_ext", "torch": "fastvit.reference"}
+_BACKEND_MODULES = {"triton": "fastvit.kernels", "cuda": "fastvit.cuda", "torch": "fastvit.reference"}
 
 
 def _backend_reason(name: str) -> Optional[str]:

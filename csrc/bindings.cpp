@@ -4,8 +4,10 @@
 // stream's device, reshapes to 2-D, and the choice between cuBLASLt epilogues and the elementwise
 // epilogue pass. The kernels in the .cu files only see raw pointers and strides.
 //
-// fastvit/cuda_ext.py wraps these functions in torch.library custom ops with fake (meta)
-// implementations, so torch.compile traces through them without graph breaks.
+// csrc/__init__.py (the backend module fastvit.cuda) calls these functions as they are;
+// fastvit.ops wraps each op once, for every backend, in a torch.library op with its fake and
+// autograd, so nothing torch.compile-related lives here. The functions validate again although
+// fastvit.ops already did, because the module is also callable directly.
 
 // ATen + the pybind casters only: torch/extension.h would also pull the whole C++ frontend
 // (autograd, nn, optim) and cost ~30% more compile time for nothing used here.
@@ -21,6 +23,12 @@
 #include <vector>
 
 #include "fastvit_cuda.h"
+
+// Hash of the sources this module was compiled from (csrc/build.py passes it); the backend uses
+// it to skip a prebuilt module that is older than the sources next to it.
+#ifndef FASTVIT_SOURCES_DIGEST
+#define FASTVIT_SOURCES_DIGEST 0ULL
+#endif
 
 namespace {
 
@@ -136,7 +144,7 @@ Tensor linear(const Tensor& x, const Tensor& weight, const OptTensor& bias, int6
   check_like(weight, "weight", x, "x");
   const int64_t N = weight.size(0), K = weight.size(1);
   TORCH_CHECK(x.size(-1) == K, "x: expected last dim ", K, " (= weight.shape[1]), got shape ", x.sizes());
-  TORCH_CHECK(act >= 0 && act <= 2, "act: expected 0 (none), 1 (gelu) or 2 (gelu_tanh), got ", act);
+  TORCH_CHECK(act >= fastvit::kActNone && act <= fastvit::kActGeluTanh, "act: expected 0 (none), 1 (gelu) or 2 (gelu_tanh), got ", act);
   check_opt(bias, "bias", x, "x", {N});
   check_opt(gamma, "gamma", x, "x", {N});
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
@@ -228,6 +236,8 @@ Tensor mlp(const Tensor& x, const Tensor& fc1_weight, const OptTensor& fc1_bias,
   return linear(h, fc2_weight, fc2_bias, fastvit::kActNone, gamma, residual, std::nullopt, std::nullopt, 0.0);
 }
 
+// Returns (B, H, N, d): the transposed view of a contiguous (B, N, H, d) buffer, the layout every
+// backend returns, so the output projection reads it as [B, N, H * d] with no copy.
 Tensor attention(const Tensor& q, const Tensor& k, const Tensor& v, double scale) {
   const auto dt = dtype_of(q, "q");
   check_dim(q, "q", 4);
@@ -248,8 +258,8 @@ Tensor attention(const Tensor& q, const Tensor& k, const Tensor& v, double scale
   TORCH_CHECK(B * H <= 0x7fffffff && N <= 0x7fffffff, "q: expected B * H and N below 2^31, got shape ", q.sizes());
   check_cuda(q, "q");
   const c10::cuda::CUDAGuard guard(q.device());
-  Tensor out = at::empty({B, N, H, d}, q.options());  // [B, N, H * d] memory for the projection
-  if (B == 0 || H == 0 || N == 0) return out;
+  Tensor out = at::empty({B, N, H, d}, q.options());
+  if (B == 0 || H == 0 || N == 0) return out.transpose(1, 2);
   const int64_t qs[3] = {q.stride(0), q.stride(1), q.stride(2)};
   const int64_t ks[3] = {k.stride(0), k.stride(1), k.stride(2)};
   const int64_t vs[3] = {v.stride(0), v.stride(1), v.stride(2)};
@@ -258,7 +268,7 @@ Tensor attention(const Tensor& q, const Tensor& k, const Tensor& v, double scale
                                       static_cast<int>(Nkv), static_cast<int>(d), qs, ks, vs,
                                       static_cast<float>(scale), c10::cuda::getCurrentCUDAStream()),
                "attention");
-  return out;
+  return out.transpose(1, 2);
 }
 
 Tensor patch_embed(const Tensor& x, const Tensor& weight, const OptTensor& bias, const OptTensor& pos_embed,
@@ -350,8 +360,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("patch_embed", &patch_embed, "x (B,C,H,W), weight (D,C,Ph,Pw), bias (D,)?, pos_embed (L,D)?, prefix (T,D)?, pad "
         "-> (B, T + L, D)", py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("pos_embed"), py::arg("prefix"),
         py::arg("pad"));
-  m.def("attention", &attention, "q (B,H,N,d), k, v (B,H,Nkv,d), scale -> (B, N, H, d) contiguous", py::arg("q"),
-        py::arg("k"), py::arg("v"), py::arg("scale"));
+  m.def("attention", &attention,
+        "q (B,H,N,d), k, v (B,H,Nkv,d), scale -> (B,H,N,d): a transposed view of a contiguous (B,N,H,d) buffer",
+        py::arg("q"), py::arg("k"), py::arg("v"), py::arg("scale"));
   m.def("layer_norm", &layer_norm, "x (..., D), weight (D,)?, bias (D,)?, eps -> (..., D)", py::arg("x"),
         py::arg("weight"), py::arg("bias"), py::arg("eps"));
   m.def("linear", &linear, "act(LN?(x) @ W^T + b) * gamma + residual; act 0 none / 1 gelu / 2 gelu_tanh",
@@ -361,4 +372,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("fc1_bias"), py::arg("fc2_weight"), py::arg("fc2_bias"), py::arg("act"), py::arg("gamma"),
         py::arg("residual"), py::arg("ln_weight"), py::arg("ln_bias"), py::arg("ln_eps"));
   m.attr("MAX_HEAD_DIM") = fastvit::kMaxHeadDim;
+  m.attr("SOURCES_DIGEST") = py::int_(static_cast<unsigned long long>(FASTVIT_SOURCES_DIGEST));
 }

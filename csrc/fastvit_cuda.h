@@ -18,12 +18,13 @@ namespace fastvit {
 // Element types crossing the boundary; the values are fixed (bindings.cpp maps torch dtypes).
 enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
-// Activations of the linear epilogue, in the order of fastvit.reference.ACTIVATIONS.
+// Activations of the linear epilogue: the codes of fastvit.facts.ACT_CODES (tests/test_facts.py).
 enum Act : int { kActNone = 0, kActGelu = 1, kActGeluTanh = 2 };
 
 // ------------------------------------------------------------------ attention.cu
 // q, k, v: (B, H, N | Nkv, d) with element strides (sb, sh, sn) and unit stride on d.
-// out: (B, N, H, d) contiguous, i.e. [B, N, H * d]. d <= kMaxHeadDim.
+// out: (B, N, H, d) contiguous, i.e. [B, N, H * d]. d <= kMaxHeadDim, which fastvit.cuda declares
+// as its LIMITS.max_head_dim (tests/test_facts.py checks the two agree).
 constexpr int kMaxHeadDim = 128;
 int attention_fwd(DType dt, const void* q, const void* k, const void* v, void* out, int B, int H, int N, int Nkv,
                   int d, const int64_t* q_strides, const int64_t* k_strides, const int64_t* v_strides, float scale,
