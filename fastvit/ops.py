@@ -356,12 +356,17 @@ def _check_qkv(q, k, v) -> int:
     return d
 
 
-def _qkv_key(op, backend, q, k, v):
+def _attention_call(op: str, q, k, v, scale, backend):
+    def build():
+        d = _check_qkv(q, k, v)
+        return _resolve(op, q.device, backend, dtype=q.dtype, head_dim=d)
+
     try:
-        return (op, backend, q.shape, q.stride(), q.dtype, q.device, k.shape, k.stride(), k.dtype, k.device,
-                v.shape, v.stride(), v.dtype, v.device)
+        key = (op, backend, q.shape, q.stride(), q.dtype, q.device, k.shape, k.stride(), k.dtype, k.device,
+               v.shape, v.stride(), v.dtype, v.device)
     except AttributeError:
-        return None
+        key = None
+    return _cached(key, build)(q, k, v, _scale(scale, q.shape[-1]))
 
 
 def attention(
@@ -384,21 +389,11 @@ def attention(
         (B, H, N, d) in q's dtype, from every backend a transposed view of a (B, N, H, d)
         buffer, so ``out.transpose(1, 2).reshape(B, N, H * d)`` needs no copy.
     """
-    def build():
-        d = _check_qkv(q, k, v)
-        return _resolve("attention", q.device, backend, dtype=q.dtype, head_dim=d)
-
-    plan = _cached(_qkv_key("attention", backend, q, k, v), build)
-    return plan(q, k, v, _scale(scale, q.shape[-1]))
+    return _attention_call("attention", q, k, v, scale, backend)
 
 
 def attention_probs(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    scale: Optional[float] = None,
-    *,
-    backend: Optional[str] = None,
+    q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = None, *, backend: Optional[str] = None,
 ) -> Tuple[Tensor, Tensor]:
     """Attention that also returns the softmax probabilities, for pictures (opt-in, slow path).
 
@@ -408,12 +403,7 @@ def attention_probs(
         out (B, H, N, d) in q's dtype (layout as :func:`attention`) and probs (B, H, N, N_kv)
         in float32.
     """
-    def build():
-        d = _check_qkv(q, k, v)
-        return _resolve("attention_probs", q.device, backend, dtype=q.dtype, head_dim=d)
-
-    plan = _cached(_qkv_key("attention_probs", backend, q, k, v), build)
-    return plan(q, k, v, _scale(scale, q.shape[-1]))
+    return _attention_call("attention_probs", q, k, v, scale, backend)
 
 
 def layer_norm(
@@ -514,19 +504,10 @@ def linear(
 
 
 def mlp(
-    x: Tensor,
-    fc1_weight: Tensor,
-    fc1_bias: Optional[Tensor],
-    fc2_weight: Tensor,
-    fc2_bias: Optional[Tensor],
-    act: Optional[str] = "gelu",
-    gamma: Optional[Tensor] = None,
-    residual: Optional[Tensor] = None,
-    ln_weight: Optional[Tensor] = None,
-    ln_bias: Optional[Tensor] = None,
-    ln_eps: float = 1e-6,
-    *,
-    backend: Optional[str] = None,
+    x: Tensor, fc1_weight: Tensor, fc1_bias: Optional[Tensor], fc2_weight: Tensor, fc2_bias: Optional[Tensor],
+    act: Optional[str] = "gelu", gamma: Optional[Tensor] = None, residual: Optional[Tensor] = None,
+    ln_weight: Optional[Tensor] = None, ln_bias: Optional[Tensor] = None, ln_eps: float = 1e-6,
+    *, backend: Optional[str] = None,
 ) -> Tensor:
     """Transformer MLP ``residual + gamma * fc2(act(fc1(LN?(x))))``.
 

@@ -151,11 +151,7 @@ def _attention_math(q, k, v, scale) -> Tuple[torch.Tensor, torch.Tensor]:
 
 
 def attention_probs(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    scale: Optional[float] = None,
-    upcast: bool = False,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float] = None, upcast: bool = False,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Attention that also returns its softmax probabilities (for pictures, not the fast path).
 
@@ -229,18 +225,10 @@ def linear(
 
 
 def mlp(
-    x: torch.Tensor,
-    fc1_weight: torch.Tensor,
-    fc1_bias: Optional[torch.Tensor],
-    fc2_weight: torch.Tensor,
-    fc2_bias: Optional[torch.Tensor],
-    act: Optional[str] = "gelu",
-    gamma: Optional[torch.Tensor] = None,
-    residual: Optional[torch.Tensor] = None,
-    ln_weight: Optional[torch.Tensor] = None,
-    ln_bias: Optional[torch.Tensor] = None,
-    ln_eps: float = 1e-6,
-    upcast: bool = False,
+    x: torch.Tensor, fc1_weight: torch.Tensor, fc1_bias: Optional[torch.Tensor], fc2_weight: torch.Tensor,
+    fc2_bias: Optional[torch.Tensor], act: Optional[str] = "gelu", gamma: Optional[torch.Tensor] = None,
+    residual: Optional[torch.Tensor] = None, ln_weight: Optional[torch.Tensor] = None,
+    ln_bias: Optional[torch.Tensor] = None, ln_eps: float = 1e-6, upcast: bool = False,
 ) -> torch.Tensor:
     """Transformer MLP: ``residual + gamma * fc2(act(fc1(LN?(x))))``.
 

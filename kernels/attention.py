@@ -293,30 +293,9 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Opti
     Returns:
         out, (B, H, N, d).
     """
-    B, H, N, d = q.shape
-    Nkv = k.shape[2]
-    if scale is None:
-        scale = d ** -0.5
     if out is None:
         out = empty_out(q)
-    if B * H == 0 or N == 0:
-        return out
-    block_d = next_pow2(max(d, 16))
-    prec = _precision(q.dtype)
-
-    def run(cfg: Config):
-        grid = (B * H * triton.cdiv(N, cfg["BLOCK_M"]),)
-        _attn_fwd[grid](
-            q, k, v, out, float(scale) * LOG2E,
-            q.stride(0), q.stride(1), q.stride(2),
-            k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2),
-            out.stride(0), out.stride(1), out.stride(2),
-            H, N, Nkv,
-            HEAD_DIM=d, BLOCK_D=block_d, PRECISION=prec, **cfg.launch_kwargs(),
-        )
-
-    run(config or TUNE_FWD.pick(_key(q, k, False), q.device, run))
+    _launch(_attn_fwd, TUNE_FWD, q, k, v, out, None, scale, config)
     return out
 
 
@@ -330,36 +309,36 @@ def attention_probs_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale
     Returns:
         out (B, H, N, d) in q's dtype, probs (B, H, N, N_kv) float32 (rows sum to 1).
     """
-    B, H, N, d = q.shape
-    Nkv = k.shape[2]
-    if scale is None:
-        scale = d ** -0.5
+    B, H, N, _ = q.shape
     if out is None:
         out = empty_out(q)
     if probs is None:
-        probs = torch.empty(B, H, N, Nkv, dtype=torch.float32, device=q.device)
-    if B * H == 0 or N == 0:
-        return out, probs
-    if probs.stride(3) != 1:
+        probs = torch.empty(B, H, N, k.shape[2], dtype=torch.float32, device=q.device)
+    if probs.stride(3) != 1 and probs.numel():
         raise ValueError(f"probs: expected a unit-stride last dim, got strides {tuple(probs.stride())}")
-    block_d = next_pow2(max(d, 16))
-    prec = _precision(q.dtype)
+    _launch(_attn_probs_fwd, TUNE_PROBS, q, k, v, out, probs, scale, config)
+    return out, probs
+
+
+def _launch(kernel, tunable: Tunable, q, k, v, out, probs, scale: Optional[float], config: Optional[Config]) -> None:
+    """Launch ``kernel`` (either attention kernel: the probs one takes ``probs`` and its strides)
+    on a 1-D grid of B * H * cdiv(N, BLOCK_M) programs."""
+    B, H, N, d = q.shape
+    if B * H == 0 or N == 0:
+        return
+    scale = d ** -0.5 if scale is None else scale
+    extra = () if probs is None else (probs,)
+    extra_strides = () if probs is None else (probs.stride(0), probs.stride(1), probs.stride(2))
+    strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+               v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2)) + extra_strides
+    const = dict(HEAD_DIM=d, BLOCK_D=next_pow2(max(d, 16)), PRECISION=_precision(q.dtype))
 
     def run(cfg: Config):
         grid = (B * H * triton.cdiv(N, cfg["BLOCK_M"]),)
-        _attn_probs_fwd[grid](
-            q, k, v, out, probs, float(scale) * LOG2E,
-            q.stride(0), q.stride(1), q.stride(2),
-            k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2),
-            out.stride(0), out.stride(1), out.stride(2),
-            probs.stride(0), probs.stride(1), probs.stride(2),
-            H, N, Nkv,
-            HEAD_DIM=d, BLOCK_D=block_d, PRECISION=prec, **cfg.launch_kwargs(),
-        )
+        kernel[grid](q, k, v, out, *extra, float(scale) * LOG2E, *strides, H, N, k.shape[2], **const,
+                     **cfg.launch_kwargs())
 
-    run(config or TUNE_PROBS.pick(_key(q, k, True), q.device, run))
-    return out, probs
+    run(config or tunable.pick(_key(q, k, probs is not None), q.device, run))
 
 
 KERNELS = {"attention": _attn_fwd, "attention_probs": _attn_probs_fwd}
