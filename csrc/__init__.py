@@ -18,7 +18,13 @@ Environment: ``FASTVIT_CUDA_JIT=0`` (never build at run time: a prebuilt ``fastv
 nothing), ``FASTVIT_CUDA_CACHE`` (JIT cache root), ``FASTVIT_CSRC`` (source folder), ``CUDA_HOME``,
 ``TORCH_CUDA_ARCH_LIST``, ``MAX_JOBS`` (see :mod:`fastvit.cuda.build`);
 ``FASTVIT_CUDA_PLAIN_GEMM=1`` (read by the extension on each call) forces the fallbacks used when
-cuBLASLt offers no algorithm for an epilogue, so tests cover them.
+cuBLASLt offers no algorithm for an epilogue, so tests cover them; ``FASTVIT_CUDA_LT_STATUS=<code>``
+makes those cuBLASLt calls report that ``cublasStatus_t`` instead (a status that falls back takes
+the same fallbacks, any other raises an error naming the op, the status and the shapes).
+
+The extension keeps one cuBLASLt handle per device and one 32 MiB workspace per (device, stream),
+both made at the first eager call: a CUDA graph captured before any eager linear / mlp /
+patch_embed call on its device raises (warm up first).
 """
 
 from __future__ import annotations

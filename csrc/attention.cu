@@ -2,6 +2,14 @@
 // keys / values in tiles of 64 through shared memory with an online softmax, and never writes an
 // N x N matrix to global memory.
 //
+// Launch order: a 1-D grid of B * H * num_m blocks, blockIdx.x = (b * H + h) * num_m + m, so the
+// num_m query blocks of one (batch, head) are consecutive, as in kernels/attention.py `_attn_fwd`
+// (pid_bh = pid // num_m, pid_m = pid % num_m). The GPU dispatches blocks in about blockIdx order,
+// so the blocks resident at one time share a few heads: a head's K / V come from HBM once and the
+// head's other query blocks find them in L2. With the former (B * H, num_m) grid, x fastest,
+// consecutive blocks belonged to different heads and each head's K / V were re-read from HBM once
+// per query block (~9x at ViT-B, batch 256, N = 1025, whose K / V are far larger than L2).
+//
 // fp16 / bf16 run on tensor cores through WMMA (16x16x16 fragments, fp32 accumulation). WMMA does
 // not specify which accumulator element a lane holds, so the per-row softmax rescale cannot be done
 // on fragments: scores S and the output accumulator O make a round trip through shared memory
@@ -26,10 +34,11 @@ namespace {
 
 using namespace nvcuda;
 
-constexpr int kBlockM = 64;  // query rows per block: 4 warps x 16 rows (one WMMA row tile each)
+constexpr int kBlockM = kAttnBlockM;  // query rows per block: 4 warps x 16 rows (one WMMA row tile each)
 constexpr int kBlockN = 64;  // keys per shared-memory tile
 constexpr int kThreads = 128;
 constexpr float kLog2e = 1.4426950408889634f;
+static_assert(kBlockM == kThreads / 32 * 16, "one 16-row WMMA tile per warp");
 
 struct AttnParams {
   const void* q;
@@ -37,12 +46,22 @@ struct AttnParams {
   const void* v;
   void* o;
   int H, N, Nkv, d;
+  int num_m;                    // query blocks per (batch, head)
   int64_t qs[3], ks[3], vs[3];  // element strides of (B, H, N)
   float scale_log2;             // softmax scale * log2(e): exp2 instead of exp
   bool vec;                     // 16-byte loads: d, every stride and every base are multiples of 8 elements
 };
 
 constexpr size_t align128(size_t n) { return (n + 127) / 128 * 128; }
+
+// (batch, head, query block) of this block in the m-fastest 1-D launch order (see the top). All
+// 32-bit: the launcher keeps B * H * num_m <= 2^31 - 1, so blockIdx.x and every quotient fit.
+__device__ __forceinline__ void block_coords(const AttnParams& p, int* b, int* h, int* m_blk) {
+  const unsigned bh = blockIdx.x / static_cast<unsigned>(p.num_m);
+  *m_blk = static_cast<int>(blockIdx.x - bh * static_cast<unsigned>(p.num_m));
+  *b = static_cast<int>(bh / static_cast<unsigned>(p.H));
+  *h = static_cast<int>(bh - static_cast<unsigned>(*b) * static_cast<unsigned>(p.H));
+}
 
 template <int DP>
 struct Smem {
@@ -101,8 +120,9 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_tc(const AttnParams p) {
   float* Os = reinterpret_cast<float*>(smem + L::o_off);
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int b = blockIdx.x / p.H, h = blockIdx.x % p.H;
-  const int m0 = blockIdx.y * kBlockM;
+  int b, h, m_blk;
+  block_coords(p, &b, &h, &m_blk);
+  const int m0 = m_blk * kBlockM;
   const T* q = static_cast<const T*>(p.q) + b * p.qs[0] + h * p.qs[1];
   const T* k = static_cast<const T*>(p.k) + b * p.ks[0] + h * p.ks[1];
   const T* v = static_cast<const T*>(p.v) + b * p.vs[0] + h * p.vs[1];
@@ -193,7 +213,7 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_tc(const AttnParams p) {
   }
 }
 
-constexpr int kF32Warps = 4;
+constexpr int kF32Warps = kAttnBlockMF32;
 
 // fp32: one warp per query row. Each lane scores one key of a 32-key chunk against q (kept in
 // shared memory, pre-scaled), then the chunk's probabilities are broadcast lane by lane and every
@@ -202,8 +222,9 @@ __global__ void __launch_bounds__(kF32Warps * 32) attn_fwd_f32(const AttnParams 
   __shared__ float qsh[kF32Warps][kMaxHeadDim];
   constexpr int kPerLane = kMaxHeadDim / 32;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int b = blockIdx.x / p.H, h = blockIdx.x % p.H;
-  const int row = blockIdx.y * kF32Warps + warp;
+  int b, h, m_blk;
+  block_coords(p, &b, &h, &m_blk);
+  const int row = m_blk * kF32Warps + warp;
   if (row >= p.N) return;  // whole warp leaves together; no block-level barrier below
   const float* q = static_cast<const float*>(p.q) + b * p.qs[0] + h * p.qs[1] + row * p.qs[2];
   const float* k = static_cast<const float*>(p.k) + b * p.ks[0] + h * p.ks[1];
@@ -251,29 +272,28 @@ __global__ void __launch_bounds__(kF32Warps * 32) attn_fwd_f32(const AttnParams 
 }
 
 template <typename T, int DP>
-int launch_tc(const AttnParams& p, int B, cudaStream_t stream) {
+int launch_tc(const AttnParams& p, unsigned blocks, cudaStream_t stream) {
   constexpr size_t smem = Smem<DP>::bytes;
   // Above 48 KiB dynamic shared memory must be opted into (per function); sm_80 allows 163 KiB,
   // sm_90 227 KiB, and DP = 128 needs ~110 KiB.
   cudaError_t e = cudaFuncSetAttribute(attn_fwd_tc<T, DP>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                        static_cast<int>(smem));
   if (e != cudaSuccess) return e;
-  const dim3 grid(B * p.H, (p.N + kBlockM - 1) / kBlockM);
-  attn_fwd_tc<T, DP><<<grid, kThreads, smem, stream>>>(p);
+  attn_fwd_tc<T, DP><<<blocks, kThreads, smem, stream>>>(p);
   return cudaGetLastError();
 }
 
 template <typename T>
-int dispatch_dp(const AttnParams& p, int B, cudaStream_t stream) {
+int dispatch_dp(const AttnParams& p, unsigned blocks, cudaStream_t stream) {
   switch ((p.d + 15) / 16) {
-    case 1: return launch_tc<T, 16>(p, B, stream);
-    case 2: return launch_tc<T, 32>(p, B, stream);
-    case 3: return launch_tc<T, 48>(p, B, stream);
-    case 4: return launch_tc<T, 64>(p, B, stream);
-    case 5: return launch_tc<T, 80>(p, B, stream);
-    case 6: return launch_tc<T, 96>(p, B, stream);
-    case 7: return launch_tc<T, 112>(p, B, stream);
-    case 8: return launch_tc<T, 128>(p, B, stream);
+    case 1: return launch_tc<T, 16>(p, blocks, stream);
+    case 2: return launch_tc<T, 32>(p, blocks, stream);
+    case 3: return launch_tc<T, 48>(p, blocks, stream);
+    case 4: return launch_tc<T, 64>(p, blocks, stream);
+    case 5: return launch_tc<T, 80>(p, blocks, stream);
+    case 6: return launch_tc<T, 96>(p, blocks, stream);
+    case 7: return launch_tc<T, 112>(p, blocks, stream);
+    case 8: return launch_tc<T, 128>(p, blocks, stream);
     default: return cudaErrorInvalidValue;
   }
 }
@@ -284,7 +304,11 @@ int attention_fwd(DType dt, const void* q, const void* k, const void* v, void* o
                   int d, const int64_t* q_strides, const int64_t* k_strides, const int64_t* v_strides, float scale,
                   cudaStream_t stream) {
   if (d < 1 || d > kMaxHeadDim || N < 1 || Nkv < 1 || B < 1 || H < 1) return cudaErrorInvalidValue;
-  AttnParams p{q, k, v, out, H, N, Nkv, d, {}, {}, {}, scale * kLog2e, false};
+  // gridDim.x limit; bindings.cpp reports it with the shape before getting here.
+  const int64_t blocks = attention_grid_blocks(dt, B, H, N);
+  if (blocks > kMaxGridX) return cudaErrorInvalidConfiguration;
+  const int block_m = attention_block_m(dt);
+  AttnParams p{q, k, v, out, H, N, Nkv, d, (N + block_m - 1) / block_m, {}, {}, {}, scale * kLog2e, false};
   bool vec = d % 8 == 0;
   for (int i = 0; i < 3; ++i) {
     p.qs[i] = q_strides[i];
@@ -295,13 +319,11 @@ int attention_fwd(DType dt, const void* q, const void* k, const void* v, void* o
   for (const void* ptr : {q, k, v}) vec = vec && reinterpret_cast<uintptr_t>(ptr) % 16 == 0;
   p.vec = vec && dt != kFloat32;
   switch (dt) {
-    case kFloat16: return dispatch_dp<__half>(p, B, stream);
-    case kBFloat16: return dispatch_dp<__nv_bfloat16>(p, B, stream);
-    case kFloat32: {
-      const dim3 grid(B * H, (N + kF32Warps - 1) / kF32Warps);
-      attn_fwd_f32<<<grid, kF32Warps * 32, 0, stream>>>(p);
+    case kFloat16: return dispatch_dp<__half>(p, static_cast<unsigned>(blocks), stream);
+    case kBFloat16: return dispatch_dp<__nv_bfloat16>(p, static_cast<unsigned>(blocks), stream);
+    case kFloat32:
+      attn_fwd_f32<<<static_cast<unsigned>(blocks), kF32Warps * 32, 0, stream>>>(p);
       return cudaGetLastError();
-    }
   }
   return cudaErrorInvalidValue;
 }

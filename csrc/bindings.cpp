@@ -18,8 +18,14 @@
 #include <c10/cuda/CUDAStream.h>
 #include <cublasLt.h>
 
+#include <cstdint>
 #include <cstdlib>
+#include <map>
+#include <mutex>
 #include <optional>
+#include <string>
+#include <tuple>
+#include <utility>
 #include <vector>
 
 #include "fastvit_cuda.h"
@@ -80,9 +86,37 @@ void check_launch(int err, const char* what) {
               cudaGetErrorString(static_cast<cudaError_t>(err)));
 }
 
-void check_lt(int st, const char* what) {
-  TORCH_CHECK(st == CUBLAS_STATUS_SUCCESS, "fastvit cuda backend: cuBLASLt matmul for ", what, " failed with status ",
-              st);
+const char* dtype_name(fastvit::DType dt) {
+  switch (dt) {
+    case fastvit::kFloat16: return "float16";
+    case fastvit::kBFloat16: return "bfloat16";
+    default: return "float32";
+  }
+}
+
+// What the cuBLASLt call computed on top of the plain GEMM, for error messages.
+std::string gemm_extras(const fastvit::GemmArgs& g) {
+  std::string s;
+  if (g.bias != nullptr) s += " + bias";
+  if (g.gelu) s += " + gelu";
+  if (g.alpha_vec != nullptr) s += " + vector alpha";
+  if (g.c != nullptr) s += " + C operand";
+  return s.empty() ? " (none)" : s;
+}
+
+void check_lt(int st, const char* op, const fastvit::GemmArgs& g) {
+  TORCH_CHECK(st == CUBLAS_STATUS_SUCCESS, "fastvit cuda backend: cuBLASLt matmul for ", op, " failed with ",
+              fastvit::lt_status_name(st), " (", st, "): x (M, K) = (", g.M, ", ", g.K, "), weight (N, K) = (", g.N,
+              ", ", g.K, "), batch ", g.batch, ", dtype ", dtype_name(g.dt), ", epilogue", gemm_extras(g));
+}
+
+// Whether a failed call is retried as the plainer one: false on success, true for the statuses
+// fastvit::lt_status_falls_back names (see linear.cu), and it raises for every other failure.
+bool falls_back(int st, const char* op, const fastvit::GemmArgs& g) {
+  if (st == CUBLAS_STATUS_SUCCESS) return false;
+  if (fastvit::lt_status_falls_back(st)) return true;
+  check_lt(st, op, g);
+  return false;
 }
 
 const void* ptr(const OptTensor& t) { return t.has_value() ? t->data_ptr() : nullptr; }
@@ -100,16 +134,80 @@ OptTensor contig(const OptTensor& t) {
   return t.has_value() ? OptTensor(t->contiguous()) : std::nullopt;
 }
 
-// FASTVIT_CUDA_PLAIN_GEMM=1 takes the paths used when cuBLASLt offers no algorithm for an
-// epilogue / vector alpha / strided batch (plain GEMM + the elementwise epilogue, one GEMM per
-// image), so the GPU tests cover them too. Read per call: tests flip it at run time.
-bool plain_gemm() {
-  const char* v = std::getenv("FASTVIT_CUDA_PLAIN_GEMM");
-  return v != nullptr && v[0] == '1';
+// Testing hooks, read per call (tests flip them at run time). Every cuBLASLt call that has a
+// plainer alternative (an epilogue, a vector alpha, a C operand, a strided batch) then reports a
+// status without running, so the GPU tests cover the paths cuBLASLt rarely takes on their GPU:
+// FASTVIT_CUDA_PLAIN_GEMM=1 reports CUBLAS_STATUS_NOT_SUPPORTED (plain GEMM + the elementwise
+// epilogue, one GEMM per image); FASTVIT_CUDA_LT_STATUS=<cublasStatus_t code> reports that
+// status (the fallback for the statuses that fall back, the error for the others). 0: neither.
+int forced_lt_status() {
+  const char* plain = std::getenv("FASTVIT_CUDA_PLAIN_GEMM");
+  if (plain != nullptr && plain[0] == '1') return CUBLAS_STATUS_NOT_SUPPORTED;
+  const char* v = std::getenv("FASTVIT_CUDA_LT_STATUS");
+  if (v == nullptr || v[0] == '\0') return 0;
+  char* end = nullptr;
+  const long code = std::strtol(v, &end, 10);
+  TORCH_CHECK(*end == '\0' && code >= 0 && code <= 0x7fffffff,
+              "FASTVIT_CUDA_LT_STATUS: expected a cublasStatus_t code such as 7, got '", v, "'");
+  return static_cast<int>(code);
 }
 
-Tensor workspace(const Tensor& like) {
-  return at::empty({static_cast<int64_t>(fastvit::kWorkspaceBytes)}, like.options().dtype(at::kByte));
+// The cuBLASLt workspaces: one kWorkspaceBytes buffer per (device, stream), made at the first
+// eager call on that stream through the caching allocator and kept for the process. One per
+// stream because a GEMM uses it until the stream reaches the GEMM's end: calls on one stream are
+// ordered and can share it, calls on two streams cannot. The map is never destroyed (no ordering
+// with the allocator's teardown at exit).
+struct Workspaces {
+  std::mutex mu;
+  std::map<std::pair<int, uintptr_t>, Tensor> bufs;
+};
+Workspaces& workspaces() {
+  static auto* w = new Workspaces();
+  return *w;
+}
+
+// The workspace of the current (device, stream); the first eager call on the device also creates
+// the device's cuBLASLt handle. Inside a CUDA graph capture nothing is created for the cache:
+// * the handle must exist already (creating one allocates device memory, which a capture
+//   forbids): otherwise this raises, asking to run the model eagerly first;
+// * the capture stream's workspace is used if that stream ran eagerly before; else the call gets
+//   a temporary from the caching allocator, which during a capture comes from the graph's private
+//   pool like every tensor made in the captured region (the graph keeps it) and stays out of the
+//   cache so that pool can be released with the graph. fastvit.graphs warms up on one stream and
+//   torch.cuda.graph captures on another, so this is the usual case there.
+Tensor lt_workspace(const Tensor& like, cudaStream_t stream) {
+  Workspaces& ws = workspaces();
+  const std::pair<int, uintptr_t> key{like.get_device(), reinterpret_cast<uintptr_t>(stream)};
+  const auto opts = like.options().dtype(at::kByte);
+  const int64_t bytes = static_cast<int64_t>(fastvit::kWorkspaceBytes);
+  std::lock_guard<std::mutex> lock(ws.mu);
+  auto it = ws.bufs.find(key);
+  if (it != ws.bufs.end()) return it->second;
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  const cudaError_t err = cudaStreamIsCapturing(stream, &capture);
+  TORCH_CHECK(err == cudaSuccess, "fastvit cuda backend: cudaStreamIsCapturing failed: ", cudaGetErrorString(err));
+  if (capture == cudaStreamCaptureStatusNone) {
+    const int st = fastvit::lt_init(true);
+    TORCH_CHECK(st == CUBLAS_STATUS_SUCCESS, "fastvit cuda backend: creating the cuBLASLt handle on ", like.device(),
+                " failed with ", fastvit::lt_status_name(st), " (", st, ")");
+    return ws.bufs.emplace(key, at::empty({bytes}, opts)).first->second;
+  }
+  TORCH_CHECK(fastvit::lt_init(false) == CUBLAS_STATUS_SUCCESS, "fastvit cuda backend: a CUDA graph is being captured "
+              "on ", like.device(), " before any eager cuBLASLt call there: expected the cuBLASLt handle to exist, got "
+              "none (creating it inside a capture is not allowed); warm up first: run the model (or the linear / mlp / "
+              "patch_embed op) once eagerly on this device before capturing");
+  return at::empty({bytes}, opts);
+}
+
+// [(device, stream, data_ptr)] of the cached workspaces, for tests.
+std::vector<std::tuple<int64_t, int64_t, int64_t>> lt_workspaces() {
+  Workspaces& ws = workspaces();
+  std::lock_guard<std::mutex> lock(ws.mu);
+  std::vector<std::tuple<int64_t, int64_t, int64_t>> out;
+  for (const auto& kv : ws.bufs)
+    out.emplace_back(kv.first.first, static_cast<int64_t>(kv.first.second),
+                     static_cast<int64_t>(reinterpret_cast<uintptr_t>(kv.second.data_ptr())));
+  return out;
 }
 
 // ------------------------------------------------------------------------------------ ops
@@ -181,39 +279,43 @@ Tensor linear(const Tensor& x, const Tensor& weight, const OptTensor& bias, int6
     // As the C operand it shares Y's layout (row stride N); otherwise copy once.
     if ((N > 1 && r->stride(1) != 1) || (M > 1 && r->stride(0) != N)) r = r->contiguous();
   }
-  Tensor ws = workspace(x);
+  const Tensor ws = lt_workspace(x, stream);
+  const int forced = forced_lt_status();
+  // A call that has a plainer alternative reports the forced status (testing hook) instead of running.
+  auto attempt = [&](const fastvit::GemmArgs& a, bool has_plainer) {
+    return has_plainer && forced != 0 ? forced : fastvit::lt_gemm(a, stream);
+  };
 
   // Without an activation, the whole op is one cuBLASLt call: gamma * (x W^T + b) + r =
   // alpha_vec * (x W^T) + 1 * C + (gamma * b) with alpha_vec = gamma, C = r.
-  const bool plain = plain_gemm();
-  if (act == fastvit::kActNone && g.has_value() && !plain) {
+  if (act == fastvit::kActNone && g.has_value()) {
     const Tensor alpha_vec = g->to(at::kFloat).contiguous();
     const OptTensor bg = b.has_value() ? OptTensor((b->to(at::kFloat) * alpha_vec).to(x.scalar_type())) : std::nullopt;
     const fastvit::GemmArgs gf{dt, M, N, K, 1, x2.data_ptr(), ld_of(x2), 0, w.data_ptr(), ld_of(w), out.data_ptr(), N,
                                0, ptr(r), ptr(bg), false, alpha_vec.data_ptr<float>(), ws.data_ptr(),
                                fastvit::kWorkspaceBytes};
-    const int st = fastvit::lt_gemm(gf, stream);
-    if (st != CUBLAS_STATUS_NOT_SUPPORTED) {  // else: no algorithm with a vector alpha, unfold below
-      check_lt(st, "linear (gamma folded)");
-      return out.view(out_shape);
-    }
+    // Done unless cuBLASLt turned the vector alpha down (then unfold below); other failures raise.
+    if (!falls_back(attempt(gf, true), "linear (gamma folded into alpha)", gf)) return out.view(out_shape);
   }
   // cuBLASLt does bias, erf GELU and (for act == none, no gamma) the residual through beta = 1.
-  const bool residual_in_gemm = r.has_value() && act == fastvit::kActNone && !g.has_value() && !plain;
+  const bool residual_in_gemm = r.has_value() && act == fastvit::kActNone && !g.has_value();
   fastvit::GemmArgs ga{dt, M, N, K, 1, x2.data_ptr(), ld_of(x2), 0, w.data_ptr(), ld_of(w), out.data_ptr(), N, 0,
                        residual_in_gemm ? r->data_ptr() : nullptr, ptr(b), act == fastvit::kActGelu, nullptr,
                        ws.data_ptr(), fastvit::kWorkspaceBytes};
-  int st = plain ? static_cast<int>(CUBLAS_STATUS_NOT_SUPPORTED) : fastvit::lt_gemm(ga, stream);
+  const bool has_plainer = ga.bias != nullptr || ga.gelu || ga.c != nullptr;
+  int st = attempt(ga, has_plainer);
   bool bias_done = true, act_done = act != fastvit::kActGeluTanh, residual_done = residual_in_gemm;
-  if (st == CUBLAS_STATUS_NOT_SUPPORTED && (plain || ga.bias != nullptr || ga.gelu)) {
-    // No algorithm for this epilogue on this GPU / shape: plain GEMM, the rest elementwise.
+  if (has_plainer && falls_back(st, "linear", ga)) {
+    // cuBLASLt turned this epilogue down on this GPU / shape: plain GEMM, the rest elementwise.
     ga.bias = nullptr;
     ga.gelu = false;
+    ga.c = nullptr;
     bias_done = !b.has_value();
     act_done = act == fastvit::kActNone;
+    residual_done = false;
     st = fastvit::lt_gemm(ga, stream);
   }
-  check_lt(st, "linear");
+  check_lt(st, "linear", ga);
   if (!bias_done || !act_done || g.has_value() || (r.has_value() && !residual_done)) {
     check_launch(fastvit::epilogue_fwd(dt, out.data_ptr(), N, fastvit::RowMap{M, 0, 0}, M, N,
                                        bias_done ? nullptr : ptr(b),
@@ -255,7 +357,12 @@ Tensor attention(const Tensor& q, const Tensor& k, const Tensor& v, double scale
   TORCH_CHECK(d >= 1 && d <= fastvit::kMaxHeadDim, "q: expected head dim 1..", fastvit::kMaxHeadDim, ", got head dim ",
               d);
   TORCH_CHECK(Nkv >= 1 || N == 0, "k: expected at least one key (N_kv >= 1), got shape ", k.sizes());
-  TORCH_CHECK(B * H <= 0x7fffffff && N <= 0x7fffffff, "q: expected B * H and N below 2^31, got shape ", q.sizes());
+  TORCH_CHECK(N <= 0x7fffffff, "q: expected N below 2^31, got shape ", q.sizes());
+  // One block per (batch, head, block of query rows) on gridDim.x (attention.cu: launch order).
+  const int64_t blocks = fastvit::attention_grid_blocks(dt, B, H, N);
+  TORCH_CHECK(blocks <= fastvit::kMaxGridX, "q: expected B * H * ceil(N / ", fastvit::attention_block_m(dt), ") <= ",
+              fastvit::kMaxGridX, " (the launch's gridDim.x limit), got shape ", q.sizes(), ", i.e. ", blocks,
+              " blocks");
   check_cuda(q, "q");
   const c10::cuda::CUDAGuard guard(q.device());
   Tensor out = at::empty({B, N, H, d}, q.options());
@@ -315,35 +422,39 @@ Tensor patch_embed(const Tensor& x, const Tensor& weight, const OptTensor& bias,
                                          cols.data_ptr(), ptr(pos), ptr(pf), static_cast<int>(T), D, out.data_ptr(),
                                          stream),
                "patch_embed im2col");
-  Tensor ws = workspace(weight);
+  const Tensor ws = lt_workspace(weight, stream);
   // Without prefix rows the tokens of all images are one (B * L, D) matrix; with them, a strided
   // batch of B (L, D) matrices whose rows start after the prefix rows of each image.
   char* y0 = static_cast<char*>(out.data_ptr()) + T * D * out.element_size();
   fastvit::GemmArgs ga{dt, T > 0 ? L : B * L, D, Kc, T > 0 ? B : 1, cols.data_ptr(), Kc, L * Kc, w.data_ptr(), Kc,
                        y0, D, (T + L) * D, pos.has_value() ? y0 : nullptr, ptr(b), false, nullptr, ws.data_ptr(),
                        fastvit::kWorkspaceBytes};
-  const bool plain = plain_gemm();
-  int st = plain ? static_cast<int>(CUBLAS_STATUS_NOT_SUPPORTED) : fastvit::lt_gemm(ga, stream);
+  const int forced = forced_lt_status();
+  // A call that has a plainer alternative reports the forced status (testing hook) instead of running.
+  auto attempt = [&](const fastvit::GemmArgs& a, bool has_plainer) {
+    return has_plainer && forced != 0 ? forced : fastvit::lt_gemm(a, stream);
+  };
+  int st = attempt(ga, ga.bias != nullptr || ga.batch > 1);
   bool bias_done = true;
-  if (st == CUBLAS_STATUS_NOT_SUPPORTED && (plain || ga.bias != nullptr)) {
+  if (ga.bias != nullptr && falls_back(st, "patch_embed", ga)) {
     ga.bias = nullptr;
-    bias_done = !b.has_value();
-    st = plain ? static_cast<int>(CUBLAS_STATUS_NOT_SUPPORTED) : fastvit::lt_gemm(ga, stream);
+    bias_done = false;
+    st = attempt(ga, ga.batch > 1);
   }
-  if (st == CUBLAS_STATUS_NOT_SUPPORTED && (plain || ga.batch > 1)) {
+  if (ga.batch > 1 && falls_back(st, "patch_embed", ga)) {
     // No strided-batch algorithm (the weight is broadcast with batch stride 0): one GEMM per image.
     const int64_t batch = ga.batch;
     ga.batch = 1;
-    st = CUBLAS_STATUS_SUCCESS;
-    for (int64_t i = 0; i < batch && st == CUBLAS_STATUS_SUCCESS; ++i) {
+    for (int64_t i = 0; i < batch; ++i) {
       fastvit::GemmArgs gi = ga;
       gi.x = static_cast<const char*>(ga.x) + i * L * Kc * cols.element_size();
       gi.y = static_cast<char*>(ga.y) + i * (T + L) * D * out.element_size();
       gi.c = ga.c != nullptr ? gi.y : nullptr;
-      st = fastvit::lt_gemm(gi, stream);
+      check_lt(fastvit::lt_gemm(gi, stream), "patch_embed (one GEMM per image)", gi);
     }
+    st = CUBLAS_STATUS_SUCCESS;
   }
-  check_lt(st, "patch_embed");
+  check_lt(st, "patch_embed", ga);
   if (!bias_done) {
     check_launch(fastvit::epilogue_fwd(dt, out.data_ptr(), D, fastvit::RowMap{L, T + L, T}, B * L, D, ptr(b),
                                        fastvit::kActNone, nullptr, nullptr, 0, stream),
@@ -371,6 +482,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("mlp", &mlp, "residual + gamma * fc2(act(fc1(LN?(x))))", py::arg("x"), py::arg("fc1_weight"),
         py::arg("fc1_bias"), py::arg("fc2_weight"), py::arg("fc2_bias"), py::arg("act"), py::arg("gamma"),
         py::arg("residual"), py::arg("ln_weight"), py::arg("ln_bias"), py::arg("ln_eps"));
+  m.def("cublas_status_name", &fastvit::lt_status_name, "cublasStatus_t code -> its name (error messages)",
+        py::arg("status"));
+  m.def("cublas_status_falls_back", &fastvit::lt_status_falls_back,
+        "whether a cuBLASLt call failing with this status is retried as a plainer call rather than raised",
+        py::arg("status"));
+  m.def("lt_workspaces", &lt_workspaces, "[(device, stream, data_ptr)] of the cached cuBLASLt workspaces");
   m.attr("MAX_HEAD_DIM") = fastvit::kMaxHeadDim;
   m.attr("SOURCES_DIGEST") = py::int_(static_cast<unsigned long long>(FASTVIT_SOURCES_DIGEST));
 }

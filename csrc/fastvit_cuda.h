@@ -26,6 +26,16 @@ enum Act : int { kActNone = 0, kActGelu = 1, kActGeluTanh = 2 };
 // out: (B, N, H, d) contiguous, i.e. [B, N, H * d]. d <= kMaxHeadDim, which fastvit.cuda declares
 // as its LIMITS.max_head_dim (tests/test_facts.py checks the two agree).
 constexpr int kMaxHeadDim = 128;
+// Query rows per block: tensor-core kernel (fp16 / bf16) and fp32 kernel. The launch is a 1-D grid
+// of B * H * ceil(N / rows) blocks, query blocks of one (batch, head) adjacent (attention.cu says
+// why); gridDim.x allows at most kMaxGridX blocks, which bindings.cpp checks with the shape.
+constexpr int kAttnBlockM = 64;
+constexpr int kAttnBlockMF32 = 4;
+constexpr int64_t kMaxGridX = 0x7fffffff;
+constexpr int attention_block_m(DType dt) { return dt == kFloat32 ? kAttnBlockMF32 : kAttnBlockM; }
+constexpr int64_t attention_grid_blocks(DType dt, int64_t B, int64_t H, int64_t N) {
+  return B * H * ((N + attention_block_m(dt) - 1) / attention_block_m(dt));
+}
 int attention_fwd(DType dt, const void* q, const void* k, const void* v, void* out, int B, int H, int N, int Nkv,
                   int d, const int64_t* q_strides, const int64_t* k_strides, const int64_t* v_strides, float scale,
                   cudaStream_t stream);
@@ -47,6 +57,7 @@ struct RowMap {
 
 // In place on Y: Y = act(Y + bias) * gamma + residual, each term optional (null pointer).
 // residual is row-major with row stride ldr, indexed by the packed row m (not the mapped row).
+// N <= 2^31 - 1 (columns are 32-bit in the kernel), else cudaErrorInvalidValue.
 int epilogue_fwd(DType dt, void* y, int64_t ldy, RowMap map, int64_t rows, int64_t N, const void* bias, Act act,
                  const void* gamma, const void* residual, int64_t ldr, cudaStream_t stream);
 
@@ -55,8 +66,8 @@ int epilogue_fwd(DType dt, void* y, int64_t ldy, RowMap map, int64_t rows, int64
 //   shared by all batches.  Y_b: (M, N), row stride ldy, batch stride stride_y.  C_b: same
 //   layout as Y_b (pass C == Y for in place) or null (beta ignored).  epi: bias (N,) added and
 //   optionally exact-erf GELU applied by cuBLASLt's BIAS / GELU_BIAS epilogues.
-// Returns CUBLAS_STATUS_NOT_SUPPORTED (15) when the heuristic offers no algorithm, so the
-// caller can retry with a plainer epilogue.
+// Returns a cublasStatus_t: CUBLAS_STATUS_NOT_SUPPORTED (15) also when the heuristic offers no
+// algorithm. lt_status_falls_back says which failures the caller retries with a plainer call.
 struct GemmArgs {
   DType dt;
   int64_t M, N, K, batch;
@@ -77,6 +88,16 @@ struct GemmArgs {
 };
 int lt_gemm(const GemmArgs& a, cudaStream_t stream);
 constexpr size_t kWorkspaceBytes = 32u << 20;  // cuBLAS recommends 32 MiB on Hopper
+
+// The current device's cuBLASLt handle (one per device, kept for the process): CUBLAS_STATUS_SUCCESS
+// when it exists, after creating it if `create`; else CUBLAS_STATUS_NOT_INITIALIZED (or the
+// creation's failure). Callers create it from an eager call, never inside a CUDA graph capture.
+int lt_init(bool create);
+// "CUBLAS_STATUS_INVALID_VALUE" etc. for every cublasStatus_t, "CUBLAS_STATUS_UNKNOWN" otherwise.
+const char* lt_status_name(int status);
+// Whether a failed lt_gemm should be retried as a plainer call (no epilogue, no vector alpha, no C
+// operand, no strided batch) followed by epilogue_fwd, rather than raised (linear.cu says which).
+bool lt_status_falls_back(int status);
 
 // ------------------------------------------------------------------ patch_embed.cu
 // One pass over the image and the output: cols (B * gh * gw, C * ph * pw) row-major = im2col(x)

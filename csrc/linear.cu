@@ -10,6 +10,8 @@
 
 #include <cublasLt.h>
 
+#include <algorithm>
+#include <cstdint>
 #include <mutex>
 
 #include "common.cuh"
@@ -19,15 +21,17 @@ namespace {
 
 constexpr int kMaxDevices = 64;
 
-// One handle per device, created on first use and kept for the process (cuBLASLt handles are
-// thread safe once created).
-cublasStatus_t get_handle(cublasLtHandle_t* out) {
+// One handle per device, created on first use (lt_init, from an eager call: creating one inside a
+// CUDA graph capture is not allowed) and kept for the process (cuBLASLt handles are thread safe
+// once created).
+cublasStatus_t get_handle(cublasLtHandle_t* out, bool create) {
   static std::mutex mu;
   static cublasLtHandle_t handles[kMaxDevices] = {};
   int dev = 0;
   if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= kMaxDevices) return CUBLAS_STATUS_NOT_INITIALIZED;
   std::lock_guard<std::mutex> lock(mu);
   if (handles[dev] == nullptr) {
+    if (!create) return CUBLAS_STATUS_NOT_INITIALIZED;
     cublasStatus_t st = cublasLtCreate(&handles[dev]);
     if (st != CUBLAS_STATUS_SUCCESS) {
       handles[dev] = nullptr;
@@ -91,30 +95,90 @@ __device__ __forceinline__ float apply_act(float v, Act act) {
   return v;
 }
 
+// Block shape of the epilogue: kEpiThreads threads as (tx columns) x (kEpiThreads / tx rows).
+constexpr int kEpiThreads = 256;
+
+// Rows on y (each thread walks rows m0, m0 + m_step, ...), columns on x (n0, n0 + n_step, ...), so
+// the row -> (batch, row in batch) mapping happens once per row and nothing divides per element.
+// Even per row nothing divides: m0 and m_step are below 65535 * kEpiThreads < 2^24, so their
+// quotient / remainder by rows_per_batch are 32-bit divisions (a divisor clamped to 2^32 - 1 gives
+// the same result for dividends that small), done once per thread; each further row adds the step's
+// quotient / remainder with one carry. Columns are 32-bit: the launcher keeps N <= 2^31 - 1, and
+// n + n_step < 2^31 + 2^24 fits an unsigned int.
 template <typename T>
-__global__ void epilogue_kernel(T* __restrict__ y, int64_t ldy, RowMap map, int64_t rows, int64_t N,
-                                const T* __restrict__ bias, Act act, const T* __restrict__ gamma,
-                                const T* __restrict__ residual, int64_t ldr) {
-  const int64_t total = rows * N;
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t m = i / N, n = i % N;
-    const int64_t row = (m / map.rows_per_batch) * map.batch_row_stride + map.row_offset + m % map.rows_per_batch;
-    T* p = y + row * ldy + n;
-    float v = to_float(*p);
-    if (bias != nullptr) v += to_float(bias[n]);
-    v = apply_act<T>(v, act);
-    if (gamma != nullptr) v *= to_float(gamma[n]);
-    if (residual != nullptr) v += to_float(residual[m * ldr + n]);
-    *p = from_float<T>(v);
+__global__ void __launch_bounds__(kEpiThreads) epilogue_kernel(T* __restrict__ y, int64_t ldy, RowMap map, int64_t rows,
+                                                               unsigned N, const T* __restrict__ bias, Act act,
+                                                               const T* __restrict__ gamma,
+                                                               const T* __restrict__ residual, int64_t ldr) {
+  const unsigned n0 = blockIdx.x * blockDim.x + threadIdx.x, n_step = gridDim.x * blockDim.x;
+  const unsigned m0 = blockIdx.y * blockDim.y + threadIdx.y, m_step = gridDim.y * blockDim.y;
+  const unsigned rpb = static_cast<unsigned>(map.rows_per_batch < UINT32_MAX ? map.rows_per_batch : UINT32_MAX);
+  int64_t b = m0 / rpb, r = m0 % rpb;
+  const int64_t b_step = m_step / rpb, r_step = m_step % rpb;
+  for (int64_t m = m0; m < rows; m += m_step) {
+    T* yrow = y + (b * map.batch_row_stride + map.row_offset + r) * ldy;
+    const T* rrow = residual != nullptr ? residual + m * ldr : nullptr;
+    for (unsigned n = n0; n < N; n += n_step) {
+      float v = to_float(yrow[n]);
+      if (bias != nullptr) v += to_float(bias[n]);
+      v = apply_act<T>(v, act);
+      if (gamma != nullptr) v *= to_float(gamma[n]);
+      if (rrow != nullptr) v += to_float(rrow[n]);
+      yrow[n] = from_float<T>(v);
+    }
+    b += b_step;
+    r += r_step;
+    if (r >= map.rows_per_batch) {  // r, r_step < rows_per_batch: one carry at most
+      r -= map.rows_per_batch;
+      ++b;
+    }
   }
 }
 
 }  // namespace
 
+const char* lt_status_name(int status) {
+  switch (status) {
+    case CUBLAS_STATUS_SUCCESS: return "CUBLAS_STATUS_SUCCESS";
+    case CUBLAS_STATUS_NOT_INITIALIZED: return "CUBLAS_STATUS_NOT_INITIALIZED";
+    case CUBLAS_STATUS_ALLOC_FAILED: return "CUBLAS_STATUS_ALLOC_FAILED";
+    case CUBLAS_STATUS_INVALID_VALUE: return "CUBLAS_STATUS_INVALID_VALUE";
+    case CUBLAS_STATUS_ARCH_MISMATCH: return "CUBLAS_STATUS_ARCH_MISMATCH";
+    case CUBLAS_STATUS_MAPPING_ERROR: return "CUBLAS_STATUS_MAPPING_ERROR";
+    case CUBLAS_STATUS_EXECUTION_FAILED: return "CUBLAS_STATUS_EXECUTION_FAILED";
+    case CUBLAS_STATUS_INTERNAL_ERROR: return "CUBLAS_STATUS_INTERNAL_ERROR";
+    case CUBLAS_STATUS_NOT_SUPPORTED: return "CUBLAS_STATUS_NOT_SUPPORTED";
+    case CUBLAS_STATUS_LICENSE_ERROR: return "CUBLAS_STATUS_LICENSE_ERROR";
+    default: return "CUBLAS_STATUS_UNKNOWN";
+  }
+}
+
+bool lt_status_falls_back(int status) {
+  switch (status) {
+    // The call's configuration is what failed: no algorithm for this epilogue / vector alpha /
+    // strided batch / alignment on this GPU (NOT_SUPPORTED, also our "heuristic found nothing"),
+    // an epilogue + pointer-mode + type combination this cuBLASLt version rejects
+    // (INVALID_VALUE), or a feature this GPU lacks (ARCH_MISMATCH). A plainer call may well work.
+    case CUBLAS_STATUS_NOT_SUPPORTED:
+    case CUBLAS_STATUS_INVALID_VALUE:
+    case CUBLAS_STATUS_ARCH_MISMATCH:
+      return true;
+    // The library, the device or memory failed (NOT_INITIALIZED, ALLOC_FAILED, MAPPING_ERROR,
+    // EXECUTION_FAILED, INTERNAL_ERROR, LICENSE_ERROR, codes newer than this list): a plainer
+    // GEMM would fail the same way or hide a broken device, so these raise.
+    default:
+      return false;
+  }
+}
+
+int lt_init(bool create) {
+  cublasLtHandle_t handle;
+  return get_handle(&handle, create);
+}
+
 int lt_gemm(const GemmArgs& g, cudaStream_t stream) {
   cublasLtHandle_t handle;
-  LT_TRY(get_handle(&handle));
+  LT_TRY(get_handle(&handle, true));
   const cudaDataType_t t = cuda_type(g.dt);
   Desc d;
   // fp32 inputs use strict fp32 (no TF32) so the fp32 path matches the fp32 reference.
@@ -164,12 +228,18 @@ int lt_gemm(const GemmArgs& g, cudaStream_t stream) {
 
 int epilogue_fwd(DType dt, void* y, int64_t ldy, RowMap map, int64_t rows, int64_t N, const void* bias, Act act,
                  const void* gamma, const void* residual, int64_t ldr, cudaStream_t stream) {
-  if (rows < 1 || N < 1 || map.rows_per_batch < 1) return cudaErrorInvalidValue;
-  constexpr int kThreads = 256;
-  const unsigned grid = grid_for(rows * N, kThreads);
-  FASTVIT_DISPATCH(dt, epilogue_kernel<T><<<grid, kThreads, 0, stream>>>(
-                           static_cast<T*>(y), ldy, map, rows, N, static_cast<const T*>(bias), act,
-                           static_cast<const T*>(gamma), static_cast<const T*>(residual), ldr));
+  if (rows < 1 || N < 1 || N > INT32_MAX || map.rows_per_batch < 1) return cudaErrorInvalidValue;
+  // Column threads: the smallest power of two >= N in [32, kEpiThreads], the rest of the block on
+  // rows, so narrow outputs do not leave most of each block idle.
+  int tx = 32;
+  while (tx < kEpiThreads && tx < N) tx *= 2;
+  const int ty = kEpiThreads / tx;
+  // About as many blocks as fill any current GPU several times; the loops cover the rest.
+  const unsigned gx = grid_for(N, tx, 1024);
+  const unsigned gy = grid_for(rows, ty, std::max<int64_t>(1, 65535 / gx));
+  FASTVIT_DISPATCH(dt, epilogue_kernel<T><<<dim3(gx, gy), dim3(tx, ty), 0, stream>>>(
+                           static_cast<T*>(y), ldy, map, rows, static_cast<unsigned>(N), static_cast<const T*>(bias),
+                           act, static_cast<const T*>(gamma), static_cast<const T*>(residual), ldr));
   return cudaGetLastError();
 }
 

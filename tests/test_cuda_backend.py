@@ -6,11 +6,15 @@ registers / spills are recorded (artifacts/cuda_ptxas.json) and spills fail the 
 extension is checked without compiling. The built module is imported and its argument validation
 (TORCH_CHECK messages) exercised with CPU tensors, through the binding and through the backend's
 functions. Declared limits, the reasons derived from them and the loader's reasons are checked.
+What the GPU work depends on is checked in the sources and the machine code: the attention launch
+order (query blocks of one head adjacent), no 64-bit division in the epilogue / attention kernels
+(their SASS), and the cuBLASLt status names and fallback policy (through the built module).
 
 With a GPU (``@pytest.mark.gpu``): every backend function against the float32 reference with the
 DESIGN.md tolerance rule on awkward shapes in fp32 / fp16 / bf16, the whole ViT on backend
-``cuda``, agreement with the triton backend, determinism, compute-sanitizer and
-``torch.compile(fullgraph=True)``.
+``cuda``, agreement with the triton backend, determinism, compute-sanitizer,
+``torch.compile(fullgraph=True)``, the cuBLASLt fallbacks / errors under forced statuses, and the
+workspace made once per stream (and none made during a CUDA graph capture).
 """
 
 import importlib
@@ -32,7 +36,8 @@ from fastvit.facts import ACTIVATIONS, OPS, not_supported_reasons
 from tests.utils import assert_close_rule
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BUILD_PY = os.path.join(ROOT, "csrc", "build.py")
+CSRC = os.path.join(ROOT, "csrc")
+BUILD_PY = os.path.join(CSRC, "build.py")
 SETUP_PY = os.path.join(ROOT, "setup.py")
 ARCHS = ("sm_80", "sm_90")
 # Kernel families (substring of the mangled name) that must be in the build for every arch.
@@ -206,6 +211,11 @@ def _t(*shape, dtype=torch.float32):
     return torch.randn(*shape, dtype=dtype)
 
 
+def _big(B, H, N, dtype, d=16):
+    """A (B, H, N, d) view of d elements (strides (0, 0, 0, 1)): shapes past the grid limit, no memory."""
+    return torch.zeros(1, 1, 1, d, dtype=dtype).expand(B, H, N, d)
+
+
 VALIDATION_CASES = [
     # (op, args, exception, message pattern): argument, expected, actual
     ("linear", lambda: (_t(2, 3, 8), _t(5, 7), None, 0, None, None, None, None, 1e-6), RuntimeError,
@@ -238,6 +248,13 @@ VALIDATION_CASES = [
      r"q: expected a last dim with stride 1, got strides \[480, 160, 1, 10\]"),
     ("attention", lambda: (_t(2, 3, 10, 16, dtype=torch.float16), _t(2, 3, 10, 16), _t(2, 3, 10, 16), 1.0), TypeError,
      r"k: expected dtype Half \(as q\), got dtype Float"),
+    # the 1-D grid: one block per (batch, head, 64 query rows; 4 in fp32) must fit gridDim.x
+    ("attention", lambda: (_big(1 << 14, 1 << 10, 1 << 13, torch.float16),) * 3 + (1.0,), RuntimeError,
+     r"q: expected B \* H \* ceil\(N / 64\) <= 2147483647 \(the launch's gridDim.x limit\), got shape "
+     r"\[16384, 1024, 8192, 16\], i.e. 2147483648 blocks"),
+    ("attention", lambda: (_big(1 << 16, 1 << 10, 1 << 9, torch.float32),) * 3 + (1.0,), RuntimeError,
+     r"q: expected B \* H \* ceil\(N / 4\) <= 2147483647 \(the launch's gridDim.x limit\), got shape "
+     r"\[65536, 1024, 512, 16\], i.e. 8589934592 blocks"),
     ("patch_embed", lambda: (_t(1, 3, 30, 32), _t(8, 3, 16, 16), None, None, None, False), RuntimeError,
      r"x: expected height and width multiples of the patch size \(16, 16\) \(or pad=True\), got image size \(30, 32\)"),
     ("patch_embed", lambda: (_t(1, 3, 30, 32), _t(8, 3, 16, 16), None, _t(3, 8), None, True), RuntimeError,
@@ -297,6 +314,114 @@ def test_backend_functions_reach_the_binding_with_every_argument(built, monkeypa
         getattr(cuda, op)(*args())
 
 
+# ------------------------------------------------------------------------------ what the GPU relies on (CPU CI)
+def _code(path: str) -> str:
+    """A C++ / CUDA source without its comments (so prose cannot satisfy or fail a check)."""
+    with open(path) as fh:
+        text = fh.read()
+    return re.sub(r"//[^\n]*|/\*.*?\*/", "", text, flags=re.S)
+
+
+def test_attention_launch_is_1d_with_query_blocks_of_a_head_adjacent():
+    """blockIdx.x = (b * H + h) * num_m + m, as the Triton kernel: the query blocks of one (batch,
+    head) run next to each other, so that head's K / V are read from HBM once, then from L2."""
+    code = _code(os.path.join(CSRC, "attention.cu"))
+    assert not re.search(r"\bdim3\b|blockIdx\.[yz]|gridDim\.[yz]", code), "attention must launch a 1-D grid"
+    launches = re.findall(r"(attn_fwd_\w+)(?:<[^<>]*>)?<<<([^,]+),", code)
+    assert {k for k, _ in launches} == {"attn_fwd_tc", "attn_fwd_f32"}, launches
+    for kernel, grid in launches:
+        assert re.fullmatch(r"\s*(static_cast<unsigned>\()?blocks\)?\s*", grid), f"{kernel}: grid {grid!r}"
+    assert re.search(r"\bblocks\s*=\s*attention_grid_blocks\(dt, B, H, N\)", code)
+    assert re.search(r"\bblocks\s*>\s*kMaxGridX\)\s*return", code), "the gridDim.x limit is checked before launching"
+    # m fastest: (b, h) = blockIdx.x / num_m, m = blockIdx.x mod num_m, then b = bh / H, h = bh mod H
+    coords = re.search(r"void block_coords\([^)]*\)\s*\{(.*?)\n\}", code, re.S)
+    assert coords, "block_coords not found"
+    body = re.sub(r"static_cast<\w+>", "", coords.group(1))
+    assert re.search(r"bh\s*=\s*blockIdx\.x\s*/\s*\(?p\.num_m\)?", body), body
+    assert re.search(r"\*m_blk\s*=\s*\(?blockIdx\.x\s*-\s*bh\s*\*\s*\(?p\.num_m\)?", body), body
+    assert re.search(r"\*b\s*=\s*\(?bh\s*/\s*\(?p\.H\)?", body), body
+    assert re.search(r"\*h\s*=\s*\(?bh\s*-\s*\(?\*b\)?\s*\*\s*\(?p\.H\)?", body), body
+    for kernel in ("attn_fwd_tc", "attn_fwd_f32"):
+        m = re.search(rf"__global__ void __launch_bounds__\([^)]*\) {kernel}\(.*?\n\}}", code, re.S)
+        assert m and "block_coords(p, &b, &h, &m_blk);" in m.group(0), f"{kernel} does not use block_coords"
+    header = _code(os.path.join(CSRC, "fastvit_cuda.h"))
+    assert re.search(r"kMaxGridX\s*=\s*0x7fffffff;", header)
+
+
+def _sass_tool(name: str):
+    """cuobjdump / nvdisasm: the toolkit's, else the copy in the triton wheel (found, not imported)."""
+    home = cuda_build.cuda_home()
+    cands = [os.path.join(home, "bin", name)] if home else []
+    spec = importlib.util.find_spec("triton")
+    for loc in (spec.submodule_search_locations or []) if spec else []:
+        cands.append(os.path.join(loc, "backends", "nvidia", "bin", name))
+    return next((c for c in cands if os.access(c, os.X_OK)), None)
+
+
+def _sass(cuobjdump: str, path: str, arch: str) -> dict:
+    """{mangled kernel name: its SASS} of one arch of a binary (.so, .o or .cubin)."""
+    proc = subprocess.run([cuobjdump, "-sass", "-arch", arch, path], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    parts = re.split(r"\n\s*Function : (\S+)\n", proc.stdout)
+    return dict(zip(parts[1::2], parts[2::2]))
+
+
+# The reciprocal estimate that starts nvcc's 64-bit integer division / remainder routine (a called
+# subroutine of ~100 instructions); 32-bit division uses I2F.U32.RP inline.
+DIV64_MARKER = "I2F.U64.RP"
+
+
+@pytest.mark.slow
+def test_epilogue_and_attention_kernels_do_no_64bit_division(built, tmp_path):
+    """The epilogue maps rows once per row and columns / rows with 32-bit math; attention splits
+    blockIdx.x in 32 bits. The marker is first shown to catch a 64-bit division with this toolkit."""
+    mod, _ = built
+    cuobjdump = _sass_tool("cuobjdump")
+    if cuobjdump is None:
+        pytest.skip("no cuobjdump (CUDA toolkit bin/ or the triton wheel)")
+    probe = tmp_path / "div64.cu"
+    probe.write_text("__global__ void div64(long long* o, long long n, long long d) {\n"
+                     "  const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;\n"
+                     "  o[i] = (i + n) / d + (i + n) % d;\n}\n")
+    nvcc = os.path.join(cuda_build.cuda_home(), "bin", "nvcc")
+    proc = subprocess.run([nvcc, "-cubin", "-O3", "-arch=sm_90", "-o", str(tmp_path / "div64.cubin"), str(probe)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert DIV64_MARKER in "".join(_sass(cuobjdump, str(tmp_path / "div64.cubin"), "sm_90").values())
+    for arch in ARCHS:
+        kernels = _sass(cuobjdump, mod.__file__, arch)
+        checked = [k for k in kernels if "epilogue_kernel" in k or "attn_fwd" in k]
+        assert sum("epilogue_kernel" in k for k in checked) == 3, sorted(kernels)  # fp32, fp16, bf16
+        assert sum("attn_fwd" in k for k in checked) == 17, sorted(kernels)  # 16 tensor-core + fp32
+        for k in checked:
+            assert DIV64_MARKER not in kernels[k], f"{k} on {arch}: 64-bit integer division in its SASS"
+
+
+def _cublas_statuses() -> dict:
+    """{name: code} of ``cublasStatus_t`` in the cublas_api.h the extension is compiled against."""
+    home = cuda_build.cuda_home()
+    dirs = cuda_build.build_options()["extra_include_paths"] + ([os.path.join(home, "include")] if home else [])
+    path = next((os.path.join(d, "cublas_api.h") for d in dirs if os.path.isfile(os.path.join(d, "cublas_api.h"))))
+    with open(path) as fh:
+        m = re.search(r"typedef\s+enum\s*\{([^}]*)\}\s*cublasStatus_t\s*;", fh.read())
+    assert m, f"cublasStatus_t not found in {path}"
+    return {k: int(v) for k, v in re.findall(r"(CUBLAS_STATUS_\w+)\s*=\s*(\d+)", m.group(1))}
+
+
+@pytest.mark.slow
+def test_cublas_status_names_and_fallback_policy(built):
+    """Errors name the status; configuration failures fall back to a plainer call, the rest raise."""
+    mod, _ = built
+    statuses = _cublas_statuses()
+    assert len(statuses) >= 10 and statuses["CUBLAS_STATUS_SUCCESS"] == 0
+    for name, code in statuses.items():
+        assert mod.cublas_status_name(code) == name
+    assert mod.cublas_status_name(12345) == "CUBLAS_STATUS_UNKNOWN"
+    falls_back = {name for name, code in statuses.items() if mod.cublas_status_falls_back(code)}
+    assert falls_back == {"CUBLAS_STATUS_NOT_SUPPORTED", "CUBLAS_STATUS_INVALID_VALUE", "CUBLAS_STATUS_ARCH_MISMATCH"}
+    assert not mod.cublas_status_falls_back(12345)  # a status newer than the policy raises
+
+
 # ------------------------------------------------------------------------------ limits and reasons
 def test_face_is_limits_available_and_one_function_per_declared_op():
     lim = cuda.LIMITS
@@ -312,7 +437,7 @@ def test_reasons_derived_from_limits():
     assert not_supported_reasons(lim, "attention", gpu, torch.float16, 128, capability=h100) == []
     assert not_supported_reasons(lim, "linear", gpu, torch.bfloat16, act="gelu_tanh", capability=h100) == []
     assert not_supported_reasons(lim, "layer_norm", torch.device("cpu"), torch.float32) == [
-        "cuda runs on cuda tensors, got device 'cpu'"]
+        "cuda needs a CUDA tensor, got device 'cpu'"]
     assert not_supported_reasons(lim, "attention", gpu, torch.float16, 160, capability=h100) == [
         "cuda attention supports head dim <= 128, got 160"]
     assert not_supported_reasons(lim, "attention_probs", gpu, torch.float16, 64, capability=h100) == [
@@ -416,7 +541,8 @@ def _oracle(dtype):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("N,Nkv", [(1, 1), (2, 2), (50, 50), (197, 197), (257, 257), (577, 577), (10, 130)])
+@pytest.mark.parametrize("N,Nkv", [(1, 1), (2, 2), (50, 50), (197, 197), (257, 257), (577, 577), (1025, 1025),
+                                   (10, 130)])
 @pytest.mark.parametrize("d", [32, 48, 64, 80, 96, 128, 40])
 def test_attention_matches_reference(dtype, N, Nkv, d):
     B, H = 3, 2
@@ -551,6 +677,113 @@ def test_plain_gemm_fallback_paths_match_reference(dtype, monkeypatch):
     test_patch_embed_matches_reference(dtype, 3, 3, 32, 48, (16, 16), False, 1, True, True, None, False)
     test_patch_embed_matches_reference(dtype, 2, 4, 20, 20, (5, 5), True, 2, False, True, torch.float16, False)
     test_patch_embed_matches_reference(dtype, 1, 3, 30, 45, (16, 16), True, 0, False, False, None, False)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("status", [7, 8, 15], ids=["INVALID_VALUE", "ARCH_MISMATCH", "NOT_SUPPORTED"])
+def test_statuses_that_fall_back_take_the_plain_paths(status, monkeypatch):
+    """Every cuBLASLt call with a plainer alternative reports `status`: the op still matches."""
+    monkeypatch.setenv("FASTVIT_CUDA_LT_STATUS", str(status))
+    dtype = torch.float16
+    for act in (None, "gelu", "gelu_tanh"):
+        for flags in [(True, True, True, True), (True, False, True, False), (False, True, False, False)]:
+            test_linear_matches_reference(dtype, (2, 197), 192, 576, act, *flags)
+    test_mlp_matches_reference(dtype, "gelu", True, True, True)
+    test_patch_embed_matches_reference(dtype, 3, 3, 32, 48, (16, 16), False, 1, True, True, None, False)
+    test_patch_embed_matches_reference(dtype, 1, 3, 30, 45, (16, 16), True, 0, False, False, None, False)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("status,name", [(13, "CUBLAS_STATUS_EXECUTION_FAILED"), (3, "CUBLAS_STATUS_ALLOC_FAILED"),
+                                         (14, "CUBLAS_STATUS_INTERNAL_ERROR"), (99, "CUBLAS_STATUS_UNKNOWN")])
+def test_other_statuses_raise_naming_op_status_and_shapes(status, name, monkeypatch):
+    monkeypatch.setenv("FASTVIT_CUDA_LT_STATUS", str(status))
+    x, w, kw = _linear_inputs(torch.float16, (2, 197), 192, 576, True, True, True, False)
+    tail = rf"failed with {name} \({status}\): x \(M, K\) = \(394, 192\), weight \(N, K\) = \(576, 192\), batch 1, " \
+           r"dtype float16, epilogue"
+    with pytest.raises(RuntimeError, match=r"cuBLASLt matmul for linear " + tail + r" \+ bias \+ gelu"):
+        cuda.linear(x, w, kw["bias"], "gelu", None, None, None, None, 1e-6)
+    with pytest.raises(RuntimeError, match=r"cuBLASLt matmul for linear \(gamma folded into alpha\) " + tail +
+                       r" \+ bias \+ vector alpha \+ C operand"):
+        cuda.linear(x, w, kw["bias"], None, kw["gamma"], kw["residual"], None, None, 1e-6)
+    img = torch.randn(2, 3, 32, 32, device="cuda", dtype=torch.float16)
+    pw, pb, prefix = (torch.randn(*s, device="cuda", dtype=torch.float16) for s in [(8, 3, 16, 16), (8,), (1, 8)])
+    with pytest.raises(RuntimeError, match=rf"cuBLASLt matmul for patch_embed failed with {name} \({status}\): "
+                       r"x \(M, K\) = \(4, 768\), weight \(N, K\) = \(8, 768\), batch 2, dtype float16, "
+                       r"epilogue \+ bias"):
+        cuda.patch_embed(img, pw, pb, None, prefix, False)
+    # the plainest GEMM has no alternative: it runs for real and succeeds
+    out = cuda.linear(x, w, None, None, None, None, None, None, 1e-6)
+    torch.testing.assert_close(out.float(), x.float() @ w.float().t(), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.gpu
+def test_lt_workspace_made_once_per_stream_and_reused():
+    mod = cuda._loaded()
+    dev = torch.cuda.current_device()
+    x, w, kw = _linear_inputs(torch.float16, (2, 50), 96, 160, True, False, False, False)
+    cuda.linear(x, w, kw["bias"], "gelu", None, None, None, None, 1e-6)
+    here = torch.cuda.current_stream().cuda_stream
+    before = mod.lt_workspaces()
+    mine = [e for e in before if e[:2] == (dev, here)]
+    assert len(mine) == 1, before
+    for _ in range(3):
+        cuda.linear(x, w, kw["bias"], None, None, None, None, None, 1e-6)
+        cuda.mlp(x, w, None, w.t().contiguous(), None, "gelu_tanh", None, x, None, None, 1e-6)
+    assert mod.lt_workspaces() == before  # same streams, same buffers
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        cuda.linear(x, w, kw["bias"], None, None, None, None, None, 1e-6)
+    torch.cuda.synchronize()
+    after = mod.lt_workspaces()
+    theirs = [e for e in after if e[:2] == (dev, side.cuda_stream)]
+    assert len(theirs) == 1 and theirs[0][2] != mine[0][2]
+    # every other stream's buffer is untouched (a pooled side stream may have one from an earlier test)
+    assert [e for e in after if e not in theirs] == [e for e in before if e[:2] != (dev, side.cuda_stream)]
+
+
+@pytest.mark.gpu
+def test_graph_capture_makes_no_workspace_and_replays_correctly():
+    """torch.cuda.graph captures on its own stream, which has no workspace (fastvit.graphs warms up
+    on another): the capture borrows one from the graph's pool and caches nothing."""
+    mod = cuda._loaded()
+    x, w, kw = _linear_inputs(torch.float16, (2, 197), 192, 576, True, True, True, False)
+    args = (x, w, kw["bias"], "gelu_tanh", kw["gamma"], kw["residual"], None, None, 1e-6)
+    eager = cuda.linear(*args)
+    before = mod.lt_workspaces()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = cuda.linear(*args)
+    assert mod.lt_workspaces() == before
+    static_out.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(static_out, eager, rtol=1e-3, atol=1e-3)
+
+
+_CAPTURE_FIRST_SCRIPT = """
+import torch
+from fastvit import cuda
+assert cuda.available() is None
+x, w = torch.randn(4, 64, device="cuda", dtype=torch.half), torch.randn(32, 64, device="cuda", dtype=torch.half)
+torch.cuda.synchronize()
+graph = torch.cuda.CUDAGraph()
+try:
+    with torch.cuda.graph(graph):
+        cuda.linear(x, w, None, None, None, None, None, None, 1e-6)
+except RuntimeError as e:
+    print("RAISED", e)
+"""
+
+
+@pytest.mark.gpu
+def test_capture_before_any_eager_call_asks_to_warm_up():
+    """A fresh process whose first cuBLASLt call is inside a capture (the handle cannot be made there)."""
+    assert cuda.available() is None  # built (or loaded) here first; the subprocess loads the same build
+    proc = subprocess.run([sys.executable, "-c", _CAPTURE_FIRST_SCRIPT], capture_output=True, text=True, timeout=600)
+    log = proc.stdout + proc.stderr
+    assert "RAISED" in log and "warm up first" in log and "before any eager cuBLASLt call" in log, log[-4000:]
 
 
 def _vit(**kw):
