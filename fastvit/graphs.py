@@ -77,7 +77,9 @@ class GraphedModel(torch.nn.Module):
                 self.model(static_in)  # one more eager run on the capture stream (lazy state)
             torch.cuda.current_stream(device).wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
-            with torch.inference_mode(), torch.cuda.graph(graph, pool=pool):
+            # capture on the stream that just ran eagerly: per-stream state (the cuda backend's
+            # cuBLASLt workspace) already exists there, so nothing is allocated inside the capture
+            with torch.inference_mode(), torch.cuda.graph(graph, pool=pool, stream=stream):
                 static_out = self.model(static_in)
             self._graphs[b] = (graph, static_in, static_out)
 
