@@ -1,6 +1,9 @@
-"""Backend selection: explicit > per-model > set_backend > FASTVIT_BACKEND > auto; reasons; lazy imports."""
+"""Backend selection: explicit > per-model > set_backend > FASTVIT_BACKEND > auto; resolve returns the
+backend module; reasons derived from each backend's declared LIMITS; lazy imports."""
 
+import dataclasses
 import os
+import re
 import subprocess
 import sys
 import warnings
@@ -10,6 +13,7 @@ import torch
 
 import fastvit
 from fastvit import backends, ops, reference
+from fastvit.facts import BackendLimits
 
 
 @pytest.fixture(autouse=True)
@@ -26,10 +30,27 @@ def test_auto_on_cpu_is_torch_without_warning():
         assert backends.resolve("attention", torch.device("cpu")) is reference
 
 
+def test_resolve_returns_the_backend_module():
+    assert backends.resolve("linear", torch.device("cpu"), "torch") is reference is backends.module("torch")
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        import fastvit.kernels
+
+        assert backends.resolve("linear", torch.device("cpu"), "triton") is fastvit.kernels
+    for name in backends.BACKENDS:
+        mod = backends.module(name)
+        assert mod is None or (mod.LIMITS.name == name and backends.limits(name) is mod.LIMITS)
+
+
 def test_auto_on_unusable_cuda_device_falls_back_and_warns_once():
-    backends._warned.clear()
-    with pytest.warns(RuntimeWarning, match="backend 'triton' skipped for linear"):
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine without CUDA")
+    backends.reset()  # forget earlier warnings
+    with pytest.warns(RuntimeWarning) as caught:
         assert backends.resolve("linear", torch.device("cuda")) is reference
+    said = sorted(str(w.message) for w in caught)
+    for name in ("cuda", "triton"):  # each skipped backend once, with its reasons
+        why = "; ".join(backends.reasons(name, "linear", torch.device("cuda")))
+        assert f"fastvit: backend {name!r} skipped for linear: {why}" in said, said
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the same reason again: no second warning
         assert backends.resolve("linear", torch.device("cuda")) is reference
@@ -37,12 +58,16 @@ def test_auto_on_unusable_cuda_device_falls_back_and_warns_once():
 
 def test_explicit_unavailable_backend_raises_with_reason():
     q = torch.randn(1, 1, 4, 8)
-    with pytest.raises(backends.BackendUnavailable, match=r"backend 'cuda' cannot run attention on cpu: .*CUDA tensor"):
+    why = "; ".join(backends.reasons("cuda", "attention", torch.device("cpu"), dtype=torch.float32, head_dim=8))
+    assert why, "the cuda backend cannot run CPU tensors"
+    expected = re.escape(f"backend 'cuda' cannot run attention on cpu: {why}")
+    with pytest.raises(backends.BackendUnavailable, match=expected):
         ops.attention(q, q, q, backend="cuda")
 
 
 def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
+    backends.reset()  # the plan cache may hold an interpreter-era plan for this signature
     ok, reason = fastvit.available_backends(torch.device("cpu"))["triton"]
     assert not ok and "TRITON_INTERPRET=1" in reason
     q = torch.randn(1, 1, 4, 8)
@@ -54,6 +79,7 @@ def test_precedence_env_global_model_explicit(monkeypatch):
     x = torch.randn(1, 3, 16, 16)
     model = fastvit.VisionTransformer(img_size=16, patch_size=8, embed_dim=16, depth=1, num_heads=2, num_classes=2)
     monkeypatch.setenv("FASTVIT_BACKEND", "cuda")
+    backends.reset()  # FASTVIT_BACKEND is read again after a reset
     assert backends.get_backend() == "cuda"
     with pytest.raises(backends.BackendUnavailable):
         model(x)  # env var says cuda, which cannot run on the CPU: an error, never a silent fallback
@@ -71,6 +97,7 @@ def test_precedence_env_global_model_explicit(monkeypatch):
 
 def test_bad_env_value_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("FASTVIT_BACKEND", "tpu")
+    backends.reset()
     with pytest.raises(ValueError, match=r"FASTVIT_BACKEND: expected one of .* got 'tpu'"):
         backends.get_backend()
     with pytest.raises(ValueError, match="backend: expected one of"):
@@ -78,23 +105,35 @@ def test_bad_env_value_is_a_clear_error(monkeypatch):
 
 
 def test_available_backends_reports_every_backend():
-    av = fastvit.available_backends(torch.device("cpu"))
+    cpu = torch.device("cpu")
+    av = fastvit.available_backends(cpu)
     assert set(av) == {"triton", "cuda", "torch"}
     assert av["torch"] == (True, None)
-    assert av["cuda"][0] is False and "CUDA" in av["cuda"][1]
+    assert av["cuda"][0] is False and av["cuda"][1] == "; ".join(backends.reasons("cuda", None, cpu))
 
 
-def test_op_level_unsupported_reason_is_used(monkeypatch):
-    class FakeMod:
-        @staticmethod
-        def unsupported(op, **info):
-            return f"head dim {info.get('head_dim')} not compiled" if op == "attention" else None
-
-    b = backends._REGISTRY["torch"]
-    monkeypatch.setattr(b, "_mod", FakeMod)
-    monkeypatch.setattr(b, "_loaded", True)
-    with pytest.raises(backends.BackendUnavailable, match="head dim 8 not compiled"):
-        backends.resolve("attention", torch.device("cpu"), "torch", head_dim=8)
+@pytest.mark.parametrize("field,value,props,reason", [
+    ("max_head_dim", 8, dict(head_dim=16), "torch attention supports head dim <= 8, got 16"),
+    ("dtypes", (torch.float32,), dict(dtype=torch.float16), "torch has no float16 kernels"),
+    ("ops", frozenset({"linear"}), {}, "torch has no attention kernel"),
+])
+def test_declared_limit_produces_the_reason(monkeypatch, field, value, props, reason):
+    """A backend's declared limit (its LIMITS data) is the reason: resolve and the op both raise it."""
+    limits = dataclasses.replace(reference.LIMITS, **{field: value})
+    assert isinstance(limits, BackendLimits)
+    try:
+        with monkeypatch.context() as m:
+            m.setattr(reference, "LIMITS", limits)
+            backends.reset()  # drop cached plans resolved with the real limits
+            with pytest.raises(backends.BackendUnavailable, match=re.escape(reason)):
+                backends.resolve("attention", torch.device("cpu"), "torch", **props)
+            q = torch.randn(1, 2, 4, 16, dtype=props.get("dtype", torch.float32))
+            with pytest.raises(backends.BackendUnavailable, match=re.escape(reason)):
+                ops.attention(q, q, q, backend="torch")
+            assert reason in backends.reasons("torch", "attention", torch.device("cpu"), dtype=q.dtype, head_dim=16)
+    finally:
+        backends.reset()
+    assert ops.attention(q, q, q, backend="torch").shape == q.shape  # the real limits again
 
 
 def _run(code: str, env_extra=None):
@@ -106,7 +145,7 @@ def test_import_fastvit_without_triton_and_lazy_backends():
     code = (
         "import sys; sys.modules['triton'] = None\n"  # makes `import triton` raise ImportError
         "import fastvit, torch\n"
-        "assert 'fastvit.kernels' not in sys.modules and 'fastvit.cuda_ext' not in sys.modules\n"
+        "assert 'fastvit.kernels' not in sys.modules and 'fastvit.cuda' not in sys.modules\n"
         "ok, why = fastvit.available_backends(torch.device('cpu'))['triton']\n"
         "assert not ok and 'cannot import fastvit.kernels' in why, why\n"
         "m = fastvit.create_model('vit_tiny_patch16_224', img_size=32, depth=1)\n"
@@ -126,4 +165,7 @@ def test_import_fastvit_does_not_import_triton():
 def test_cli_info_lists_backends_and_reasons():
     r = subprocess.run([sys.executable, "-m", "fastvit", "info"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
-    assert "backends:" in r.stdout and "torch" in r.stdout and "needs a CUDA tensor" in r.stdout
+    assert "backends:" in r.stdout and "torch" in r.stdout
+    # every backend's reason on the CPU, as fastvit.backends derives it from the limits
+    for name, (ok, why) in fastvit.available_backends(torch.device("cpu")).items():
+        assert ok or (why and why.split(";")[0] in r.stdout), (name, why, r.stdout)

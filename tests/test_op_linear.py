@@ -1,0 +1,201 @@
+"""linear on every backend (torch, triton, cuda), one shape set, one oracle.
+
+Covers: ``act(LN?(x) @ W.T + b) * gamma + residual`` against the oracle (``utils.check_op``) over
+utils.LINEAR_SHAPES x a set of epilogues x float32 / float16 / bfloat16, outputs poisoned; every
+combination of LN prologue (none / weight / weight + bias), bias, GELU / gelu_tanh, gamma and
+residual on one small shape; an independent float64 formulation (explicit LayerNorm, erf and
+tanh GELU); 3-D and row-strided input; the validation errors (argument, expected, actual); the
+cuda backend's plain-GEMM fallback paths (GPU); and a seeded random sweep. A backend that cannot
+run a case here is skipped with the reason from fastvit.backends.reasons.
+"""
+
+import itertools
+
+import pytest
+import torch
+
+from fastvit import ops
+from utils import (BACKENDS, DEV, DTYPES, LINEAR_SHAPES, TOLERANCES, assert_close_rule, check_op, maybe, randn,
+                   require, run_sweep)
+
+pytestmark = pytest.mark.usefixtures("full_precision")
+
+LN = (None, "w", "wb")  # LayerNorm prologue: none, weight only, weight and bias
+# (act, bias, gamma, residual, ln) on the shape grid: the ViT uses (qkv, proj, fc1) and the edges
+EPILOGUES = [
+    (None, True, False, False, None),        # plain + bias
+    (None, False, False, False, None),       # no bias at all
+    (None, True, False, False, "wb"),        # qkv: LN prologue
+    ("gelu", True, False, False, "wb"),      # fc1: LN + GELU
+    ("gelu_tanh", True, False, False, None),
+    (None, True, True, True, None),          # proj: LayerScale + residual
+    ("gelu", True, True, True, "wb"),        # everything
+    ("gelu_tanh", False, True, True, "w"),   # LN without bias, no linear bias
+]
+ALL_EPILOGUES = list(itertools.product((None, "gelu", "gelu_tanh"), (True, False), (True, False), (True, False), LN))
+
+
+def _eid(e):
+    act, bias, gamma, res, ln = e
+    return "-".join([act or "noact", "b" if bias else "nob", "g" if gamma else "nog", "r" if res else "nor",
+                     f"ln{ln}" if ln else "noln"])
+
+
+def linear_args(lead, K, N, dtype, act, bias, gamma, residual, ln, eps=1e-5):
+    """The op's positional arguments; x has a non-zero mean so the LN prologue matters."""
+    x = randn(*lead, K, dtype=dtype, scale=2.0, shift=0.5)
+    w = randn(N, K, dtype=dtype, scale=K ** -0.5)
+    return (x, w, maybe(bias, lambda: randn(N, dtype=dtype)), act,
+            maybe(gamma, lambda: randn(N, dtype=dtype, scale=0.5, shift=0.5)),
+            maybe(residual, lambda: randn(*lead, N, dtype=dtype)),
+            maybe(ln, lambda: randn(K, dtype=dtype, scale=0.5, shift=1.0)),
+            maybe(ln == "wb", lambda: randn(K, dtype=dtype, scale=0.5)), eps)
+
+
+@pytest.mark.parametrize("lead,K,N", LINEAR_SHAPES)
+@pytest.mark.parametrize("epilogue", EPILOGUES, ids=_eid)
+@pytest.mark.parametrize("dtype,atol,rtol", DTYPES)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_linear(backend, dtype, atol, rtol, epilogue, lead, K, N, poison):
+    require(backend, "linear", dtype=dtype, act=epilogue[0])
+    args = linear_args(lead, K, N, dtype, *epilogue)
+    with poison():
+        out = ops.linear(*args, backend=backend)
+    assert out.shape == (*lead, N) and out.dtype == dtype
+    check_op("linear", backend, args, out, atol, rtol)
+
+
+@pytest.mark.parametrize("act,bias,gamma,residual,ln", ALL_EPILOGUES, ids=[_eid(e) for e in ALL_EPILOGUES])
+@pytest.mark.parametrize("dtype,atol,rtol", DTYPES)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_linear_all_epilogue_combinations(backend, dtype, atol, rtol, act, bias, gamma, residual, ln, poison):
+    """Every (LN prologue, bias, activation, gamma, residual) combination on a small 3-D input."""
+    require(backend, "linear", dtype=dtype, act=act)
+    args = linear_args((3, 7), 24, 40, dtype, act, bias, gamma, residual, ln)
+    with poison():
+        out = ops.linear(*args, backend=backend)
+    check_op("linear", backend, args, out, atol, rtol)
+
+
+@pytest.mark.parametrize("act", [None, "gelu", "gelu_tanh"])
+@pytest.mark.parametrize("with_ln,with_gamma,with_res,with_bias", [
+    (False, False, False, True), (True, False, False, True), (False, True, True, True), (True, True, True, False)])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_linear_matches_formula(backend, act, with_ln, with_gamma, with_res, with_bias):
+    """float32 against an independent float64 formulation (explicit LayerNorm, erf / tanh GELU)."""
+    require(backend, "linear", dtype=torch.float32, act=act)
+    B, N, K, M = 3, 7, 24, 40
+    x = torch.randn(B, N, K, device=DEV, dtype=torch.float64)
+    w, b = torch.randn(M, K, device=DEV).double(), torch.randn(M, device=DEV).double() if with_bias else None
+    g = torch.randn(M, device=DEV).double() if with_gamma else None
+    r = torch.randn(B, N, M, device=DEV).double() if with_res else None
+    lw, lb = (torch.randn(K, device=DEV).double(), torch.randn(K, device=DEV).double()) if with_ln else (None, None)
+    h = x
+    if with_ln:
+        mu, var = h.mean(-1, keepdim=True), h.var(-1, unbiased=False, keepdim=True)
+        h = (h - mu) / torch.sqrt(var + 1e-6) * lw + lb
+    y = h @ w.T + (b if b is not None else 0)
+    if act == "gelu":
+        y = 0.5 * y * (1 + torch.erf(y / 2 ** 0.5))
+    elif act == "gelu_tanh":
+        y = 0.5 * y * (1 + torch.tanh((2 / torch.pi) ** 0.5 * (y + 0.044715 * y ** 3)))
+    if g is not None:
+        y = y * g
+    if r is not None:
+        y = y + r
+    f = lambda t: None if t is None else t.float()  # noqa: E731
+    out = ops.linear(f(x), f(w), f(b), act, f(g), f(r), f(lw), f(lb), 1e-6, backend=backend)
+    atol, rtol = TOLERANCES[torch.float32]
+    assert_close_rule(out, y, None, atol=atol, rtol=rtol)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_linear_3d_and_strided_input(backend, poison):
+    """(B, N, K) input with a row stride larger than K (a slice), no bias, LN without bias."""
+    require(backend, "linear", dtype=torch.float32, act=None)
+    x = torch.randn(3, 17, 70, device=DEV)[..., :64]  # row stride 70, unit last stride
+    args = (x, torch.randn(24, 64, device=DEV) * 0.1, None, None, None, None, torch.randn(64, device=DEV), None, 1e-6)
+    with poison():
+        out = ops.linear(*args, backend=backend)
+    assert out.shape == (3, 17, 24)
+    check_op("linear", backend, args, out, *TOLERANCES[torch.float32])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("act,bias,gamma,residual,ln", [
+    (act, *flags) for act in (None, "gelu", "gelu_tanh")
+    for flags in [(True, True, True, "wb"), (True, False, True, None), (False, False, False, None)]])
+@pytest.mark.parametrize("dtype,atol,rtol", DTYPES)
+def test_linear_cuda_plain_gemm_fallback(dtype, atol, rtol, act, bias, gamma, residual, ln, poison, monkeypatch):
+    """FASTVIT_CUDA_PLAIN_GEMM=1: the cuda backend's paths for when cuBLASLt has no algorithm for
+    an epilogue (plain GEMM + elementwise epilogue)."""
+    require("cuda", "linear", dtype=dtype, act=act)
+    monkeypatch.setenv("FASTVIT_CUDA_PLAIN_GEMM", "1")
+    args = linear_args((2, 197), 192, 576, dtype, act, bias, gamma, residual, ln)
+    with poison():
+        out = ops.linear(*args, backend="cuda")
+    check_op("linear", "cuda", args, out, atol, rtol)
+
+
+# --------------------------------------------------------------------------- validation
+def _r(*shape):
+    return torch.randn(*shape)
+
+
+VALIDATION = [
+    ("x-last-dim", lambda b: ops.linear(_r(2, 8), _r(4, 9), backend=b), ValueError,
+     r"x: expected last dim 9 \(= weight.shape\[1\]\), got shape \(2, 8\)"),
+    ("bias-shape", lambda b: ops.linear(_r(2, 8), _r(4, 8), _r(5), backend=b), ValueError,
+     r"bias: expected shape \(4,\), got shape \(5,\)"),
+    ("act", lambda b: ops.linear(_r(2, 8), _r(4, 8), act="relu", backend=b), ValueError,
+     r"act: expected one of \(None, 'gelu', 'gelu_tanh'\), got 'relu'"),
+    ("residual-shape", lambda b: ops.linear(_r(2, 8), _r(4, 8), residual=_r(3, 4), backend=b), ValueError,
+     r"residual: expected shape \(2, 4\), got shape \(3, 4\)"),
+    ("ln-bias-alone", lambda b: ops.linear(_r(2, 8), _r(4, 8), ln_bias=_r(8), backend=b), ValueError,
+     r"ln_weight: expected a tensor when ln_bias is given, got None"),
+    ("gamma-shape", lambda b: ops.linear(_r(2, 8), _r(4, 8), gamma=_r(8), backend=b), ValueError,
+     r"gamma: expected shape \(4,\), got shape \(8,\)"),
+    ("weight-str", lambda b: ops.linear(_r(2, 8), "w", backend=b), TypeError,
+     r"weight: expected a torch.Tensor, got str"),
+    ("weight-dtype", lambda b: ops.linear(_r(2, 8), _r(5, 8).half(), backend=b), TypeError,
+     r"weight: expected dtype torch.float32 \(as x\), got dtype torch.float16"),
+    ("x-stride", lambda b: ops.linear(_r(8, 2).t(), _r(5, 8), backend=b), ValueError,
+     r"x: expected a last dim with stride 1, got strides \(1, 2\)"),
+    ("x-int", lambda b: ops.linear(_r(2, 8).int(), _r(5, 8), backend=b), TypeError,
+     r"x: expected dtype float32, float16 or bfloat16, got torch.int32"),
+]
+
+
+@pytest.mark.parametrize("case,call,exc,pattern", VALIDATION, ids=[c[0] for c in VALIDATION])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_validation_errors(backend, case, call, exc, pattern):
+    """Validation runs in the op layer before a backend is chosen: the same message on every
+    backend, even one that cannot run here."""
+    with pytest.raises(exc, match=pattern):
+        call(backend)
+
+
+# --------------------------------------------------------------------------- random sweep
+def _sweep_case(rng, dtype):
+    M, K, N = rng.randint(1, 40), rng.randint(1, 80), rng.randint(1, 80)
+    lead = rng.choice([(M,), (1, M), (M, 1)])
+    shift = rng.choice([0.0, 1.0])
+    bias, gamma, res, ln = (rng.random() < 0.5 for _ in range(4))
+    ln_bias = ln and rng.random() < 0.5
+    act = rng.choice([None, "gelu", "gelu_tanh"])
+    x = randn(*lead, K, dtype=dtype, shift=shift)
+    args = (x, randn(N, K, dtype=dtype, scale=K ** -0.5), maybe(bias, lambda: randn(N, dtype=dtype)), act,
+            maybe(gamma, lambda: randn(N, dtype=dtype)), maybe(res, lambda: randn(*lead, N, dtype=dtype)),
+            maybe(ln, lambda: randn(K, dtype=dtype)), maybe(ln_bias, lambda: randn(K, dtype=dtype)), 1e-5)
+    desc = f"x{tuple(x.shape)} N={N} bias={bias} act={act} gamma={gamma} res={res} ln={ln}/{ln_bias}"
+
+    def shape(out):
+        assert out.shape == (*lead, N), f"shape {tuple(out.shape)}"
+
+    return desc, args, {"act": act}, shape
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_random_sweep(backend, poison):
+    require(backend, "linear")
+    run_sweep("linear", backend, _sweep_case, poison)
