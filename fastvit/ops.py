@@ -359,6 +359,7 @@ def _check_qkv(q, k, v) -> int:
 def _attention_call(op: str, q, k, v, scale, backend):
     def build():
         d = _check_qkv(q, k, v)
+        _scale(scale, d)  # argument errors before backend errors (it is checked on every call too)
         return _resolve(op, q.device, backend, dtype=q.dtype, head_dim=d)
 
     try:
@@ -478,7 +479,7 @@ def linear(
     Args:
         x: (..., K), unit-stride last dim.
         weight: (N, K); bias: (N,) or None.
-        act: None, 'gelu' (exact erf) or 'gelu_tanh'.
+        act: None, 'gelu' (exact erf), 'gelu_tanh' or 'quick_gelu' (x * sigmoid(1.702 x)).
         gamma: (N,) LayerScale or None. residual: (..., N) or None (added last).
         ln_weight, ln_bias: (K,) LayerNorm of x fused as prologue when ``ln_weight`` is given.
         ln_eps: the LayerNorm epsilon.

@@ -157,14 +157,9 @@ VALIDATION = [
 
 @pytest.mark.parametrize("case,call,exc,pattern", VALIDATION, ids=[c[0] for c in VALIDATION])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_validation_errors(backend, case, call, exc, pattern, request):
+def test_validation_errors(backend, case, call, exc, pattern):
     """Validation runs in the op layer before a backend is chosen: the same message on every
     backend, even one that cannot run here."""
-    if case == "scale-str" and skip_reason(backend, "attention"):
-        # fastvit/ops.py checks `scale` after resolving the backend (the plan is built first,
-        # _scale runs on the call), so an unusable backend raises BackendUnavailable instead
-        request.applymarker(pytest.mark.xfail(raises=backends.BackendUnavailable, strict=True,
-                                              reason="ops.attention validates scale after backend resolution"))
     with pytest.raises(exc, match=pattern):
         call(backend)
 
