@@ -3,7 +3,8 @@ and ``torchrun --nproc-per-node N -m fastvit classify ...`` to shard the inputs 
 
 Sharding is strided (rank r takes inputs r, r + N, ...), each result carries its input index,
 and the shards are merged with ``all_gather_object`` and sorted back into input order, so the
-output is the same whatever N is.
+output is the same whatever N is. A file that cannot be read or decoded is skipped and reported
+with its reason (``Results.skipped``); every other image gets its result.
 """
 
 from __future__ import annotations
@@ -15,107 +16,80 @@ import sys
 from typing import Any, Dict, List, Optional, Sequence
 
 import torch
-from torch.utils.data import DataLoader, Dataset
 
-from .preprocess import IMAGE_EXTENSIONS, Preprocessor, topk_predictions
+from .imagefiles import ImageFiles, batches_of, dist_info, expand_inputs, progress_bar, run_batches
+from .preprocess import Preprocessor, topk_predictions
 
-__all__ = ["expand_inputs", "ImageFiles", "classify", "write_results", "add_classify_parser", "cmd_classify"]
+__all__ = ["expand_inputs", "ImageFiles", "Results", "classify", "write_results", "write_skipped",
+           "add_classify_parser", "add_model_args", "cli_model", "cmd_classify"]
 
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-
-
-def expand_inputs(paths: Sequence[str]) -> List[str]:
-    """Files as given, folders walked recursively (sorted, image extensions only), in argument order."""
-    out: List[str] = []
-    for p in paths:
-        if os.path.isdir(p):
-            found = []
-            for root, dirs, files in os.walk(p):
-                dirs.sort()
-                found += [os.path.join(root, f) for f in sorted(files) if f.lower().endswith(IMAGE_EXTENSIONS)]
-            out += found
-        elif os.path.isfile(p):
-            out.append(p)
-        else:
-            raise FileNotFoundError(f"inputs: expected existing image files or folders, got {p!r}")
-    if not out:
-        raise ValueError(f"inputs: no image files ({', '.join(IMAGE_EXTENSIONS)}) found in {list(paths)}")
-    return out
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+_DTYPES = DTYPES  # older name
+_dist_info = dist_info  # older name
 
 
-class ImageFiles(Dataset):
-    """(index, image (3, H, W) float32) for each of ``files[indices]``, preprocessed in the worker."""
+class Results(list):
+    """The per-image results (a list, in input order) and ``skipped``: ``[{"path", "reason"}, ...]``,
+    the inputs that could not be read or decoded, in input order."""
 
-    def __init__(self, files: Sequence[str], preprocessor: Preprocessor, indices: Optional[Sequence[int]] = None):
-        self.files = list(files)
-        self.indices = list(range(len(self.files))) if indices is None else list(indices)
-        self.pre = preprocessor
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, i: int):
-        idx = self.indices[i]
-        return idx, self.pre.process(self.files[idx])
-
-
-def _dist_info():
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    return rank, world
+    def __init__(self, results=(), skipped=()):
+        super().__init__(results)
+        self.skipped: List[Dict[str, str]] = list(skipped)
 
 
 def classify(inputs: Sequence[str], model, preprocessor: Preprocessor, batch_size: int = 32, topk: int = 5,
              num_workers: int = 0, device: Optional[str] = None, dtype: Optional[torch.dtype] = None,
-             progress: bool = False) -> List[Dict[str, Any]]:
-    """Top-k predictions for every image in ``inputs`` (files / folders), in input order.
+             progress: bool = False, list_files: Sequence[str] = ()) -> Results:
+    """Top-k predictions for every readable image in ``inputs`` (files / folders, then the entries
+    of ``list_files``), in input order.
 
     Inside an initialised ``torch.distributed`` group each rank classifies its shard and every
     rank returns the merged list.
 
     Returns:
-        one dict per image: ``{"path", "topk": [{"index", "label", "prob"}, ...]}``.
+        :class:`Results`: one dict per good image ``{"path", "topk": [{"index", "label", "prob"}, ...]}``;
+        ``.skipped`` lists the files that could not be read or decoded ``{"path", "reason"}``.
     """
     if batch_size < 1 or topk < 1:
         raise ValueError(f"batch_size / topk: expected >= 1, got {batch_size} / {topk}")
     if not model.num_classes:
         raise ValueError("model: expected a classifier (num_classes > 0), got a model without a head")
-    files = expand_inputs(inputs)
+    files = expand_inputs(inputs, list_files)
     dist = torch.distributed.is_available() and torch.distributed.is_initialized()
     rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if dist else (0, 1)
     device = torch.device(device) if device is not None else next(model.parameters()).device
     model = model.to(device=device, dtype=dtype).eval()
     dtype = next(model.parameters()).dtype
-    data = ImageFiles(files, preprocessor, range(rank, len(files), world))
-    loader = DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                        pin_memory=device.type == "cuda", persistent_workers=False)
-    try:
-        from tqdm import tqdm
-    except ImportError:  # progress is a nicety, not a dependency
-        tqdm = None
-    bar = tqdm(total=len(files), unit="img", disable=not progress or rank != 0, file=sys.stderr,
-               desc="classify") if tqdm else None
+    bar = progress_bar(len(files), "classify", progress and rank == 0)
     mine: List[Dict[str, Any]] = []
-    with torch.inference_mode():
-        for idx, x in loader:
-            logits = model(x.to(device=device, dtype=dtype, non_blocking=True))
-            for i, top in zip(idx.tolist(), topk_predictions(logits, topk, preprocessor.id2label)):
+    bad: List[Dict[str, Any]] = []
+
+    def step(n):
+        if bar is not None:
+            bar.update(n * world)  # rank 0 sees its shard; the others run at the same pace
+
+    batches = batches_of(range(rank, len(files), world), batch_size)
+    for idx, logits, skipped in run_batches(model, files, preprocessor, batches, device, dtype, num_workers, step):
+        if logits is not None:
+            for i, top in zip(idx, topk_predictions(logits, topk, preprocessor.id2label)):
                 mine.append({"index": i, "path": files[i], "topk": top})
-            if bar is not None:
-                bar.update(len(idx) * world)  # rank 0 sees its shard; the others run at the same pace
+        bad += [{"index": i, "path": files[i], "reason": r} for i, r in skipped]
     if bar is not None:
         bar.close()
     if dist and world > 1:
-        print(f"fastvit classify: rank {rank} of {world} classified {len(mine)} of {len(files)} images",
-              file=sys.stderr)
+        print(f"fastvit classify: rank {rank} of {world} classified {len(mine)} of {len(files)} images"
+              + (f" ({len(bad)} skipped)" if bad else ""), file=sys.stderr)
         parts: List[Any] = [None] * world
-        torch.distributed.all_gather_object(parts, mine)
-        mine = [r for part in parts for r in part]
+        torch.distributed.all_gather_object(parts, (mine, bad))
+        mine = [r for part in parts for r in part[0]]
+        bad = [r for part in parts for r in part[1]]
     mine.sort(key=lambda r: r["index"])
-    if [r["index"] for r in mine] != list(range(len(files))):
-        raise RuntimeError(f"classify: merged {len(mine)} results for {len(files)} inputs")
-    return [{"path": r["path"], "topk": r["topk"]} for r in mine]
+    bad.sort(key=lambda r: r["index"])
+    if sorted([r["index"] for r in mine] + [r["index"] for r in bad]) != list(range(len(files))):
+        raise RuntimeError(f"classify: merged {len(mine)} results and {len(bad)} skipped for {len(files)} inputs")
+    return Results([{"path": r["path"], "topk": r["topk"]} for r in mine],
+                   [{"path": r["path"], "reason": r["reason"]} for r in bad])
 
 
 def write_results(results: Sequence[Dict[str, Any]], path: str) -> str:
@@ -137,60 +111,122 @@ def write_results(results: Sequence[Dict[str, Any]], path: str) -> str:
     return path
 
 
+def write_skipped(skipped: Sequence[Dict[str, Any]], path: str) -> str:
+    """The skipped inputs as JSON lines ``{"path", "reason"}`` (written atomically). Returns ``path``."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        for r in skipped:
+            f.write(json.dumps({"path": r["path"], "reason": r["reason"]}) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def report_skipped(prog: str, skipped: Sequence[Dict[str, Any]], where: Optional[str] = None, show: int = 20) -> None:
+    """Tell stderr which inputs were skipped and why (the first ``show`` of them, and where the rest are)."""
+    if not skipped:
+        return
+    print(f"{prog}: skipped {len(skipped)} unreadable input(s)" + (f", listed in {where}" if where else "") + ":",
+          file=sys.stderr)
+    for r in skipped[:show]:
+        print(f"  {r['path']}: {r['reason']}", file=sys.stderr)
+    if len(skipped) > show:
+        print(f"  ... and {len(skipped) - show} more", file=sys.stderr)
+
+
 # --------------------------------------------------------------------------- command line
+def add_model_args(s, what: str) -> None:
+    """The options ``classify`` and ``embed`` share: inputs, model, batching, device, progress."""
+    s.add_argument("paths", nargs="*", help="image files and / or folders (walked recursively, sorted)")
+    s.add_argument("--list", action="append", default=[], metavar="FILE", dest="list_files",
+                   help="a text file of image paths, one a line ('#' comments); repeatable; its entries "
+                        "come after PATHS, in file order")
+    s.add_argument("--checkpoint", help="model folder, hub name 'org/name', or a state-dict file (with --model)")
+    s.add_argument("--model", help="preset name (fastvit.list_models()), needed for state-dict files; alone: "
+                                   "random weights (seed 0), for trying the pipeline")
+    s.add_argument("--batch-size", type=int, default=32)
+    s.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="model dtype")
+    s.add_argument("--backend", help="triton, cuda or torch (default: auto)")
+    s.add_argument("--device", help="torch device (default: cuda if available, else cpu; under torchrun "
+                                    "cuda:LOCAL_RANK)")
+    s.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
+                   help="DataLoader worker processes decoding images (0: in the main process)")
+    s.add_argument("--no-progress", action="store_true", help=f"no progress bar while {what}")
+
+
+def check_model_args(args, prog: str) -> None:
+    if args.checkpoint is None and args.model is None:
+        raise SystemExit(f"{prog}: expected --checkpoint (and --model for a state-dict file) or --model alone for "
+                         "random weights, got neither")
+    if not args.paths and not args.list_files:
+        raise SystemExit(f"{prog}: expected image files, folders or --list FILE, got none")
+    if args.batch_size < 1:
+        raise SystemExit(f"{prog}: --batch-size expected >= 1, got {args.batch_size}")
+    if args.workers < 0:
+        raise SystemExit(f"{prog}: --workers expected >= 0, got {args.workers}")
+
+
+def cli_device(args, world: int) -> str:
+    """``--device``, else cuda when available (``cuda:LOCAL_RANK`` under torchrun), else cpu."""
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and world > 1:
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    if device.startswith("cuda"):
+        torch.cuda.set_device(torch.device(device))
+    return device
+
+
+def cli_model(args, prog: str):
+    """(model, preprocessor) of ``--checkpoint`` / ``--model``; a preset alone gets random weights
+    (seed 0: the same model on every rank and every rerun) and a notice on stderr."""
+    from .factory import load_model
+
+    if args.checkpoint is None:
+        print(f"{prog}: no --checkpoint, so {args.model} has random weights (seed 0)", file=sys.stderr)
+        torch.manual_seed(0)
+    return load_model(args.checkpoint, args.model, backend=args.backend)
+
+
 def add_classify_parser(sub) -> None:
     """Register ``fastvit classify PATH... --checkpoint ...``."""
     s = sub.add_parser("classify", help="top-k classes for image files / folders (torchrun for many processes)")
-    s.add_argument("paths", nargs="+", help="image files and / or folders (walked recursively)")
-    s.add_argument("--checkpoint", help="model folder, hub name 'org/name', or a state-dict file (with --model)")
-    s.add_argument("--model", help="preset name (fastvit.list_models()), needed for state-dict files")
-    s.add_argument("--batch-size", type=int, default=32)
-    s.add_argument("--dtype", default="float32", choices=sorted(_DTYPES))
-    s.add_argument("--backend", help="triton, cuda or torch (default: auto)")
-    s.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    add_model_args(s, "classifying")
     s.add_argument("--topk", type=int, default=5)
-    s.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="DataLoader worker processes")
-    s.add_argument("--output", "-o", help="results file, .csv or .jsonl (default: print to stdout)")
-    s.add_argument("--no-progress", action="store_true", help="no progress bar")
+    s.add_argument("--output", "-o", help="results file, .csv or .jsonl (default: print to stdout); skipped "
+                                          "inputs go to <name>.skipped.jsonl beside it")
     s.set_defaults(func=cmd_classify)
 
 
 def cmd_classify(args) -> int:
-    from .factory import load_model
-
-    if args.checkpoint is None and args.model is None:
-        raise SystemExit("fastvit classify: expected --checkpoint (and --model for a state-dict file), got neither")
+    prog = "fastvit classify"
+    check_model_args(args, prog)
     if args.output:
         ext = os.path.splitext(args.output)[1].lower()
         if ext not in (".csv", ".jsonl"):
-            raise SystemExit(f"fastvit classify: --output expected a .csv or .jsonl file, got {args.output!r}")
-    rank, world = _dist_info()
-    use_cuda = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+            raise SystemExit(f"{prog}: --output expected a .csv or .jsonl file, got {args.output!r}")
+    rank, world = dist_info()
+    device = cli_device(args, world)
     started = False
     if world > 1 and not torch.distributed.is_initialized():
         # NCCL moves the gathered results through the GPUs; gloo serves CPU-only runs
-        if use_cuda:
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        torch.distributed.init_process_group("nccl" if use_cuda else "gloo")
+        torch.distributed.init_process_group("nccl" if device.startswith("cuda") else "gloo")
         started = True
-    device = args.device or ("cuda" if use_cuda else "cpu")
-    if use_cuda and world > 1:
-        device = f"cuda:{torch.cuda.current_device()}"
     try:
-        if args.checkpoint is None:
-            print(f"fastvit classify: no --checkpoint, so {args.model} has random weights (seed 0)", file=sys.stderr)
-            torch.manual_seed(0)  # the same random model on every rank
-        model, pre = load_model(args.checkpoint, args.model, backend=args.backend)
+        model, pre = cli_model(args, prog)
         results = classify(args.paths, model, pre, batch_size=args.batch_size, topk=args.topk,
-                           num_workers=args.workers, device=device, dtype=_DTYPES[args.dtype],
-                           progress=not args.no_progress)
+                           num_workers=args.workers, device=device, dtype=DTYPES[args.dtype],
+                           progress=not args.no_progress, list_files=args.list_files)
         if rank == 0:
+            where = None
             if args.output:
                 write_results(results, args.output)
                 print(f"wrote {len(results)} results to {args.output}", file=sys.stderr)
+                if results.skipped:
+                    where = write_skipped(results.skipped, os.path.splitext(args.output)[0] + ".skipped.jsonl")
             else:
                 for r in results:
                     print(r["path"] + "\t" + ", ".join(f"{t['label']} ({t['prob']:.3f})" for t in r["topk"]))
+            report_skipped(prog, results.skipped, where)
     finally:
         if started:
             torch.distributed.destroy_process_group()

@@ -1,5 +1,5 @@
-"""The ``fastvit`` command: ``info``, ``demo``, ``bench``, ``convert`` (more subcommands register in
-``build_parser``)."""
+"""The ``fastvit`` command: ``info``, ``demo``, ``bench``, ``convert``, ``viz``, ``classify``, ``embed``
+(the last three register from their own modules in ``build_parser``)."""
 
 from __future__ import annotations
 
@@ -213,10 +213,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--report", metavar="JSON", help="write the markdown table and plots for this JSON")
     s.set_defaults(func=cmd_bench)
     from .classify import add_classify_parser
+    from .embed import add_embed_parser
     from .viz import add_viz_parser
 
     add_viz_parser(sub)
     add_classify_parser(sub)
+    add_embed_parser(sub)
     add_convert_parser(sub)
     return p
 

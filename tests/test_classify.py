@@ -124,22 +124,65 @@ def _free_port():
 
 @pytest.mark.timeout(240)
 def test_torchrun_two_gloo_processes(setup, tmp_path):
-    """`torchrun --nproc-per-node 2 -m fastvit classify` shards the images and merges them in input order."""
+    """`torchrun --nproc-per-node 2 -m fastvit classify` shards the images and merges them in input
+    order; a broken file on rank 1 is skipped there and reported once, by rank 0."""
+    import shutil
+
+    imgs = tmp_path / "images"
+    shutil.copytree(setup / "images", imgs)
+    (imgs / "b_broken.jpg").write_bytes(os.urandom(3000))  # input 1 of 6: rank 1's first
     out = tmp_path / "dist.jsonl"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-           "--master-port", str(_free_port()), "-m", "fastvit", "classify", str(setup / "images"),
+           "--master-port", str(_free_port()), "-m", "fastvit", "classify", str(imgs),
            "--checkpoint", str(setup / "model"), "--batch-size", "2", "--topk", "3", "--workers", "1",
            "--device", "cpu", "--no-progress", "--output", str(out)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     # each rank did its strided share, not the whole list
-    for rank, n in ((0, 3), (1, 2)):
-        assert f"rank {rank} of 2 classified {n} of 5 images" in proc.stderr, proc.stderr[-3000:]
+    for rank, n in ((0, "3 of 6 images"), (1, "2 of 6 images (1 skipped)")):
+        assert f"rank {rank} of 2 classified {n}" in proc.stderr, proc.stderr[-3000:]
     got = [json.loads(line) for line in open(out)]
     model, pre = load_model(str(setup / "model"))
     ref = classify([str(setup / "images")], model, pre, batch_size=5, topk=3)
-    assert [r["path"] for r in got] == [r["path"] for r in ref]
+    assert [r["path"] for r in got] == [str(imgs / os.path.relpath(r["path"], setup / "images")) for r in ref]
     for g, r in zip(got, ref):
         assert [t["index"] for t in g["topk"]] == [t["index"] for t in r["topk"]]
         assert max(abs(a["prob"] - b["prob"]) for a, b in zip(g["topk"], r["topk"])) < 1e-5
+    assert [json.loads(line)["path"] for line in open(tmp_path / "dist.skipped.jsonl")] == [str(imgs / "b_broken.jpg")]
+    assert proc.stderr.count("skipped 1 unreadable input(s)") == 1
+
+def test_bad_file_is_skipped_and_reported(setup, tmp_path, capsys):
+    """6 images, 1 of them broken: 5 results, the broken one reported with its reason (API and CLI)."""
+    import shutil
+
+    from fastvit.cli import main
+
+    imgs = tmp_path / "images"
+    shutil.copytree(setup / "images", imgs)
+    (imgs / "b_broken.jpg").write_bytes(os.urandom(3000))  # random bytes with an image extension
+    files = expand_inputs([str(imgs)])
+    assert len(files) == 6
+    good = [f for f in files if "broken" not in f]
+    model, pre = load_model(str(setup / "model"))
+    for workers in (0, 2):
+        res = classify([str(imgs)], model, pre, batch_size=2, topk=2, num_workers=workers)
+        assert [r["path"] for r in res] == good
+        assert [s["path"] for s in res.skipped] == [str(imgs / "b_broken.jpg")]
+        assert "cannot identify image file" in res.skipped[0]["reason"]
+    _, i = _direct(good, model, pre, 2)
+    assert [[t["index"] for t in r["topk"]] for r in res] == i.tolist()
+
+    out = tmp_path / "preds.csv"
+    assert main(["classify", str(imgs), "--checkpoint", str(setup / "model"), "--batch-size", "4", "--workers", "0",
+                 "--no-progress", "-o", str(out)]) == 0
+    assert [r["path"] for r in csv.DictReader(open(out))] == good
+    skipped = [json.loads(line) for line in open(tmp_path / "preds.skipped.jsonl")]
+    assert [s["path"] for s in skipped] == [str(imgs / "b_broken.jpg")]
+    err = capsys.readouterr().err
+    assert "skipped 1 unreadable input(s), listed in" in err and "b_broken.jpg: UnidentifiedImageError" in err
+    # printed to stdout: the good ones, and the bad one on stderr
+    assert main(["classify", str(imgs), "--checkpoint", str(setup / "model"), "--workers", "0", "--no-progress",
+                 "--topk", "1"]) == 0
+    cap = capsys.readouterr()
+    assert len(cap.out.strip().splitlines()) == 5 and "b_broken.jpg" not in cap.out and "b_broken.jpg" in cap.err

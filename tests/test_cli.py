@@ -33,3 +33,17 @@ def test_sincos_pos_embed_structure():
     # similarity falls off with distance, the same along a row (index 0, 1, 2) and a column (0, 7, 14)
     assert sim[0, 1] > sim[0, 2] > sim[0, 3] > sim[0, 4]
     assert torch.allclose(sim[0, [1, 2, 3, 4]], sim[0, [7, 14, 21, 28]], atol=1e-6)
+
+
+def test_subcommands_registered():
+    parser = cli.build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    assert {"info", "demo", "bench", "viz", "classify", "embed", "convert"} <= set(sub.choices)
+    args = parser.parse_args(["embed", "imgs", "-o", "out", "--model", "vit_tiny_patch16_224"])
+    assert (args.embedding, args.format, args.shard_size, args.normalize) == ("auto", "safetensors", 10000, False)
+    # the options classify and embed share
+    for cmd in ("classify", "embed"):
+        a = parser.parse_args([cmd, "x", "--list", "l1.txt", "--list", "l2.txt", "--batch-size", "8", "--dtype",
+                               "bf16", "--backend", "torch", "--device", "cpu", "--workers", "0", "--no-progress"]
+                              + (["-o", "out"] if cmd == "embed" else []))
+        assert (a.list_files, a.batch_size, a.workers, a.no_progress) == (["l1.txt", "l2.txt"], 8, 0, True)
