@@ -101,25 +101,13 @@ def clear_plans() -> None:
 backends.on_reset(clear_plans)
 
 
-def _sig(t: Optional[Tensor]):
-    return None if t is None else (t.shape, t.dtype, t.device)
-
-
-def _compiling() -> bool:
-    return torch.compiler.is_compiling()
-
-
-def _cached(key, build: Callable[[], Callable]) -> Callable:
-    """The plan for ``key``; ``build`` validates and resolves on a miss. Under torch.compile the
-    cache is bypassed (dynamo traces the validation once per graph instead)."""
-    if key is None or _compiling():
-        return build()
-    try:
-        plan = _PLANS.get(key)
-    except TypeError:  # an unhashable argument: validation names it
-        return build()
-    if plan is None:
-        plan = build()
+def _build(op: str, key, backend, validate: Callable, *args) -> Callable:
+    """A cache miss: ``validate(*args)`` raises on bad input or returns (device, props) for the
+    backend choice; the resolved plan is remembered under ``key`` (None: not cacheable, e.g. an
+    argument that is not a tensor, or torch.compile tracing, where dynamo traces this once)."""
+    device, props = validate(*args)
+    plan = _plan(op, backends.resolve(op, device, backend, **props), CUSTOM_OPS[op], _TENSOR_ARGS[op])
+    if key is not None and not torch.compiler.is_compiling():
         if len(_PLANS) >= _MAX_PLANS:
             _PLANS.clear()
         _PLANS[key] = plan
@@ -138,7 +126,7 @@ def _plan(op: str, mod, custom_op, grad_args: Tuple[int, ...]) -> Callable:
     name = mod.LIMITS.name
 
     def run(*args):
-        if _compiling() or (torch.is_grad_enabled() and any(
+        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(
                 args[i] is not None and args[i].requires_grad for i in grad_args)):
             return custom_op(*args, name)
         return fn(*args)
@@ -278,20 +266,12 @@ for _name, _op in CUSTOM_OPS.items():
     _register_reference_backward(_op, getattr(reference, _name), _TENSOR_ARGS[_name])
 
 
-def _resolve(op: str, device: torch.device, backend: Optional[str], **props) -> Callable:
-    return _plan(op, backends.resolve(op, device, backend, **props), CUSTOM_OPS[op], _TENSOR_ARGS[op])
-
-
 # --------------------------------------------------------------------------- ops
+# Each op: build the plan key inline from what its validation reads (the hot path of a repeated
+# call: attribute reads, one tuple, one dict lookup), validate + resolve only on a miss.
 def patch_embed(
-    x: Tensor,
-    weight: Tensor,
-    bias: Optional[Tensor] = None,
-    pos_embed: Optional[Tensor] = None,
-    prefix: Optional[Tensor] = None,
-    pad: bool = False,
-    *,
-    backend: Optional[str] = None,
+    x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, pos_embed: Optional[Tensor] = None,
+    prefix: Optional[Tensor] = None, pad: bool = False, *, backend: Optional[str] = None,
 ) -> Tensor:
     """Image -> tokens: patchify + project + bias + position embedding + prefix token rows.
 
@@ -309,74 +289,46 @@ def patch_embed(
         (B, T + gh * gw, D) contiguous, in ``weight.dtype``.
     """
     pad = bool(pad)
-
-    def build():
-        _tensor(x, "x", ndim=4)
-        _tensor(weight, "weight", ndim=4)
-        D, C, ph, pw = weight.shape
-        if x.shape[1] != C:
-            _fail("x", f"{C} input channels (B, {C}, H, W)", f"shape {tuple(x.shape)}")
-        if x.device != weight.device:
-            _fail("x", f"device {weight.device} (as weight)", f"device {x.device}")
-        H, W = x.shape[2:]
-        if not pad and (H % ph or W % pw):
-            _fail("x", f"height and width multiples of the patch size {(ph, pw)} (or pad=True / "
-                  "dynamic_img_pad)", f"image size {(H, W)}")
-        gh, gw = patch_grid(H, W, (ph, pw), pad)
-        if gh == 0 or gw == 0:
-            _fail("x", f"an image at least one patch {(ph, pw)} large", f"image size {(H, W)}")
-        for name, t, shp in (("bias", bias, (D,)), ("pos_embed", pos_embed, (gh * gw, D))):
-            _tensor(t, name, optional=True)
-            _shape(t, name, shp)
-        _tensor(prefix, "prefix", ndim=2, optional=True)
-        if prefix is not None and prefix.shape[1] != D:
-            _fail("prefix", f"shape (T, {D})", f"shape {tuple(prefix.shape)}")
-        _same(weight, "weight", bias=bias, pos_embed=pos_embed, prefix=prefix)
-        return _resolve("patch_embed", x.device, backend, dtype=weight.dtype)
-
     try:
         key = ("patch_embed", backend, pad, x.shape, x.dtype, x.device, weight.shape, weight.dtype, weight.device,
-               _sig(bias), _sig(pos_embed), _sig(prefix))
-    except AttributeError:  # not a tensor: validation says which
-        key = None
-    return _cached(key, build)(x, weight, bias, pos_embed, prefix, pad)
+               None if bias is None else (bias.shape, bias.dtype, bias.device),
+               None if pos_embed is None else (pos_embed.shape, pos_embed.dtype, pos_embed.device),
+               None if prefix is None else (prefix.shape, prefix.dtype, prefix.device))
+        plan = None if torch.compiler.is_compiling() else _PLANS.get(key)
+    except (AttributeError, TypeError):  # not a tensor / unhashable: validation names the argument
+        key = plan = None
+    if plan is None:
+        plan = _build("patch_embed", key, backend, _validate_patch_embed, x, weight, bias, pos_embed, prefix, pad)
+    return plan(x, weight, bias, pos_embed, prefix, pad)
 
 
-def _check_qkv(q, k, v) -> int:
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        _tensor(t, name, ndim=4)
-        _last_dim_contiguous(t, name)
-    B, H, N, d = q.shape
-    if k.shape[:2] != q.shape[:2] or k.shape[3] != d:
-        _fail("k", f"shape ({B}, {H}, N_kv, {d}) matching q (B, H, N, d)", f"shape {tuple(k.shape)}")
-    _shape(v, "v", k.shape)
-    _same(q, "q", k=k, v=v)
-    if d > MAX_HEAD_DIM:
-        _fail("q", f"head dim <= {MAX_HEAD_DIM}", f"head dim {d}")
-    return d
-
-
-def _attention_call(op: str, q, k, v, scale, backend):
-    def build():
-        d = _check_qkv(q, k, v)
-        _scale(scale, d)  # argument errors before backend errors (it is checked on every call too)
-        return _resolve(op, q.device, backend, dtype=q.dtype, head_dim=d)
-
-    try:
-        key = (op, backend, q.shape, q.stride(), q.dtype, q.device, k.shape, k.stride(), k.dtype, k.device,
-               v.shape, v.stride(), v.dtype, v.device)
-    except AttributeError:
-        key = None
-    return _cached(key, build)(q, k, v, _scale(scale, q.shape[-1]))
+def _validate_patch_embed(x, weight, bias, pos_embed, prefix, pad):
+    _tensor(x, "x", ndim=4)
+    _tensor(weight, "weight", ndim=4)
+    D, C, ph, pw = weight.shape
+    if x.shape[1] != C:
+        _fail("x", f"{C} input channels (B, {C}, H, W)", f"shape {tuple(x.shape)}")
+    if x.device != weight.device:
+        _fail("x", f"device {weight.device} (as weight)", f"device {x.device}")
+    H, W = x.shape[2:]
+    if not pad and (H % ph or W % pw):
+        _fail("x", f"height and width multiples of the patch size {(ph, pw)} (or pad=True / dynamic_img_pad)",
+              f"image size {(H, W)}")
+    gh, gw = patch_grid(H, W, (ph, pw), pad)
+    if gh == 0 or gw == 0:
+        _fail("x", f"an image at least one patch {(ph, pw)} large", f"image size {(H, W)}")
+    for name, t, shp in (("bias", bias, (D,)), ("pos_embed", pos_embed, (gh * gw, D))):
+        _tensor(t, name, optional=True)
+        _shape(t, name, shp)
+    _tensor(prefix, "prefix", ndim=2, optional=True)
+    if prefix is not None and prefix.shape[1] != D:
+        _fail("prefix", f"shape (T, {D})", f"shape {tuple(prefix.shape)}")
+    _same(weight, "weight", bias=bias, pos_embed=pos_embed, prefix=prefix)
+    return x.device, dict(dtype=weight.dtype)
 
 
 def attention(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    scale: Optional[float] = None,
-    *,
-    backend: Optional[str] = None,
+    q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = None, *, backend: Optional[str] = None,
 ) -> Tensor:
     """Softmax attention like ``F.scaled_dot_product_attention`` (no mask, no dropout).
 
@@ -407,29 +359,156 @@ def attention_probs(
     return _attention_call("attention_probs", q, k, v, scale, backend)
 
 
+def _attention_call(op: str, q, k, v, scale, backend):
+    try:
+        key = (op, backend, q.shape, q.stride(), q.dtype, q.device, k.shape, k.stride(), k.dtype, k.device,
+               v.shape, v.stride(), v.dtype, v.device)
+        plan = None if torch.compiler.is_compiling() else _PLANS.get(key)
+    except (AttributeError, TypeError):
+        key = plan = None
+    if plan is None:
+        plan = _build(op, key, backend, _validate_attention, q, k, v, scale)
+    return plan(q, k, v, _scale(scale, q.shape[-1]))
+
+
+def _validate_attention(q, k, v, scale):
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _tensor(t, name, ndim=4)
+        _last_dim_contiguous(t, name)
+    B, H, N, d = q.shape
+    if k.shape[:2] != q.shape[:2] or k.shape[3] != d:
+        _fail("k", f"shape ({B}, {H}, N_kv, {d}) matching q (B, H, N, d)", f"shape {tuple(k.shape)}")
+    _shape(v, "v", k.shape)
+    _same(q, "q", k=k, v=v)
+    if d > MAX_HEAD_DIM:
+        _fail("q", f"head dim <= {MAX_HEAD_DIM}", f"head dim {d}")
+    _scale(scale, d)  # argument errors before backend errors (it is checked on every call too)
+    return q.device, dict(dtype=q.dtype, head_dim=d)
+
+
 def layer_norm(
-    x: Tensor,
-    weight: Optional[Tensor],
-    bias: Optional[Tensor],
-    eps: float = 1e-6,
-    *,
-    backend: Optional[str] = None,
+    x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float = 1e-6, *, backend: Optional[str] = None,
 ) -> Tensor:
     """LayerNorm over the last dim. x: (..., D); weight, bias: (D,) or None. Returns (..., D)."""
-    def build():
-        _tensor(x, "x", min_ndim=1)
-        _last_dim_contiguous(x, "x")
-        for name, t in (("weight", weight), ("bias", bias)):
-            _tensor(t, name, optional=True)
-            _shape(t, name, x.shape[-1:])
-        _same(x, "x", weight=weight, bias=bias)
-        return _resolve("layer_norm", x.device, backend, dtype=x.dtype)
-
     try:
-        key = ("layer_norm", backend, x.shape, x.stride(), x.dtype, x.device, _sig(weight), _sig(bias))
-    except AttributeError:
-        key = None
-    return _cached(key, build)(x, weight, bias, float(eps))
+        key = ("layer_norm", backend, x.shape, x.stride(), x.dtype, x.device,
+               None if weight is None else (weight.shape, weight.dtype, weight.device),
+               None if bias is None else (bias.shape, bias.dtype, bias.device))
+        plan = None if torch.compiler.is_compiling() else _PLANS.get(key)
+    except (AttributeError, TypeError):
+        key = plan = None
+    if plan is None:
+        plan = _build("layer_norm", key, backend, _validate_layer_norm, x, weight, bias)
+    return plan(x, weight, bias, float(eps))
+
+
+def _validate_layer_norm(x, weight, bias):
+    _tensor(x, "x", min_ndim=1)
+    _last_dim_contiguous(x, "x")
+    for name, t in (("weight", weight), ("bias", bias)):
+        _tensor(t, name, optional=True)
+        _shape(t, name, x.shape[-1:])
+    _same(x, "x", weight=weight, bias=bias)
+    return x.device, dict(dtype=x.dtype)
+
+
+def linear(
+    x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, act: Optional[str] = None,
+    gamma: Optional[Tensor] = None, residual: Optional[Tensor] = None, ln_weight: Optional[Tensor] = None,
+    ln_bias: Optional[Tensor] = None, ln_eps: float = 1e-6, *, backend: Optional[str] = None,
+) -> Tensor:
+    """``y = act(LN?(x) @ weight.T + bias) * gamma + residual`` in one GEMM on the fast paths.
+
+    Args:
+        x: (..., K), unit-stride last dim.
+        weight: (N, K); bias: (N,) or None.
+        act: None or an activation of :data:`fastvit.facts.ACTIVATIONS` ('gelu' = exact erf,
+            'gelu_tanh', ...).
+        gamma: (N,) LayerScale or None. residual: (..., N) or None (added last).
+        ln_weight, ln_bias: (K,) LayerNorm of x fused as prologue when ``ln_weight`` is given.
+        ln_eps: the LayerNorm epsilon.
+        backend: see :func:`patch_embed`.
+
+    Returns:
+        (..., N) in x's dtype.
+    """
+    try:
+        key = ("linear", backend, act, x.shape, x.stride(), x.dtype, x.device, weight.shape, weight.dtype,
+               weight.device, None if bias is None else (bias.shape, bias.dtype, bias.device),
+               None if gamma is None else (gamma.shape, gamma.dtype, gamma.device),
+               None if residual is None else (residual.shape, residual.stride(), residual.dtype, residual.device),
+               None if ln_weight is None else (ln_weight.shape, ln_weight.dtype, ln_weight.device),
+               None if ln_bias is None else (ln_bias.shape, ln_bias.dtype, ln_bias.device))
+        plan = None if torch.compiler.is_compiling() else _PLANS.get(key)
+    except (AttributeError, TypeError):
+        key = plan = None
+    if plan is None:
+        plan = _build("linear", key, backend, _validate_linear, x, weight, bias, act, gamma, residual, ln_weight,
+                      ln_bias)
+    return plan(x, weight, bias, act, gamma, residual, ln_weight, ln_bias, float(ln_eps))
+
+
+def _validate_linear(x, weight, bias, act, gamma, residual, ln_weight, ln_bias):
+    _tensor(x, "x", min_ndim=1)
+    _last_dim_contiguous(x, "x")
+    _act(act)
+    Nout, _ = _check_linear_args(x, weight, bias, ln_weight, ln_bias)
+    _check_epilogue(x, Nout, gamma, residual)
+    return x.device, dict(dtype=x.dtype, act=act)
+
+
+def mlp(
+    x: Tensor, fc1_weight: Tensor, fc1_bias: Optional[Tensor], fc2_weight: Tensor, fc2_bias: Optional[Tensor],
+    act: Optional[str] = "gelu", gamma: Optional[Tensor] = None, residual: Optional[Tensor] = None,
+    ln_weight: Optional[Tensor] = None, ln_bias: Optional[Tensor] = None, ln_eps: float = 1e-6,
+    *, backend: Optional[str] = None,
+) -> Tensor:
+    """Transformer MLP ``residual + gamma * fc2(act(fc1(LN?(x))))``.
+
+    Args:
+        x: (..., D). fc1_weight: (Hd, D); fc1_bias: (Hd,) or None.
+        fc2_weight: (D_out, Hd); fc2_bias: (D_out,) or None.
+        act, gamma (D_out,), residual (..., D_out), ln_weight / ln_bias (D,), ln_eps: as
+            :func:`linear`.
+        backend: see :func:`patch_embed`.
+
+    Returns:
+        (..., D_out) in x's dtype; the hidden activation is rounded to x's dtype between the
+        two products, as the unfused composition rounds it.
+    """
+    try:
+        key = ("mlp", backend, act, x.shape, x.stride(), x.dtype, x.device, fc1_weight.shape, fc1_weight.dtype,
+               fc1_weight.device, None if fc1_bias is None else (fc1_bias.shape, fc1_bias.dtype, fc1_bias.device),
+               fc2_weight.shape, fc2_weight.dtype, fc2_weight.device,
+               None if fc2_bias is None else (fc2_bias.shape, fc2_bias.dtype, fc2_bias.device),
+               None if gamma is None else (gamma.shape, gamma.dtype, gamma.device),
+               None if residual is None else (residual.shape, residual.stride(), residual.dtype, residual.device),
+               None if ln_weight is None else (ln_weight.shape, ln_weight.dtype, ln_weight.device),
+               None if ln_bias is None else (ln_bias.shape, ln_bias.dtype, ln_bias.device))
+        plan = None if torch.compiler.is_compiling() else _PLANS.get(key)
+    except (AttributeError, TypeError):
+        key = plan = None
+    if plan is None:
+        plan = _build("mlp", key, backend, _validate_mlp, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, act, gamma,
+                      residual, ln_weight, ln_bias)
+    return plan(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, act, gamma, residual, ln_weight, ln_bias,
+                float(ln_eps))
+
+
+def _validate_mlp(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, act, gamma, residual, ln_weight, ln_bias):
+    _tensor(x, "x", min_ndim=1)
+    _last_dim_contiguous(x, "x")
+    _act(act)
+    hid, _ = _check_linear_args(x, fc1_weight, fc1_bias, ln_weight, ln_bias, "fc1_weight", "fc1_bias")
+    _tensor(fc2_weight, "fc2_weight", ndim=2)
+    if fc2_weight.shape[1] != hid:
+        _fail("fc2_weight", f"shape (D_out, {hid})", f"shape {tuple(fc2_weight.shape)}")
+    Nout = fc2_weight.shape[0]
+    _tensor(fc2_bias, "fc2_bias", optional=True)
+    _shape(fc2_bias, "fc2_bias", (Nout,))
+    _same(x, "x", fc2_weight=fc2_weight, fc2_bias=fc2_bias)
+    _check_epilogue(x, Nout, gamma, residual)
+    return x.device, dict(dtype=x.dtype, act=act)
 
 
 def _check_linear_args(x, weight, bias, ln_weight, ln_bias, w_name="weight", b_name="bias"):
@@ -455,94 +534,3 @@ def _check_epilogue(x, Nout, gamma, residual):
     _shape(residual, "residual", tuple(x.shape[:-1]) + (Nout,))
     _last_dim_contiguous(residual, "residual")
     _same(x, "x", gamma=gamma, residual=residual)
-
-
-def _residual_sig(r: Optional[Tensor]):
-    return None if r is None else (r.shape, r.stride(), r.dtype, r.device)
-
-
-def linear(
-    x: Tensor,
-    weight: Tensor,
-    bias: Optional[Tensor] = None,
-    act: Optional[str] = None,
-    gamma: Optional[Tensor] = None,
-    residual: Optional[Tensor] = None,
-    ln_weight: Optional[Tensor] = None,
-    ln_bias: Optional[Tensor] = None,
-    ln_eps: float = 1e-6,
-    *,
-    backend: Optional[str] = None,
-) -> Tensor:
-    """``y = act(LN?(x) @ weight.T + bias) * gamma + residual`` in one GEMM on the fast paths.
-
-    Args:
-        x: (..., K), unit-stride last dim.
-        weight: (N, K); bias: (N,) or None.
-        act: None, 'gelu' (exact erf), 'gelu_tanh' or 'quick_gelu' (x * sigmoid(1.702 x)).
-        gamma: (N,) LayerScale or None. residual: (..., N) or None (added last).
-        ln_weight, ln_bias: (K,) LayerNorm of x fused as prologue when ``ln_weight`` is given.
-        ln_eps: the LayerNorm epsilon.
-        backend: see :func:`patch_embed`.
-
-    Returns:
-        (..., N) in x's dtype.
-    """
-    def build():
-        _tensor(x, "x", min_ndim=1)
-        _last_dim_contiguous(x, "x")
-        _act(act)
-        Nout, _ = _check_linear_args(x, weight, bias, ln_weight, ln_bias)
-        _check_epilogue(x, Nout, gamma, residual)
-        return _resolve("linear", x.device, backend, dtype=x.dtype, act=act)
-
-    try:
-        key = ("linear", backend, act, x.shape, x.stride(), x.dtype, x.device, weight.shape, weight.dtype,
-               weight.device, _sig(bias), _sig(gamma), _residual_sig(residual), _sig(ln_weight), _sig(ln_bias))
-    except AttributeError:
-        key = None
-    return _cached(key, build)(x, weight, bias, act, gamma, residual, ln_weight, ln_bias, float(ln_eps))
-
-
-def mlp(
-    x: Tensor, fc1_weight: Tensor, fc1_bias: Optional[Tensor], fc2_weight: Tensor, fc2_bias: Optional[Tensor],
-    act: Optional[str] = "gelu", gamma: Optional[Tensor] = None, residual: Optional[Tensor] = None,
-    ln_weight: Optional[Tensor] = None, ln_bias: Optional[Tensor] = None, ln_eps: float = 1e-6,
-    *, backend: Optional[str] = None,
-) -> Tensor:
-    """Transformer MLP ``residual + gamma * fc2(act(fc1(LN?(x))))``.
-
-    Args:
-        x: (..., D). fc1_weight: (Hd, D); fc1_bias: (Hd,) or None.
-        fc2_weight: (D_out, Hd); fc2_bias: (D_out,) or None.
-        act, gamma (D_out,), residual (..., D_out), ln_weight / ln_bias (D,), ln_eps: as
-            :func:`linear`.
-        backend: see :func:`patch_embed`.
-
-    Returns:
-        (..., D_out) in x's dtype; the hidden activation is rounded to x's dtype between the
-        two products, as the unfused composition rounds it.
-    """
-    def build():
-        _tensor(x, "x", min_ndim=1)
-        _last_dim_contiguous(x, "x")
-        _act(act)
-        hid, _ = _check_linear_args(x, fc1_weight, fc1_bias, ln_weight, ln_bias, "fc1_weight", "fc1_bias")
-        _tensor(fc2_weight, "fc2_weight", ndim=2)
-        if fc2_weight.shape[1] != hid:
-            _fail("fc2_weight", f"shape (D_out, {hid})", f"shape {tuple(fc2_weight.shape)}")
-        Nout = fc2_weight.shape[0]
-        _tensor(fc2_bias, "fc2_bias", optional=True)
-        _shape(fc2_bias, "fc2_bias", (Nout,))
-        _same(x, "x", fc2_weight=fc2_weight, fc2_bias=fc2_bias)
-        _check_epilogue(x, Nout, gamma, residual)
-        return _resolve("mlp", x.device, backend, dtype=x.dtype, act=act)
-
-    try:
-        key = ("mlp", backend, act, x.shape, x.stride(), x.dtype, x.device, fc1_weight.shape, fc1_weight.dtype,
-               fc1_weight.device, _sig(fc1_bias), fc2_weight.shape, fc2_weight.dtype, fc2_weight.device,
-               _sig(fc2_bias), _sig(gamma), _residual_sig(residual), _sig(ln_weight), _sig(ln_bias))
-    except AttributeError:
-        key = None
-    return _cached(key, build)(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, act, gamma, residual, ln_weight,
-                               ln_bias, float(ln_eps))
