@@ -242,7 +242,8 @@ Tensor linear(const Tensor& x, const Tensor& weight, const OptTensor& bias, int6
   check_like(weight, "weight", x, "x");
   const int64_t N = weight.size(0), K = weight.size(1);
   TORCH_CHECK(x.size(-1) == K, "x: expected last dim ", K, " (= weight.shape[1]), got shape ", x.sizes());
-  TORCH_CHECK(act >= fastvit::kActNone && act <= fastvit::kActGeluTanh, "act: expected 0 (none), 1 (gelu) or 2 (gelu_tanh), got ", act);
+  TORCH_CHECK(act >= fastvit::kActNone && act <= fastvit::kActLast,
+              "act: expected 0 (none), 1 (gelu), 2 (gelu_tanh) or 3 (quick_gelu), got ", act);
   check_opt(bias, "bias", x, "x", {N});
   check_opt(gamma, "gamma", x, "x", {N});
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
@@ -304,7 +305,9 @@ Tensor linear(const Tensor& x, const Tensor& weight, const OptTensor& bias, int6
                        ws.data_ptr(), fastvit::kWorkspaceBytes};
   const bool has_plainer = ga.bias != nullptr || ga.gelu || ga.c != nullptr;
   int st = attempt(ga, has_plainer);
-  bool bias_done = true, act_done = act != fastvit::kActGeluTanh, residual_done = residual_in_gemm;
+  // Only none and erf GELU have cuBLASLt epilogues; tanh GELU and QuickGELU go to epilogue_fwd.
+  bool bias_done = true, act_done = act == fastvit::kActNone || act == fastvit::kActGelu,
+       residual_done = residual_in_gemm;
   if (has_plainer && falls_back(st, "linear", ga)) {
     // cuBLASLt turned this epilogue down on this GPU / shape: plain GEMM, the rest elementwise.
     ga.bias = nullptr;
@@ -476,7 +479,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("scale"));
   m.def("layer_norm", &layer_norm, "x (..., D), weight (D,)?, bias (D,)?, eps -> (..., D)", py::arg("x"),
         py::arg("weight"), py::arg("bias"), py::arg("eps"));
-  m.def("linear", &linear, "act(LN?(x) @ W^T + b) * gamma + residual; act 0 none / 1 gelu / 2 gelu_tanh",
+  m.def("linear", &linear, "act(LN?(x) @ W^T + b) * gamma + residual; act 0 none / 1 gelu / 2 gelu_tanh / 3 quick_gelu",
         py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("act"), py::arg("gamma"), py::arg("residual"),
         py::arg("ln_weight"), py::arg("ln_bias"), py::arg("ln_eps"));
   m.def("mlp", &mlp, "residual + gamma * fc2(act(fc1(LN?(x))))", py::arg("x"), py::arg("fc1_weight"),

@@ -19,7 +19,10 @@ namespace fastvit {
 enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
 // Activations of the linear epilogue: the codes of fastvit.facts.ACT_CODES (tests/test_facts.py).
-enum Act : int { kActNone = 0, kActGelu = 1, kActGeluTanh = 2 };
+// kActQuickGelu is OpenAI CLIP's x * sigmoid(1.702 x).
+enum Act : int { kActNone = 0, kActGelu = 1, kActGeluTanh = 2, kActQuickGelu = 3 };
+// The last activation: bindings.cpp accepts codes kActNone..kActLast.
+constexpr Act kActLast = kActQuickGelu;
 
 // ------------------------------------------------------------------ attention.cu
 // q, k, v: (B, H, N | Nkv, d) with element strides (sb, sh, sn) and unit stride on d.

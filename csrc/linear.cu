@@ -1,7 +1,7 @@
 // Linear layers on cuBLASLt: y = epi(x @ W^T + beta * C), with bias and exact-erf GELU done by
 // cuBLASLt's BIAS / GELU_BIAS epilogues and a residual added through beta = 1 on the C operand.
-// What cuBLASLt has no epilogue for (tanh GELU, LayerScale gamma after the activation, a residual
-// after an activation) is done by one small elementwise pass, `epilogue_fwd`, in place on y.
+// What cuBLASLt has no epilogue for (tanh GELU, QuickGELU, LayerScale gamma after the activation, a
+// residual after an activation) is done by one small elementwise pass, `epilogue_fwd`, in place on y.
 //
 // cuBLASLt is column-major: a row-major (M, N) matrix is a column-major (N, M) one, so
 // Y^T = W X^T is computed with A = W (row-major (N, K) = col-major (K, N), op T) and B = X
@@ -92,6 +92,9 @@ __device__ __forceinline__ float apply_act(float v, Act act) {
     const float u = 0.7978845608028654f * (v + 0.044715f * v * v * v);  // sqrt(2/pi) (v + 0.044715 v^3)
     return 0.5f * v * (1.f + tanhf(u));
   }
+  // x * sigmoid(1.702 x) = x / (1 + exp(-1.702 x)); for large negative x expf overflows to inf and
+  // the quotient is -0 (never inf / inf or 0 * inf)
+  if (act == kActQuickGelu) return v / (1.f + expf(-1.702f * v));
   return v;
 }
 

@@ -31,7 +31,8 @@ OPS = ("patch_embed", "attention", "attention_probs", "layer_norm", "linear", "m
 
 # Epilogue activations of linear / mlp. The integer codes cross into the kernels (Triton
 # constexpr ACT, csrc/fastvit_cuda.h enum Act): their order is part of the contract.
-ACTIVATIONS: Tuple[Optional[str], ...] = (None, "gelu", "gelu_tanh")
+# quick_gelu is OpenAI CLIP's x * sigmoid(1.702 x) (timm QuickGELU, HF "quick_gelu").
+ACTIVATIONS: Tuple[Optional[str], ...] = (None, "gelu", "gelu_tanh", "quick_gelu")
 ACT_CODES = {name: code for code, name in enumerate(ACTIVATIONS)}
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)

@@ -50,11 +50,13 @@ def available() -> Optional[str]:
 _ACT_FNS = {
     "gelu": F.gelu,
     "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    # OpenAI CLIP's QuickGELU: the formula of timm QuickGELU and HF ACT2FN["quick_gelu"] (bit-for-bit)
+    "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),
 }
 
 
 def gelu(x: torch.Tensor, act: Optional[str]) -> torch.Tensor:
-    """Apply the activation named ``act`` (None, 'gelu' = exact erf form, 'gelu_tanh')."""
+    """Apply the activation named ``act`` (None, 'gelu' = exact erf form, 'gelu_tanh', 'quick_gelu')."""
     if act is None:
         return x
     fn = _ACT_FNS.get(act)
@@ -199,7 +201,7 @@ def linear(
     Args:
         x: (..., K).
         weight: (N, K). bias: (N,) or None.
-        act: None, 'gelu' (erf) or 'gelu_tanh'.
+        act: None, 'gelu' (erf), 'gelu_tanh' or 'quick_gelu' (x * sigmoid(1.702 x)).
         gamma: LayerScale, (N,) or None.
         residual: (..., N) or None, added last.
         ln_weight, ln_bias: (K,); when ``ln_weight`` is given, x is layer-normalised (eps

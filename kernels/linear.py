@@ -42,7 +42,8 @@ from .layer_norm import row_stats
 
 @triton.jit
 def _act(x, ACT: tl.constexpr):
-    """ACT: code of fastvit.facts.ACT_CODES (0 identity, 1 exact GELU (erf), 2 tanh GELU); x is float32."""
+    """ACT: code of fastvit.facts.ACT_CODES (0 identity, 1 exact GELU (erf), 2 tanh GELU, 3 QuickGELU);
+    x is float32."""
     if ACT == 1:
         x = 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))
     elif ACT == 2:
@@ -50,6 +51,10 @@ def _act(x, ACT: tl.constexpr):
         # tanh(u) = 1 - 2 / (exp(2u) + 1): saturates to +-1 without inf - inf
         t = 1.0 - 2.0 / (tl.math.exp2(u * 2.8853900817779268) + 1.0)
         x = 0.5 * x * (1.0 + t)
+    elif ACT == 3:
+        # x * sigmoid(1.702 x) = x / (1 + exp(-1.702 x)); exp2 overflows to inf for large negative x,
+        # giving x / inf = -0 (never inf / inf): exp(-1.702 x) = exp2(-1.702 * log2(e) x)
+        x = x / (1.0 + tl.math.exp2(x * -2.4554669595930156))
     return x
 
 
@@ -212,7 +217,7 @@ def linear_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
 
     Args:
         x: (..., K), unit-stride last dim. weight: (N, K). bias, gamma: (N,) or None.
-        act: None, 'gelu' or 'gelu_tanh'. residual: (..., N) or None.
+        act: None, 'gelu', 'gelu_tanh' or 'quick_gelu'. residual: (..., N) or None.
         ln_weight, ln_bias: (K,) -- LayerNorm x first (eps ``ln_eps``) when ln_weight is given.
         out: optional (..., N) output of x's dtype, (M, N)-viewable with unit last stride.
         config: force a launch config (tests / AOT).

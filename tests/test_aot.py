@@ -66,10 +66,11 @@ def _variants():
             out.append(("attention", "_attn_probs_fwd", f"{dt} d={d}", cfg, const,
                         {"Q": dt, "K": dt, "V": dt, "O": dt, "P": "float32"}, False))
     # linear: every config for ViT-B qkv with the LN prologue (K=768, N=2304), heuristics for the
-    # other flag sets (fc1 + GELU, fc2 / proj + gamma + residual) and for float32
+    # other flag sets (fc1 + GELU / tanh GELU / QuickGELU, fc2 / proj + gamma + residual) and for float32
     flavours = [("qkv+ln", dict(HAS_BIAS=True, ACT=0, HAS_GAMMA=False, HAS_RES=False, HAS_LN=True, HAS_LN_B=True), 768, 2304),
                 ("fc1+ln+gelu", dict(HAS_BIAS=True, ACT=1, HAS_GAMMA=False, HAS_RES=False, HAS_LN=True, HAS_LN_B=True), 768, 3072),
                 ("fc1+gelu_tanh", dict(HAS_BIAS=True, ACT=2, HAS_GAMMA=False, HAS_RES=False, HAS_LN=False, HAS_LN_B=False), 768, 3072),
+                ("fc1+quick_gelu", dict(HAS_BIAS=True, ACT=3, HAS_GAMMA=False, HAS_RES=False, HAS_LN=False, HAS_LN_B=False), 768, 3072),
                 ("fc2+gamma+res", dict(HAS_BIAS=True, ACT=0, HAS_GAMMA=True, HAS_RES=True, HAS_LN=False, HAS_LN_B=False), 3072, 768)]
     for dt in ("float16", "float32"):
         for i, (label, flags, K, N) in enumerate(flavours):

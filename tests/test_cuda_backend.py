@@ -228,8 +228,8 @@ VALIDATION_CASES = [
      r"bias: expected shape \[5\], got shape \[4\]"),
     ("linear", lambda: (_t(2, 8), _t(5, 8), None, 0, None, _t(2, 6), None, None, 1e-6), RuntimeError,
      r"residual: expected shape \[2, 5\], got shape \[2, 6\]"),
-    ("linear", lambda: (_t(2, 8), _t(5, 8), None, 3, None, None, None, None, 1e-6), RuntimeError,
-     r"act: expected 0 \(none\), 1 \(gelu\) or 2 \(gelu_tanh\), got 3"),
+    ("linear", lambda: (_t(2, 8), _t(5, 8), None, 4, None, None, None, None, 1e-6), RuntimeError,
+     r"act: expected 0 \(none\), 1 \(gelu\), 2 \(gelu_tanh\) or 3 \(quick_gelu\), got 4"),
     ("linear", lambda: (_t(2, 8), _t(5, 8), None, 0, None, None, None, _t(8), 1e-6), RuntimeError,
      r"ln_weight: expected a tensor when ln_bias is given, got None"),
     ("linear", lambda: (_t(8, 2).t(), _t(5, 8), None, 0, None, None, None, None, 1e-6), RuntimeError,
@@ -604,7 +604,7 @@ def _up(kw, hi):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("lead,K,N", [((2, 197), 192, 576), ((1,), 100, 77), ((3, 5), 48, 80), ((7,), 768, 3072)])
-@pytest.mark.parametrize("act", [None, "gelu", "gelu_tanh"])
+@pytest.mark.parametrize("act", [None, "gelu", "gelu_tanh", "quick_gelu"])
 @pytest.mark.parametrize("bias,gamma,residual,ln", [(True, False, False, False), (False, False, False, False),
                                                     (True, False, True, False), (True, True, True, False),
                                                     (True, False, False, True), (True, True, True, True)])
@@ -619,7 +619,7 @@ def test_linear_matches_reference(dtype, lead, K, N, act, bias, gamma, residual,
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("act", ["gelu", "gelu_tanh"])
+@pytest.mark.parametrize("act", ["gelu", "gelu_tanh", "quick_gelu"])
 @pytest.mark.parametrize("gamma,residual,ln", [(False, False, False), (True, True, True), (False, True, True)])
 def test_mlp_matches_reference(dtype, act, gamma, residual, ln):
     D, Hd = 96, 384
@@ -670,7 +670,7 @@ def test_plain_gemm_fallback_paths_match_reference(dtype, monkeypatch):
     """The paths taken when cuBLASLt has no algorithm for an epilogue, a vector alpha or a
     strided batch: plain GEMM + elementwise epilogue, one GEMM per image."""
     monkeypatch.setenv("FASTVIT_CUDA_PLAIN_GEMM", "1")
-    for act in (None, "gelu", "gelu_tanh"):
+    for act in (None, "gelu", "gelu_tanh", "quick_gelu"):
         for flags in [(True, True, True, True), (True, False, True, False), (False, False, False, False)]:
             test_linear_matches_reference(dtype, (2, 197), 192, 576, act, *flags)
     test_mlp_matches_reference(dtype, "gelu", True, True, True)
@@ -685,7 +685,7 @@ def test_statuses_that_fall_back_take_the_plain_paths(status, monkeypatch):
     """Every cuBLASLt call with a plainer alternative reports `status`: the op still matches."""
     monkeypatch.setenv("FASTVIT_CUDA_LT_STATUS", str(status))
     dtype = torch.float16
-    for act in (None, "gelu", "gelu_tanh"):
+    for act in (None, "gelu", "gelu_tanh", "quick_gelu"):
         for flags in [(True, True, True, True), (True, False, True, False), (False, True, False, False)]:
             test_linear_matches_reference(dtype, (2, 197), 192, 576, act, *flags)
     test_mlp_matches_reference(dtype, "gelu", True, True, True)

@@ -2,9 +2,9 @@
 
 Covers: ``act(LN?(x) @ W.T + b) * gamma + residual`` against the oracle (``utils.check_op``) over
 utils.LINEAR_SHAPES x a set of epilogues x float32 / float16 / bfloat16, outputs poisoned; every
-combination of LN prologue (none / weight / weight + bias), bias, GELU / gelu_tanh, gamma and
-residual on one small shape; an independent float64 formulation (explicit LayerNorm, erf and
-tanh GELU); 3-D and row-strided input; the validation errors (argument, expected, actual); the
+combination of LN prologue (none / weight / weight + bias), bias, GELU / gelu_tanh / QuickGELU,
+gamma and residual on one small shape; an independent float64 formulation (explicit LayerNorm, erf
+and tanh GELU, x * sigmoid(1.702 x)); 3-D and row-strided input; the validation errors (argument, expected, actual); the
 cuda backend's plain-GEMM fallback paths (GPU); and a seeded random sweep. A backend that cannot
 run a case here is skipped with the reason from fastvit.backends.reasons.
 """
@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from fastvit import ops
+from fastvit.facts import ACTIVATIONS
 from utils import (BACKENDS, DEV, DTYPES, LINEAR_SHAPES, TOLERANCES, assert_close_rule, check_op, maybe, randn,
                    require, run_sweep)
 
@@ -32,13 +33,30 @@ EPILOGUES = [
     ("gelu", True, True, True, "wb"),        # everything
     ("gelu_tanh", False, True, True, "w"),   # LN without bias, no linear bias
 ]
-ALL_EPILOGUES = list(itertools.product((None, "gelu", "gelu_tanh"), (True, False), (True, False), (True, False), LN))
+# QuickGELU (CLIP) on a few shapes only: the activation is elementwise in the same epilogue, and
+# test_linear_all_epilogue_combinations crosses it with every flag set
+QUICK_GELU_EPILOGUES = [
+    ("quick_gelu", True, False, False, "wb"),  # CLIP fc1: LN + QuickGELU
+    ("quick_gelu", False, True, True, "w"),    # everything after the activation
+]
+QUICK_GELU_SHAPES = ("1-K8-N5", "97-K200-N33", "3x7-K24-N40", "2x197-K192-N576-gpu", "1576-K768-N3072-gpu")
+ALL_EPILOGUES = list(itertools.product(ACTIVATIONS, (True, False), (True, False), (True, False), LN))
 
 
 def _eid(e):
     act, bias, gamma, res, ln = e
     return "-".join([act or "noact", "b" if bias else "nob", "g" if gamma else "nog", "r" if res else "nor",
                      f"ln{ln}" if ln else "noln"])
+
+
+def _cases(epilogues, shapes):
+    """(epilogue, lead, K, N) params with the ids and marks of separate parametrizations."""
+    return [pytest.param(e, *sh.values, id=f"{_eid(e)}-{sh.id}", marks=sh.marks) for e in epilogues for sh in shapes]
+
+
+_QG_SHAPES = [sh for sh in LINEAR_SHAPES if sh.id in QUICK_GELU_SHAPES]
+assert len(_QG_SHAPES) == len(QUICK_GELU_SHAPES), "QUICK_GELU_SHAPES names a shape not in LINEAR_SHAPES"
+LINEAR_CASES = _cases(EPILOGUES, LINEAR_SHAPES) + _cases(QUICK_GELU_EPILOGUES, _QG_SHAPES)
 
 
 def linear_args(lead, K, N, dtype, act, bias, gamma, residual, ln, eps=1e-5):
@@ -52,8 +70,7 @@ def linear_args(lead, K, N, dtype, act, bias, gamma, residual, ln, eps=1e-5):
             maybe(ln == "wb", lambda: randn(K, dtype=dtype, scale=0.5)), eps)
 
 
-@pytest.mark.parametrize("lead,K,N", LINEAR_SHAPES)
-@pytest.mark.parametrize("epilogue", EPILOGUES, ids=_eid)
+@pytest.mark.parametrize("epilogue,lead,K,N", LINEAR_CASES)
 @pytest.mark.parametrize("dtype,atol,rtol", DTYPES)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_linear(backend, dtype, atol, rtol, epilogue, lead, K, N, poison):
@@ -77,12 +94,13 @@ def test_linear_all_epilogue_combinations(backend, dtype, atol, rtol, act, bias,
     check_op("linear", backend, args, out, atol, rtol)
 
 
-@pytest.mark.parametrize("act", [None, "gelu", "gelu_tanh"])
+@pytest.mark.parametrize("act", ACTIVATIONS)
 @pytest.mark.parametrize("with_ln,with_gamma,with_res,with_bias", [
     (False, False, False, True), (True, False, False, True), (False, True, True, True), (True, True, True, False)])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_linear_matches_formula(backend, act, with_ln, with_gamma, with_res, with_bias):
-    """float32 against an independent float64 formulation (explicit LayerNorm, erf / tanh GELU)."""
+    """float32 against an independent float64 formulation (explicit LayerNorm, erf / tanh GELU,
+    QuickGELU as x / (1 + exp(-1.702 x)))."""
     require(backend, "linear", dtype=torch.float32, act=act)
     B, N, K, M = 3, 7, 24, 40
     x = torch.randn(B, N, K, device=DEV, dtype=torch.float64)
@@ -99,6 +117,8 @@ def test_linear_matches_formula(backend, act, with_ln, with_gamma, with_res, wit
         y = 0.5 * y * (1 + torch.erf(y / 2 ** 0.5))
     elif act == "gelu_tanh":
         y = 0.5 * y * (1 + torch.tanh((2 / torch.pi) ** 0.5 * (y + 0.044715 * y ** 3)))
+    elif act == "quick_gelu":
+        y = y / (1 + torch.exp(-1.702 * y))
     if g is not None:
         y = y * g
     if r is not None:
@@ -123,7 +143,7 @@ def test_linear_3d_and_strided_input(backend, poison):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("act,bias,gamma,residual,ln", [
-    (act, *flags) for act in (None, "gelu", "gelu_tanh")
+    (act, *flags) for act in ACTIVATIONS
     for flags in [(True, True, True, "wb"), (True, False, True, None), (False, False, False, None)]])
 @pytest.mark.parametrize("dtype,atol,rtol", DTYPES)
 def test_linear_cuda_plain_gemm_fallback(dtype, atol, rtol, act, bias, gamma, residual, ln, poison, monkeypatch):
@@ -148,7 +168,7 @@ VALIDATION = [
     ("bias-shape", lambda b: ops.linear(_r(2, 8), _r(4, 8), _r(5), backend=b), ValueError,
      r"bias: expected shape \(4,\), got shape \(5,\)"),
     ("act", lambda b: ops.linear(_r(2, 8), _r(4, 8), act="relu", backend=b), ValueError,
-     r"act: expected one of \(None, 'gelu', 'gelu_tanh'\), got 'relu'"),
+     r"act: expected one of \(None, 'gelu', 'gelu_tanh', 'quick_gelu'\), got 'relu'"),
     ("residual-shape", lambda b: ops.linear(_r(2, 8), _r(4, 8), residual=_r(3, 4), backend=b), ValueError,
      r"residual: expected shape \(2, 4\), got shape \(3, 4\)"),
     ("ln-bias-alone", lambda b: ops.linear(_r(2, 8), _r(4, 8), ln_bias=_r(8), backend=b), ValueError,
@@ -182,7 +202,7 @@ def _sweep_case(rng, dtype):
     shift = rng.choice([0.0, 1.0])
     bias, gamma, res, ln = (rng.random() < 0.5 for _ in range(4))
     ln_bias = ln and rng.random() < 0.5
-    act = rng.choice([None, "gelu", "gelu_tanh"])
+    act = rng.choice(ACTIVATIONS)
     x = randn(*lead, K, dtype=dtype, shift=shift)
     args = (x, randn(N, K, dtype=dtype, scale=K ** -0.5), maybe(bias, lambda: randn(N, dtype=dtype)), act,
             maybe(gamma, lambda: randn(N, dtype=dtype)), maybe(res, lambda: randn(*lead, N, dtype=dtype)),

@@ -1,7 +1,7 @@
 """mlp on every backend (torch, triton, cuda), one shape set, one oracle.
 
 Covers: ``residual + gamma * fc2(act(fc1(LN?(x))))`` against the oracle (``utils.check_op``)
-over utils.MLP_SHAPES x variants (GELU / gelu_tanh / none, biases or not, LN prologue, gamma,
+over utils.MLP_SHAPES x variants (GELU / gelu_tanh / QuickGELU / none, biases or not, LN prologue, gamma,
 residual) x float32 / float16 / bfloat16, outputs poisoned; mlp equals the composition of two
 linears on the same backend and an independent F.* formulation; D_out != D; the validation
 errors (argument, expected, actual); the cuda backend's plain-GEMM fallback (GPU); and a seeded
@@ -29,12 +29,29 @@ VARIANTS = [
     (None, False, False, False, None),
     ("gelu", False, True, True, "w"),
 ]
+# QuickGELU (CLIP) on a few shapes only: the activation is the linear epilogue's, which
+# tests/test_op_linear.py crosses with every flag set
+QUICK_GELU_VARIANTS = [
+    ("quick_gelu", True, False, True, "wb"),   # a CLIP block's second half
+    ("quick_gelu", False, True, False, None),
+]
+QUICK_GELU_SHAPES = ("3-D32-H128-O32", "7-D40-H72-O24", "8x197-D768-H3072-O768-gpu")
 
 
 def _vid(v):
     act, biases, gamma, res, ln = v
     return "-".join([act or "noact", "b" if biases else "nob", "g" if gamma else "nog", "r" if res else "nor",
                      f"ln{ln}" if ln else "noln"])
+
+
+def _cases(variants, shapes):
+    """(variant, lead, D, hidden, D_out) params with the ids and marks of separate parametrizations."""
+    return [pytest.param(v, *sh.values, id=f"{_vid(v)}-{sh.id}", marks=sh.marks) for v in variants for sh in shapes]
+
+
+_QG_SHAPES = [sh for sh in MLP_SHAPES if sh.id in QUICK_GELU_SHAPES]
+assert len(_QG_SHAPES) == len(QUICK_GELU_SHAPES), "QUICK_GELU_SHAPES names a shape not in MLP_SHAPES"
+MLP_CASES = _cases(VARIANTS, MLP_SHAPES) + _cases(QUICK_GELU_VARIANTS, _QG_SHAPES)
 
 
 def mlp_args(lead, D, hidden, D_out, dtype, act, biases, gamma, residual, ln, eps=1e-6):
@@ -47,8 +64,7 @@ def mlp_args(lead, D, hidden, D_out, dtype, act, biases, gamma, residual, ln, ep
             maybe(ln == "wb", lambda: randn(D, dtype=dtype, scale=0.5)), eps)
 
 
-@pytest.mark.parametrize("lead,D,hidden,D_out", MLP_SHAPES)
-@pytest.mark.parametrize("variant", VARIANTS, ids=_vid)
+@pytest.mark.parametrize("variant,lead,D,hidden,D_out", MLP_CASES)
 @pytest.mark.parametrize("dtype,atol,rtol", DTYPES)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_mlp(backend, dtype, atol, rtol, variant, lead, D, hidden, D_out, poison):
@@ -82,7 +98,7 @@ def test_mlp_is_two_linears(backend, dtype, atol, rtol):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("variant", VARIANTS[:3], ids=_vid)
+@pytest.mark.parametrize("variant", VARIANTS[:3] + QUICK_GELU_VARIANTS[:1], ids=_vid)
 @pytest.mark.parametrize("dtype,atol,rtol", DTYPES)
 def test_mlp_cuda_plain_gemm_fallback(dtype, atol, rtol, variant, poison, monkeypatch):
     """FASTVIT_CUDA_PLAIN_GEMM=1: the cuda backend's paths for when cuBLASLt has no algorithm for
@@ -110,7 +126,7 @@ VALIDATION = [
     ("fc2-bias-dtype", lambda b: ops.mlp(_r(2, 8), _r(16, 8), None, _r(8, 16), _r(8).half(), backend=b), TypeError,
      r"fc2_bias: expected dtype torch.float32 \(as x\), got dtype torch.float16"),
     ("act", lambda b: ops.mlp(_r(2, 8), _r(16, 8), None, _r(8, 16), None, "swish", backend=b), ValueError,
-     r"act: expected one of \(None, 'gelu', 'gelu_tanh'\), got 'swish'"),
+     r"act: expected one of \(None, 'gelu', 'gelu_tanh', 'quick_gelu'\), got 'swish'"),
     ("residual-shape", lambda b: ops.mlp(_r(2, 8), _r(16, 8), None, _r(6, 16), None, residual=_r(2, 8), backend=b),
      ValueError, r"residual: expected shape \(2, 6\), got shape \(2, 8\)"),
 ]
@@ -128,7 +144,7 @@ def test_validation_errors(backend, case, call, exc, pattern):
 # --------------------------------------------------------------------------- random sweep
 def _sweep_case(rng, dtype):
     M, D, Hd, Do = rng.randint(1, 20), rng.randint(1, 40), rng.randint(1, 72), rng.randint(1, 40)
-    act = rng.choice(["gelu", "gelu_tanh", None])
+    act = rng.choice(["gelu", "gelu_tanh", None, "quick_gelu"])
     b1, b2, gamma, res, ln = (rng.random() < 0.5 for _ in range(5))
     ln_bias = ln and rng.random() < 0.5
     args = (randn(M, D, dtype=dtype), randn(Hd, D, dtype=dtype, scale=D ** -0.5),
