@@ -4,6 +4,7 @@
 """
 
 from .backends import available_backends, get_backend, set_backend
+from .embed import embed_to_dir, iter_embeddings, load_embeddings
 from .graphs import compile
 from .factory import create_model, from_hf, from_pretrained, from_timm, load_checkpoint
 from .model import Attention, Block, HybridEmbed, Mlp, PatchEmbed, VisionTransformer
@@ -15,5 +16,5 @@ __all__ = [
     "VisionTransformer", "Block", "Attention", "Mlp", "PatchEmbed", "HybridEmbed",
     "create_model", "list_models", "model_config",
     "from_timm", "from_hf", "from_pretrained", "load_checkpoint", "warmup", "compile",
-    "available_backends", "set_backend", "get_backend",
+    "available_backends", "set_backend", "get_backend", "iter_embeddings", "embed_to_dir", "load_embeddings",
 ]
