@@ -412,6 +412,17 @@ def _validate_layer_norm(x, weight, bias):
     return x.device, dict(dtype=x.dtype)
 
 
+def _epilogue_key(gamma, residual, ln_weight, ln_bias):
+    """The plan-key part of linear / mlp's optional prologue and epilogue tensors (most often all
+    None: one cheap tuple)."""
+    if gamma is None and residual is None and ln_weight is None and ln_bias is None:
+        return None
+    return (None if gamma is None else (gamma.shape, gamma.dtype, gamma.device),
+            None if residual is None else (residual.shape, residual.stride(), residual.dtype, residual.device),
+            None if ln_weight is None else (ln_weight.shape, ln_weight.dtype, ln_weight.device),
+            None if ln_bias is None else (ln_bias.shape, ln_bias.dtype, ln_bias.device))
+
+
 def linear(
     x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, act: Optional[str] = None,
     gamma: Optional[Tensor] = None, residual: Optional[Tensor] = None, ln_weight: Optional[Tensor] = None,
@@ -435,10 +446,7 @@ def linear(
     try:
         key = ("linear", backend, act, x.shape, x.stride(), x.dtype, x.device, weight.shape, weight.dtype,
                weight.device, None if bias is None else (bias.shape, bias.dtype, bias.device),
-               None if gamma is None else (gamma.shape, gamma.dtype, gamma.device),
-               None if residual is None else (residual.shape, residual.stride(), residual.dtype, residual.device),
-               None if ln_weight is None else (ln_weight.shape, ln_weight.dtype, ln_weight.device),
-               None if ln_bias is None else (ln_bias.shape, ln_bias.dtype, ln_bias.device))
+               _epilogue_key(gamma, residual, ln_weight, ln_bias))
         plan = None if torch.compiler.is_compiling() else _PLANS.get(key)
     except (AttributeError, TypeError):
         key = plan = None
@@ -481,10 +489,7 @@ def mlp(
                fc1_weight.device, None if fc1_bias is None else (fc1_bias.shape, fc1_bias.dtype, fc1_bias.device),
                fc2_weight.shape, fc2_weight.dtype, fc2_weight.device,
                None if fc2_bias is None else (fc2_bias.shape, fc2_bias.dtype, fc2_bias.device),
-               None if gamma is None else (gamma.shape, gamma.dtype, gamma.device),
-               None if residual is None else (residual.shape, residual.stride(), residual.dtype, residual.device),
-               None if ln_weight is None else (ln_weight.shape, ln_weight.dtype, ln_weight.device),
-               None if ln_bias is None else (ln_bias.shape, ln_bias.dtype, ln_bias.device))
+               _epilogue_key(gamma, residual, ln_weight, ln_bias))
         plan = None if torch.compiler.is_compiling() else _PLANS.get(key)
     except (AttributeError, TypeError):
         key = plan = None

@@ -72,26 +72,28 @@ def _attn_tile(acc, m_i, l_i, q, k_ptrs, v_ptrs, start_n, offs_n, offs_d, N_KV, 
 
 
 @triton.jit
+def _program(H, N_Q, BLOCK_M: tl.constexpr):
+    """(batch, head, query block) of this program. 1-D grid with the query blocks of one
+    (batch, head) adjacent: CTAs running together share K / V in L2 instead of re-reading them
+    from HBM once per query block (and no 65535 limit as on grid axis 1)."""
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(N_Q, BLOCK_M)
+    pid_bh = pid // num_m
+    return pid_bh // H, pid_bh % H, pid % num_m
+
+
+@triton.jit
 def _attn_fwd(
     Q, K, V, O,
     qk_scale,  # softmax scale * log2(e): the softmax runs on exp2
-    stride_qb, stride_qh, stride_qn,
-    stride_kb, stride_kh, stride_kn,
-    stride_vb, stride_vh, stride_vn,
-    stride_ob, stride_oh, stride_on,
+    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,
     H, N_Q, N_KV,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    # 1-D grid, query blocks of one (batch, head) adjacent: CTAs running together share K / V
-    # in L2 instead of re-reading them from HBM once per query block (and no 65535 axis limit)
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(N_Q, BLOCK_M)
-    pid_bh = pid // num_m
-    pid_m = pid % num_m
-    b = pid_bh // H
-    h = pid_bh % H
+    b, h, pid_m = _program(H, N_Q, BLOCK_M)
     EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -125,22 +127,15 @@ def _attn_fwd(
 def _attn_probs_fwd(
     Q, K, V, O, P,
     qk_scale,
-    stride_qb, stride_qh, stride_qn,
-    stride_kb, stride_kh, stride_kn,
-    stride_vb, stride_vh, stride_vn,
-    stride_ob, stride_oh, stride_on,
+    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,
     stride_pb, stride_ph, stride_pm,
     H, N_Q, N_KV,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    pid = tl.program_id(0)  # same launch order as _attn_fwd
-    num_m = tl.cdiv(N_Q, BLOCK_M)
-    pid_bh = pid // num_m
-    pid_m = pid % num_m
-    b = pid_bh // H
-    h = pid_bh % H
+    b, h, pid_m = _program(H, N_Q, BLOCK_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
