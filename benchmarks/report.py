@@ -134,6 +134,39 @@ def _shape(r) -> str:
     return f"{r['op']}{v} {r['model']} B{r['B']} N{r['N']} {r['dtype']}"
 
 
+def _table(title: str, header: Sequence[str], align: str, rows: Sequence[Sequence[Any]]) -> List[str]:
+    """A markdown section: ``## title``, a table of ``rows`` under ``header`` (``align``: 'l' or 'r'
+    per column), a blank line."""
+    line = lambda cells: "| " + " | ".join(str(c) for c in cells) + " |"  # noqa: E731
+    return [f"## {title}", "", line(header), line("---" if a == "l" else "---:" for a in align),
+            *(line(r) for r in rows), ""]
+
+
+def _kernel_summary_row(rs: List[Dict[str, Any]]) -> List[str]:
+    """One case's best fastvit backend against its best baseline."""
+    f = _best_fastvit(rs)
+    base = [r for r in rs if not r["impl"].startswith("fastvit")]
+    b = min(base, key=lambda r: r["median_ms"]) if base else None
+    return [_shape(rs[0]), f["impl"] if f else "-", _f(f and f["median_ms"], "{:.4f}"),
+            _f(f and f.get("tflops"), "{:.1f}"), _f(f and f.get("gbps"), "{:.0f}"),
+            _f(f and f.get("pct_of_floor") and 100 * f["pct_of_floor"], "{:.0f}%"),
+            b["impl"] if b else "-", _f(b and b["median_ms"], "{:.4f}"),
+            _f(f and b and b["median_ms"] / f["median_ms"], "{:.2f}x")]
+
+
+def _model_row(r: Dict[str, Any]) -> List[str]:
+    sp = r.get("speedup_vs", {})
+    return [_shape(r), r["impl"], _f(r["median_ms"]), _f(r.get("img_per_s"), "{:.0f}"),
+            _f(r.get("mfu") and 100 * r["mfu"], "{:.1f}%"), _f(r.get("peak_mem_mib"), "{:.0f}"),
+            *(_f(sp.get(base), "{:.2f}x") for base in ("timm", "timm-compile", "hf-sdpa"))]
+
+
+def _kernel_row(r: Dict[str, Any]) -> List[str]:
+    return [_shape(r), r["impl"], _f(r["median_ms"], "{:.4f}"), _f(r.get("iqr_ms"), "{:.4f}"),
+            _f(r.get("tflops"), "{:.2f}"), _f(r.get("gbps"), "{:.0f}"), _f(r.get("mfu") and 100 * r["mfu"], "{:.1f}%"),
+            _f(r.get("peak_extra_mem_mib"), "{:.1f}"), _f(r.get("speedup_vs_best_baseline"), "{:.2f}x")]
+
+
 def render_markdown(results: List[Dict[str, Any]], meta: Dict[str, Any], plots: Sequence[str] = ()) -> str:
     env, pk = meta.get("env") or {}, meta.get("peaks") or {}
     out = ["# fastvit benchmark report", ""]
@@ -147,50 +180,25 @@ def render_markdown(results: List[Dict[str, Any]], meta: Dict[str, Any], plots: 
             "- times: median per call over timed rounds of back-to-back calls ("
             + ", ".join(sorted({str(r.get("timer")) for r in results})) + "), inputs rotated beyond L2; "
             "speedup = baseline median / fastvit median, both from this run", ""]
-    out += ["## Issue 5 targets (H100, bf16)", "", "| target | measured | goal | verdict |", "| --- | --- | --- | --- |"]
-    out += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in targets(results)]
-    out.append("")
+    out += _table("Issue 5 targets (H100, bf16)", ("target", "measured", "goal", "verdict"), "llll", targets(results))
 
     kernels = [r for r in results if r.get("kind") == "kernel"]
     models = [r for r in results if r.get("kind") == "model"]
     if kernels:
-        out += ["## Kernels: best fastvit backend vs best baseline", "",
-                "| shape | fastvit | ms | TFLOP/s | GB/s | % of floor | best baseline | ms | speedup |",
-                "| --- | --- | ---: | ---: | ---: | ---: | --- | ---: | ---: |"]
         by_case = defaultdict(list)
         for r in kernels:
             by_case[r["case"]].append(r)
-        for case, rs in by_case.items():
-            f = _best_fastvit(rs)
-            base = [r for r in rs if not r["impl"].startswith("fastvit")]
-            b = min(base, key=lambda r: r["median_ms"]) if base else None
-            out.append(f"| {_shape(rs[0])} | {f['impl'] if f else '-'} | {_f(f and f['median_ms'], '{:.4f}')} | "
-                       f"{_f(f and f.get('tflops'), '{:.1f}')} | {_f(f and f.get('gbps'), '{:.0f}')} | "
-                       f"{_f(f and f.get('pct_of_floor') and 100 * f['pct_of_floor'], '{:.0f}%')} | "
-                       f"{b['impl'] if b else '-'} | {_f(b and b['median_ms'], '{:.4f}')} | "
-                       f"{_f(f and b and b['median_ms'] / f['median_ms'], '{:.2f}x')} |")
-        out.append("")
+        out += _table("Kernels: best fastvit backend vs best baseline",
+                      ("shape", "fastvit", "ms", "TFLOP/s", "GB/s", "% of floor", "best baseline", "ms", "speedup"),
+                      "llrrrrlrr", [_kernel_summary_row(rs) for rs in by_case.values()])
     if models:
-        out += ["## Models: throughput", "",
-                "| model | impl | ms / batch | img/s | MFU | peak mem MiB | vs timm | vs timm-compile | vs hf-sdpa |",
-                "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-        for r in models:
-            sp = r.get("speedup_vs", {})
-            out.append(f"| {_shape(r)} | {r['impl']} | {_f(r['median_ms'])} | {_f(r.get('img_per_s'), '{:.0f}')} | "
-                       f"{_f(r.get('mfu') and 100 * r['mfu'], '{:.1f}%')} | {_f(r.get('peak_mem_mib'), '{:.0f}')} | "
-                       f"{_f(sp.get('timm'), '{:.2f}x')} | {_f(sp.get('timm-compile'), '{:.2f}x')} | "
-                       f"{_f(sp.get('hf-sdpa'), '{:.2f}x')} |")
-        out.append("")
+        out += _table("Models: throughput",
+                      ("model", "impl", "ms / batch", "img/s", "MFU", "peak mem MiB", "vs timm", "vs timm-compile",
+                       "vs hf-sdpa"), "llrrrrrrr", [_model_row(r) for r in models])
     if kernels:
-        out += ["## All kernel results", "",
-                "| shape | impl | ms | IQR ms | TFLOP/s | GB/s | MFU | peak extra MiB | speedup vs best baseline |",
-                "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-        for r in kernels:
-            out.append(f"| {_shape(r)} | {r['impl']} | {_f(r['median_ms'], '{:.4f}')} | {_f(r.get('iqr_ms'), '{:.4f}')} | "
-                       f"{_f(r.get('tflops'), '{:.2f}')} | {_f(r.get('gbps'), '{:.0f}')} | "
-                       f"{_f(r.get('mfu') and 100 * r['mfu'], '{:.1f}%')} | {_f(r.get('peak_extra_mem_mib'), '{:.1f}')} | "
-                       f"{_f(r.get('speedup_vs_best_baseline'), '{:.2f}x')} |")
-        out.append("")
+        out += _table("All kernel results",
+                      ("shape", "impl", "ms", "IQR ms", "TFLOP/s", "GB/s", "MFU", "peak extra MiB",
+                       "speedup vs best baseline"), "llrrrrrrr", [_kernel_row(r) for r in kernels])
     if plots:
         out += ["## Plots", ""] + [f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in plots] + [""]
     if not results:
@@ -209,6 +217,12 @@ def plot_all(results: List[Dict[str, Any]], meta: Dict[str, Any], out_prefix: st
     smoke = bool((meta.get("env") or {}).get("smoke"))
     tag = " [CPU SMOKE - not GPU numbers]" if smoke else f" [{(meta.get('env') or {}).get('device', '')}]"
     paths = []
+
+    def save(fig, name: str) -> None:
+        fig.tight_layout()
+        paths.append(f"{out_prefix}_{name}.png")
+        fig.savefig(paths[-1], dpi=110)
+        plt.close(fig)
 
     # 1. speedup of each fastvit impl vs the best baseline, per shape
     cases = defaultdict(dict)
@@ -230,10 +244,7 @@ def plot_all(results: List[Dict[str, Any]], meta: Dict[str, Any], out_prefix: st
         ax.set_ylabel("speedup vs best baseline (x)")
         ax.set_title("fastvit vs best baseline per shape" + tag, fontsize=9)
         ax.legend(fontsize=7)
-        fig.tight_layout()
-        paths.append(out_prefix + "_speedup.png")
-        fig.savefig(paths[-1], dpi=110)
-        plt.close(fig)
+        save(fig, "speedup")
 
     # 2. img/s vs batch per model
     series = defaultdict(lambda: defaultdict(list))
@@ -258,10 +269,7 @@ def plot_all(results: List[Dict[str, Any]], meta: Dict[str, Any], out_prefix: st
         for ax in list(axes.flat)[n:]:
             ax.axis("off")
         fig.suptitle("throughput vs batch" + tag, fontsize=10)
-        fig.tight_layout()
-        paths.append(out_prefix + "_throughput.png")
-        fig.savefig(paths[-1], dpi=110)
-        plt.close(fig)
+        save(fig, "throughput")
 
     # 3. roofline of the kernels against the ceilings measured in the same run
     pk = meta.get("peaks") or {}
@@ -286,10 +294,7 @@ def plot_all(results: List[Dict[str, Any]], meta: Dict[str, Any], out_prefix: st
         ax.set_ylabel("achieved TFLOP/s")
         ax.set_title("kernel roofline" + tag, fontsize=9)
         ax.legend(fontsize=7)
-        fig.tight_layout()
-        paths.append(out_prefix + "_roofline.png")
-        fig.savefig(paths[-1], dpi=110)
-        plt.close(fig)
+        save(fig, "roofline")
     return paths
 
 

@@ -238,21 +238,19 @@ def _params(op: str):
     return [pytest.param(c, impl, id=f"{c.key.replace('|', '-')}-{impl}") for c, impl in pairs]
 
 
-@pytest.mark.parametrize("case,impl", _params("patch_embed"))
-def test_patch_embed(benchmark, peaks, case, impl):
-    run_case(benchmark, case, impl)
+def _op_benchmark(op: str):
+    """The benchmark test of ``op``: :func:`run_case` on each of its (case, impl) pairs; bound as
+    ``test_<op>`` (the node ids and benchmark names are ``test_<op>[<case>-<impl>]``)."""
+
+    @pytest.mark.parametrize("case,impl", _params(op))
+    def test(benchmark, peaks, case, impl):
+        run_case(benchmark, case, impl)
+
+    test.__name__ = test.__qualname__ = f"test_{op}"
+    return test
 
 
-@pytest.mark.parametrize("case,impl", _params("attention"))
-def test_attention(benchmark, peaks, case, impl):
-    run_case(benchmark, case, impl)
-
-
-@pytest.mark.parametrize("case,impl", _params("linear"))
-def test_linear(benchmark, peaks, case, impl):
-    run_case(benchmark, case, impl)
-
-
-@pytest.mark.parametrize("case,impl", _params("mlp"))
-def test_mlp(benchmark, peaks, case, impl):
-    run_case(benchmark, case, impl)
+test_patch_embed = _op_benchmark("patch_embed")
+test_attention = _op_benchmark("attention")
+test_linear = _op_benchmark("linear")
+test_mlp = _op_benchmark("mlp")

@@ -33,7 +33,7 @@ import torch
 from fastvit import cuda, ops, reference
 from fastvit.cuda import build as cuda_build
 from fastvit.facts import ACTIVATIONS, OPS, not_supported_reasons
-from tests.utils import assert_close_rule
+from tests.utils import assert_close_rule, realistic_init_
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CSRC = os.path.join(ROOT, "csrc")
@@ -792,13 +792,7 @@ def _vit(**kw):
     torch.manual_seed(0)
     m = VisionTransformer(img_size=(48, 64), patch_size=16, embed_dim=192, depth=3, num_heads=3, num_classes=10,
                           **kw).eval()
-    with torch.no_grad():
-        for name, p in m.named_parameters():
-            if p.dim() == 1 and "norm" in name and name.endswith("weight"):
-                p.copy_(1 + 0.1 * torch.randn_like(p))
-            else:
-                p.copy_(0.05 * torch.randn_like(p))
-    return m.cuda()
+    return realistic_init_(m).cuda()
 
 
 @pytest.mark.gpu

@@ -12,7 +12,7 @@ import torch
 
 import fastvit
 from fastvit import ops
-from utils import BACKENDS, DEV, DTYPES, assert_close_rule, skip_reason
+from utils import BACKENDS, DEV, DTYPES, assert_close_rule, realistic_init_, skip_reason
 
 pytestmark = pytest.mark.usefixtures("full_precision")
 
@@ -39,13 +39,7 @@ def _model(variant):
     kw = dict(init_values=0.1, reg_tokens=4, act="gelu_tanh") if variant == "ls-reg" else {}
     m = fastvit.VisionTransformer(img_size=(48, 64), patch_size=16, embed_dim=192, depth=3, num_heads=3,
                                   num_classes=10, **kw).eval()
-    with torch.no_grad():  # weights of realistic scale (LN weights near 1, the rest small)
-        for name, p in m.named_parameters():
-            if p.dim() == 1 and "norm" in name and name.endswith("weight"):
-                p.copy_(1 + 0.1 * torch.randn_like(p))
-            else:
-                p.copy_(0.05 * torch.randn_like(p))
-    return m.to(DEV), torch.randn(3, 3, 48, 64, device=DEV)
+    return realistic_init_(m).to(DEV), torch.randn(3, 3, 48, 64, device=DEV)
 
 
 def _logits(m, x, backend, dtype):

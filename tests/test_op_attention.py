@@ -15,9 +15,9 @@ attention_probs kernel). GPU-only shapes carry @pytest.mark.gpu.
 import pytest
 import torch
 
-from fastvit import backends, ops, reference
-from utils import (ATTENTION_PROBS_SHAPES, ATTENTION_SHAPES, BACKENDS, DEV, DTYPES, TOLERANCES,
-                   assert_all_written, assert_close_rule, check_op, require, run_sweep, skip_reason)
+from fastvit import ops, reference
+from utils import (ATTENTION_PROBS_SHAPES, ATTENTION_SHAPES, BACKENDS, DEV, DTYPES, TOLERANCES, assert_all_written,
+                   assert_close_rule, require, run_checked, run_sweep, validation_errors_test)
 
 pytestmark = pytest.mark.usefixtures("full_precision")
 
@@ -42,17 +42,22 @@ def assert_layout(out, B, H, N, d, dtype):
         f"output must be a (B, H, N, d) view of (B, N, H, d) memory, got strides {out.stride()}"
 
 
+def run_on_views(op, backend, dtype, atol, rtol, B, H, N, Nkv, d, poison):
+    """``op`` (attention / attention_probs) with the default scale on :func:`qkv_views`, poisoned,
+    against the oracle (scale d ** -0.5), the output's layout checked; returns the op's result."""
+    require(backend, op, dtype=dtype, head_dim=d)
+    q, k, v = qkv_views(B, H, N, Nkv, d, dtype)
+    result = run_checked(op, backend, (q, k, v), poison, atol, rtol, oracle_args=(q, k, v, d ** -0.5))
+    assert_layout(result[0] if isinstance(result, tuple) else result, B, H, N, d, dtype)
+    return result
+
+
 # --------------------------------------------------------------------------- attention
 @pytest.mark.parametrize("B,H,N,Nkv,d", ATTENTION_SHAPES)
 @pytest.mark.parametrize("dtype,atol,rtol", DTYPES)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_attention(backend, dtype, atol, rtol, B, H, N, Nkv, d, poison):
-    require(backend, "attention", dtype=dtype, head_dim=d)
-    q, k, v = qkv_views(B, H, N, Nkv, d, dtype)
-    with poison():
-        out = ops.attention(q, k, v, backend=backend)
-    assert_layout(out, B, H, N, d, dtype)
-    check_op("attention", backend, (q, k, v, d ** -0.5), out, atol, rtol)
+    run_on_views("attention", backend, dtype, atol, rtol, B, H, N, Nkv, d, poison)
 
 
 @pytest.mark.parametrize("N", [1, 2, 50, 197])
@@ -85,10 +90,8 @@ def test_attention_layout_and_scale_kv_len(backend, poison):
     (a result with the default scale must differ: the argument is not ignored)."""
     require(backend, "attention", dtype=torch.float32, head_dim=48)
     q, k, v = qkv_views(2, 3, 37, 21, 48, torch.float32)
-    with poison():
-        out = ops.attention(q, k, v, 0.3, backend=backend)
+    out = run_checked("attention", backend, (q, k, v, 0.3), poison, *TOLERANCES[torch.float32])
     assert_layout(out, 2, 3, 37, 48, torch.float32)
-    check_op("attention", backend, (q, k, v, 0.3), out, *TOLERANCES[torch.float32])
     default = reference.attention(q.double(), k.double(), v.double())
     assert (out.double() - default).abs().max() > 1e-3, "scale argument ignored"
     # out.transpose(1, 2).reshape(B, N, H * d) is the model's next input: no copy
@@ -101,13 +104,8 @@ def test_attention_layout_and_scale_kv_len(backend, poison):
 @pytest.mark.parametrize("dtype,atol,rtol", DTYPES)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_attention_probs(backend, dtype, atol, rtol, B, H, N, Nkv, d, poison):
-    require(backend, "attention_probs", dtype=dtype, head_dim=d)
-    q, k, v = qkv_views(B, H, N, Nkv, d, dtype)
-    with poison():
-        out, probs = ops.attention_probs(q, k, v, backend=backend)
-    assert_layout(out, B, H, N, d, dtype)
+    out, probs = run_on_views("attention_probs", backend, dtype, atol, rtol, B, H, N, Nkv, d, poison)
     assert probs.shape == (B, H, N, Nkv) and probs.dtype == torch.float32
-    check_op("attention_probs", backend, (q, k, v, d ** -0.5), (out, probs), atol, rtol)
     p_atol, p_rtol = TOLERANCES[torch.float32]
     assert_close_rule(probs.sum(-1), torch.ones(B, H, N, dtype=torch.float64, device=DEV), None, atol=p_atol,
                       rtol=p_rtol, name="probs row sums")
@@ -154,14 +152,7 @@ VALIDATION = [
      TypeError, r"scale: expected a float or None, got str"),
 ]
 
-
-@pytest.mark.parametrize("case,call,exc,pattern", VALIDATION, ids=[c[0] for c in VALIDATION])
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_validation_errors(backend, case, call, exc, pattern):
-    """Validation runs in the op layer before a backend is chosen: the same message on every
-    backend, even one that cannot run here."""
-    with pytest.raises(exc, match=pattern):
-        call(backend)
+test_validation_errors = validation_errors_test(VALIDATION)
 
 
 def test_unknown_backend_name():
@@ -195,5 +186,4 @@ def _sweep_case(rng, dtype, probs):
 @pytest.mark.parametrize("op", ["attention", "attention_probs"])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_random_sweep(backend, op, poison):
-    require(backend, op)
     run_sweep(op, backend, lambda rng, dt: _sweep_case(rng, dt, op == "attention_probs"), poison)

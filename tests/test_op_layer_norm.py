@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from fastvit import ops
-from utils import (BACKENDS, DEV, DTYPES, LAYER_NORM_SHAPES, TOLERANCES, assert_close_rule, check_op, maybe, randn,
-                   require, run_sweep)
+from utils import (BACKENDS, DEV, DTYPES, LAYER_NORM_SHAPES, TOLERANCES, assert_close_rule, maybe, randn, require,
+                   run_checked, run_sweep, validation_errors_test)
 
 pytestmark = pytest.mark.usefixtures("full_precision")
 
@@ -30,10 +30,8 @@ def test_layer_norm(backend, dtype, atol, rtol, affine, shape, sliced, poison):
     x = randn(*shape[:-1], D + (7 if sliced else 0), dtype=dtype, scale=3.0, shift=1.0)[..., :D]
     w = maybe(affine != "none", lambda: randn(D, dtype=dtype, scale=0.5, shift=1.0))
     b = maybe(affine == "wb", lambda: randn(D, dtype=dtype))
-    with poison():
-        out = ops.layer_norm(x, w, b, 1e-6, backend=backend)
+    out = run_checked("layer_norm", backend, (x, w, b, 1e-6), poison, atol, rtol)
     assert out.shape == x.shape and out.dtype == dtype
-    check_op("layer_norm", backend, (x, w, b, 1e-6), out, atol, rtol)
 
 
 @pytest.mark.parametrize("eps", [1e-6, 1e-5])
@@ -62,14 +60,7 @@ VALIDATION = [
      r"x: expected a torch.Tensor, got list"),
 ]
 
-
-@pytest.mark.parametrize("case,call,exc,pattern", VALIDATION, ids=[c[0] for c in VALIDATION])
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_validation_errors(backend, case, call, exc, pattern):
-    """Validation runs in the op layer before a backend is chosen: the same message on every
-    backend, even one that cannot run here."""
-    with pytest.raises(exc, match=pattern):
-        call(backend)
+test_validation_errors = validation_errors_test(VALIDATION)
 
 
 # --------------------------------------------------------------------------- random sweep
@@ -85,5 +76,4 @@ def _sweep_case(rng, dtype):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_random_sweep(backend, poison):
-    require(backend, "layer_norm")
     run_sweep("layer_norm", backend, _sweep_case, poison)

@@ -16,8 +16,9 @@ import torch
 
 from fastvit import ops
 from fastvit.facts import ACTIVATIONS
-from utils import (BACKENDS, DEV, DTYPES, LINEAR_SHAPES, TOLERANCES, assert_close_rule, check_op, maybe, randn,
-                   require, run_sweep)
+from utils import (BACKENDS, DEV, DTYPES, LINEAR_SHAPES, TOLERANCES, assert_close_rule, epilogue_args, epilogue_cases,
+                   epilogue_id, maybe, randn, require, run_checked, run_plain_gemm_fallback, run_sweep, shapes_named,
+                   validation_errors_test)
 
 pytestmark = pytest.mark.usefixtures("full_precision")
 
@@ -43,31 +44,17 @@ QUICK_GELU_SHAPES = ("1-K8-N5", "97-K200-N33", "3x7-K24-N40", "2x197-K192-N576-g
 ALL_EPILOGUES = list(itertools.product(ACTIVATIONS, (True, False), (True, False), (True, False), LN))
 
 
-def _eid(e):
-    act, bias, gamma, res, ln = e
-    return "-".join([act or "noact", "b" if bias else "nob", "g" if gamma else "nog", "r" if res else "nor",
-                     f"ln{ln}" if ln else "noln"])
-
-
-def _cases(epilogues, shapes):
-    """(epilogue, lead, K, N) params with the ids and marks of separate parametrizations."""
-    return [pytest.param(e, *sh.values, id=f"{_eid(e)}-{sh.id}", marks=sh.marks) for e in epilogues for sh in shapes]
-
-
-_QG_SHAPES = [sh for sh in LINEAR_SHAPES if sh.id in QUICK_GELU_SHAPES]
-assert len(_QG_SHAPES) == len(QUICK_GELU_SHAPES), "QUICK_GELU_SHAPES names a shape not in LINEAR_SHAPES"
-LINEAR_CASES = _cases(EPILOGUES, LINEAR_SHAPES) + _cases(QUICK_GELU_EPILOGUES, _QG_SHAPES)
+# (epilogue, lead, K, N)
+LINEAR_CASES = (epilogue_cases(EPILOGUES, LINEAR_SHAPES) +
+                epilogue_cases(QUICK_GELU_EPILOGUES, shapes_named(LINEAR_SHAPES, QUICK_GELU_SHAPES)))
 
 
 def linear_args(lead, K, N, dtype, act, bias, gamma, residual, ln, eps=1e-5):
     """The op's positional arguments; x has a non-zero mean so the LN prologue matters."""
     x = randn(*lead, K, dtype=dtype, scale=2.0, shift=0.5)
     w = randn(N, K, dtype=dtype, scale=K ** -0.5)
-    return (x, w, maybe(bias, lambda: randn(N, dtype=dtype)), act,
-            maybe(gamma, lambda: randn(N, dtype=dtype, scale=0.5, shift=0.5)),
-            maybe(residual, lambda: randn(*lead, N, dtype=dtype)),
-            maybe(ln, lambda: randn(K, dtype=dtype, scale=0.5, shift=1.0)),
-            maybe(ln == "wb", lambda: randn(K, dtype=dtype, scale=0.5)), eps)
+    b = maybe(bias, lambda: randn(N, dtype=dtype))
+    return (x, w, b, *epilogue_args(lead, K, N, dtype, act, gamma, residual, ln, eps))
 
 
 @pytest.mark.parametrize("epilogue,lead,K,N", LINEAR_CASES)
@@ -75,23 +62,18 @@ def linear_args(lead, K, N, dtype, act, bias, gamma, residual, ln, eps=1e-5):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_linear(backend, dtype, atol, rtol, epilogue, lead, K, N, poison):
     require(backend, "linear", dtype=dtype, act=epilogue[0])
-    args = linear_args(lead, K, N, dtype, *epilogue)
-    with poison():
-        out = ops.linear(*args, backend=backend)
+    out = run_checked("linear", backend, linear_args(lead, K, N, dtype, *epilogue), poison, atol, rtol)
     assert out.shape == (*lead, N) and out.dtype == dtype
-    check_op("linear", backend, args, out, atol, rtol)
 
 
-@pytest.mark.parametrize("act,bias,gamma,residual,ln", ALL_EPILOGUES, ids=[_eid(e) for e in ALL_EPILOGUES])
+@pytest.mark.parametrize("act,bias,gamma,residual,ln", ALL_EPILOGUES, ids=[epilogue_id(e) for e in ALL_EPILOGUES])
 @pytest.mark.parametrize("dtype,atol,rtol", DTYPES)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_linear_all_epilogue_combinations(backend, dtype, atol, rtol, act, bias, gamma, residual, ln, poison):
     """Every (LN prologue, bias, activation, gamma, residual) combination on a small 3-D input."""
     require(backend, "linear", dtype=dtype, act=act)
     args = linear_args((3, 7), 24, 40, dtype, act, bias, gamma, residual, ln)
-    with poison():
-        out = ops.linear(*args, backend=backend)
-    check_op("linear", backend, args, out, atol, rtol)
+    run_checked("linear", backend, args, poison, atol, rtol)
 
 
 @pytest.mark.parametrize("act", ACTIVATIONS)
@@ -135,10 +117,8 @@ def test_linear_3d_and_strided_input(backend, poison):
     require(backend, "linear", dtype=torch.float32, act=None)
     x = torch.randn(3, 17, 70, device=DEV)[..., :64]  # row stride 70, unit last stride
     args = (x, torch.randn(24, 64, device=DEV) * 0.1, None, None, None, None, torch.randn(64, device=DEV), None, 1e-6)
-    with poison():
-        out = ops.linear(*args, backend=backend)
+    out = run_checked("linear", backend, args, poison, *TOLERANCES[torch.float32])
     assert out.shape == (3, 17, 24)
-    check_op("linear", backend, args, out, *TOLERANCES[torch.float32])
 
 
 @pytest.mark.gpu
@@ -150,11 +130,8 @@ def test_linear_cuda_plain_gemm_fallback(dtype, atol, rtol, act, bias, gamma, re
     """FASTVIT_CUDA_PLAIN_GEMM=1: the cuda backend's paths for when cuBLASLt has no algorithm for
     an epilogue (plain GEMM + elementwise epilogue)."""
     require("cuda", "linear", dtype=dtype, act=act)
-    monkeypatch.setenv("FASTVIT_CUDA_PLAIN_GEMM", "1")
     args = linear_args((2, 197), 192, 576, dtype, act, bias, gamma, residual, ln)
-    with poison():
-        out = ops.linear(*args, backend="cuda")
-    check_op("linear", "cuda", args, out, atol, rtol)
+    run_plain_gemm_fallback("linear", args, poison, monkeypatch, atol, rtol)
 
 
 # --------------------------------------------------------------------------- validation
@@ -185,14 +162,7 @@ VALIDATION = [
      r"x: expected dtype float32, float16 or bfloat16, got torch.int32"),
 ]
 
-
-@pytest.mark.parametrize("case,call,exc,pattern", VALIDATION, ids=[c[0] for c in VALIDATION])
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_validation_errors(backend, case, call, exc, pattern):
-    """Validation runs in the op layer before a backend is chosen: the same message on every
-    backend, even one that cannot run here."""
-    with pytest.raises(exc, match=pattern):
-        call(backend)
+test_validation_errors = validation_errors_test(VALIDATION)
 
 
 # --------------------------------------------------------------------------- random sweep
@@ -217,5 +187,4 @@ def _sweep_case(rng, dtype):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_random_sweep(backend, poison):
-    require(backend, "linear")
     run_sweep("linear", backend, _sweep_case, poison)

@@ -14,8 +14,9 @@ import torch
 import torch.nn.functional as F
 
 from fastvit import ops
-from utils import (BACKENDS, DTYPES, MLP_SHAPES, TOLERANCES, assert_close_rule, check_op, maybe, randn,
-                   require, run_sweep)
+from utils import (BACKENDS, DTYPES, MLP_SHAPES, TOLERANCES, assert_close_rule, epilogue_args, epilogue_cases,
+                   epilogue_id, maybe, randn, require, run_checked, run_plain_gemm_fallback, run_sweep, shapes_named,
+                   validation_errors_test)
 
 pytestmark = pytest.mark.usefixtures("full_precision")
 
@@ -38,30 +39,16 @@ QUICK_GELU_VARIANTS = [
 QUICK_GELU_SHAPES = ("3-D32-H128-O32", "7-D40-H72-O24", "8x197-D768-H3072-O768-gpu")
 
 
-def _vid(v):
-    act, biases, gamma, res, ln = v
-    return "-".join([act or "noact", "b" if biases else "nob", "g" if gamma else "nog", "r" if res else "nor",
-                     f"ln{ln}" if ln else "noln"])
-
-
-def _cases(variants, shapes):
-    """(variant, lead, D, hidden, D_out) params with the ids and marks of separate parametrizations."""
-    return [pytest.param(v, *sh.values, id=f"{_vid(v)}-{sh.id}", marks=sh.marks) for v in variants for sh in shapes]
-
-
-_QG_SHAPES = [sh for sh in MLP_SHAPES if sh.id in QUICK_GELU_SHAPES]
-assert len(_QG_SHAPES) == len(QUICK_GELU_SHAPES), "QUICK_GELU_SHAPES names a shape not in MLP_SHAPES"
-MLP_CASES = _cases(VARIANTS, MLP_SHAPES) + _cases(QUICK_GELU_VARIANTS, _QG_SHAPES)
+# (variant, lead, D, hidden, D_out)
+MLP_CASES = (epilogue_cases(VARIANTS, MLP_SHAPES) +
+             epilogue_cases(QUICK_GELU_VARIANTS, shapes_named(MLP_SHAPES, QUICK_GELU_SHAPES)))
 
 
 def mlp_args(lead, D, hidden, D_out, dtype, act, biases, gamma, residual, ln, eps=1e-6):
     x = randn(*lead, D, dtype=dtype, scale=1.5, shift=0.3)
     return (x, randn(hidden, D, dtype=dtype, scale=D ** -0.5), maybe(biases, lambda: randn(hidden, dtype=dtype)),
             randn(D_out, hidden, dtype=dtype, scale=hidden ** -0.5), maybe(biases, lambda: randn(D_out, dtype=dtype)),
-            act, maybe(gamma, lambda: randn(D_out, dtype=dtype, scale=0.5, shift=0.5)),
-            maybe(residual, lambda: randn(*lead, D_out, dtype=dtype)),
-            maybe(ln, lambda: randn(D, dtype=dtype, scale=0.5, shift=1.0)),
-            maybe(ln == "wb", lambda: randn(D, dtype=dtype, scale=0.5)), eps)
+            *epilogue_args(lead, D, D_out, dtype, act, gamma, residual, ln, eps))
 
 
 @pytest.mark.parametrize("variant,lead,D,hidden,D_out", MLP_CASES)
@@ -69,11 +56,8 @@ def mlp_args(lead, D, hidden, D_out, dtype, act, biases, gamma, residual, ln, ep
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_mlp(backend, dtype, atol, rtol, variant, lead, D, hidden, D_out, poison):
     require(backend, "mlp", dtype=dtype, act=variant[0])
-    args = mlp_args(lead, D, hidden, D_out, dtype, *variant)
-    with poison():
-        out = ops.mlp(*args, backend=backend)
+    out = run_checked("mlp", backend, mlp_args(lead, D, hidden, D_out, dtype, *variant), poison, atol, rtol)
     assert out.shape == (*lead, D_out) and out.dtype == dtype
-    check_op("mlp", backend, args, out, atol, rtol)
 
 
 @pytest.mark.parametrize("dtype,atol,rtol", DTYPES)
@@ -98,17 +82,13 @@ def test_mlp_is_two_linears(backend, dtype, atol, rtol):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("variant", VARIANTS[:3] + QUICK_GELU_VARIANTS[:1], ids=_vid)
+@pytest.mark.parametrize("variant", VARIANTS[:3] + QUICK_GELU_VARIANTS[:1], ids=epilogue_id)
 @pytest.mark.parametrize("dtype,atol,rtol", DTYPES)
 def test_mlp_cuda_plain_gemm_fallback(dtype, atol, rtol, variant, poison, monkeypatch):
     """FASTVIT_CUDA_PLAIN_GEMM=1: the cuda backend's paths for when cuBLASLt has no algorithm for
     an epilogue (plain GEMM + elementwise epilogue)."""
     require("cuda", "mlp", dtype=dtype, act=variant[0])
-    monkeypatch.setenv("FASTVIT_CUDA_PLAIN_GEMM", "1")
-    args = mlp_args((2, 50), 96, 384, 96, dtype, *variant)
-    with poison():
-        out = ops.mlp(*args, backend="cuda")
-    check_op("mlp", "cuda", args, out, atol, rtol)
+    run_plain_gemm_fallback("mlp", mlp_args((2, 50), 96, 384, 96, dtype, *variant), poison, monkeypatch, atol, rtol)
 
 
 # --------------------------------------------------------------------------- validation
@@ -131,14 +111,7 @@ VALIDATION = [
      ValueError, r"residual: expected shape \(2, 6\), got shape \(2, 8\)"),
 ]
 
-
-@pytest.mark.parametrize("case,call,exc,pattern", VALIDATION, ids=[c[0] for c in VALIDATION])
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_validation_errors(backend, case, call, exc, pattern):
-    """Validation runs in the op layer before a backend is chosen: the same message on every
-    backend, even one that cannot run here."""
-    with pytest.raises(exc, match=pattern):
-        call(backend)
+test_validation_errors = validation_errors_test(VALIDATION)
 
 
 # --------------------------------------------------------------------------- random sweep
@@ -158,5 +131,4 @@ def _sweep_case(rng, dtype):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_random_sweep(backend, poison):
-    require(backend, "mlp")
     run_sweep("mlp", backend, _sweep_case, poison)

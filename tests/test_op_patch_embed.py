@@ -17,8 +17,8 @@ import torch.nn.functional as F
 
 from fastvit import ops, reference
 from fastvit.facts import patch_grid
-from utils import (BACKENDS, DEV, DTYPES, PATCH_EMBED_SHAPES, TOLERANCES, assert_close_rule, check_op, maybe, randn,
-                   require, run_sweep)
+from utils import (BACKENDS, DEV, DTYPES, PATCH_EMBED_SHAPES, TOLERANCES, assert_close_rule, maybe, randn, require,
+                   run_checked, run_plain_gemm_fallback, run_sweep, validation_errors_test)
 
 pytestmark = pytest.mark.usefixtures("full_precision")
 
@@ -40,11 +40,9 @@ def test_patch_embed(backend, dtype, atol, rtol, B, C, H, W, patch, D, T, pad, p
                      poison):
     require(backend, "patch_embed", dtype=dtype)
     args = patch_embed_args(B, C, H, W, patch, D, T, pad, pos, bias, x_dtype, channels_last, dtype)
-    with poison():
-        out = ops.patch_embed(*args, backend=backend)
+    out = run_checked("patch_embed", backend, args, poison, atol, rtol)
     gh, gw = patch_grid(H, W, patch, pad)
     assert out.shape == (B, T + gh * gw, D) and out.dtype == dtype and out.is_contiguous()
-    check_op("patch_embed", backend, args, out, atol, rtol)
 
 
 @pytest.mark.parametrize("C,P,H,W", [(3, 16, 32, 48), (1, 14, 28, 14), (4, 8, 24, 16), (3, 32, 64, 32)])
@@ -86,10 +84,8 @@ def test_patch_embed_pad_image_smaller_than_patch(backend, poison):
     require(backend, "patch_embed", dtype=torch.float32)
     args = (torch.randn(1, 3, 8, 8, device=DEV), torch.randn(8, 3, 16, 16, device=DEV) * 0.1,
             torch.randn(8, device=DEV), None, None, True)
-    with poison():
-        out = ops.patch_embed(*args, backend=backend)
+    out = run_checked("patch_embed", backend, args, poison, *TOLERANCES[torch.float32])
     assert out.shape == (1, 1, 8)
-    check_op("patch_embed", backend, args, out, *TOLERANCES[torch.float32])
     want = (args[0].double() * args[1][:, :, :8, :8].double()).sum((1, 2, 3)) + args[2].double()
     atol, rtol = TOLERANCES[torch.float32]
     assert_close_rule(out[0, 0], want, None, atol=atol, rtol=rtol, name="the one patch")
@@ -115,12 +111,8 @@ def test_resample_pos_embed_identity_and_shape():
 def test_patch_embed_cuda_plain_gemm_fallback(dtype, atol, rtol, case, poison, monkeypatch):
     """FASTVIT_CUDA_PLAIN_GEMM=1: the cuda backend's patch GEMM without a cuBLASLt epilogue."""
     require("cuda", "patch_embed", dtype=dtype)
-    monkeypatch.setenv("FASTVIT_CUDA_PLAIN_GEMM", "1")
-    shape = PATCH_EMBED_SHAPES[case].values
-    args = patch_embed_args(*shape, dtype)
-    with poison():
-        out = ops.patch_embed(*args, backend="cuda")
-    check_op("patch_embed", "cuda", args, out, atol, rtol)
+    args = patch_embed_args(*PATCH_EMBED_SHAPES[case].values, dtype)
+    run_plain_gemm_fallback("patch_embed", args, poison, monkeypatch, atol, rtol)
 
 
 # --------------------------------------------------------------------------- validation
@@ -146,14 +138,7 @@ VALIDATION = [
      TypeError, r"bias: expected dtype torch.float32 \(as weight\), got dtype torch.float16"),
 ]
 
-
-@pytest.mark.parametrize("case,call,exc,pattern", VALIDATION, ids=[c[0] for c in VALIDATION])
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_validation_errors(backend, case, call, exc, pattern):
-    """Validation runs in the op layer before a backend is chosen: the same message on every
-    backend, even one that cannot run here."""
-    with pytest.raises(exc, match=pattern):
-        call(backend)
+test_validation_errors = validation_errors_test(VALIDATION)
 
 
 # --------------------------------------------------------------------------- random sweep
@@ -185,5 +170,4 @@ def _sweep_case(rng, dtype):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_random_sweep(backend, poison):
-    require(backend, "patch_embed")
     run_sweep("patch_embed", backend, _sweep_case, poison)

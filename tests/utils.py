@@ -12,6 +12,11 @@ Every op test (``tests/test_op_<op>.py``) is written against these:
 * :func:`check_op`: the one oracle. The reference (:mod:`fastvit.reference`) runs on the inputs
   upcast one precision step (float64 for float32 outputs, float32 for 16-bit outputs) and the
   output is held to the DESIGN.md rule :func:`assert_close_rule`.
+* The steps every op file repeats: :func:`run_checked` (the op run poisoned, then
+  :func:`check_op`), :func:`run_plain_gemm_fallback` (the same on cuda's plain-GEMM paths),
+  :func:`validation_errors_test` (an op file's ``test_validation_errors`` from its table),
+  :func:`run_sweep` (a seeded random sweep from the op's case generator); for linear / mlp the
+  shared epilogue arguments and ids (:func:`epilogue_args`, :func:`epilogue_cases`).
 
 Only torch, the standard library, pytest and :mod:`fastvit` (which never imports triton) are
 imported here: ``benchmarks/harness.py`` loads this file by path for :func:`assert_close_rule`.
@@ -205,6 +210,18 @@ def maybe(flag, make: Callable[[], torch.Tensor]) -> Optional[torch.Tensor]:
     return make() if flag else None
 
 
+def realistic_init_(model: torch.nn.Module) -> torch.nn.Module:
+    """Weights of realistic scale for a whole-model test, in place: LayerNorm weights near 1, every
+    other parameter small (0.05 x normal). Returns the model."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1 and "norm" in name and name.endswith("weight"):
+                p.copy_(1 + 0.1 * torch.randn_like(p))
+            else:
+                p.copy_(0.05 * torch.randn_like(p))
+    return model
+
+
 # --------------------------------------------------------------------------- the shared shape set
 # DESIGN.md 5.2: N in {1, 2, 50, 197, 257, 577}; head dim in {32, 48, 64, 80, 96, 128}; odd
 # batch; embed dims not a multiple of the block; images not square; patches 8 / 14 / 16 / 32.
@@ -313,10 +330,78 @@ PATCH_EMBED_SHAPES = [
 ]
 
 
+# --------------------------------------------------------------------------- the op tests' common steps
+def run_checked(op: str, backend: str, args: Sequence, poison, atol: float, rtol: float,
+                oracle_args: Optional[Sequence] = None):
+    """``ops.<op>(*args, backend=backend)`` run poisoned, then :func:`check_op` against the oracle;
+    returns the output (for the op's own shape / layout checks). ``oracle_args``: the arguments the
+    oracle gets instead of ``args``, where the call leaves one to its default (attention's scale)."""
+    with poison():
+        out = getattr(ops, op)(*args, backend=backend)
+    check_op(op, backend, args if oracle_args is None else oracle_args, out, atol, rtol)
+    return out
+
+
+def run_plain_gemm_fallback(op: str, args: Sequence, poison, monkeypatch, atol: float, rtol: float):
+    """:func:`run_checked` on the cuda backend with FASTVIT_CUDA_PLAIN_GEMM=1: its paths for when
+    cuBLASLt has no algorithm for an epilogue (plain GEMM + elementwise epilogue)."""
+    monkeypatch.setenv("FASTVIT_CUDA_PLAIN_GEMM", "1")
+    return run_checked(op, "cuda", args, poison, atol, rtol)
+
+
+def validation_errors_test(table: Sequence[tuple]) -> Callable:
+    """An op file's ``test_validation_errors``: each ``(case id, call(backend), exception type,
+    message pattern)`` of ``table`` on every backend. Bind it in the op file as
+    ``test_validation_errors = validation_errors_test(VALIDATION)``."""
+
+    @pytest.mark.parametrize("case,call,exc,pattern", table, ids=[c[0] for c in table])
+    @pytest.mark.parametrize("backend", BACKENDS)
+    def test_validation_errors(backend, case, call, exc, pattern):
+        """Validation runs in the op layer before a backend is chosen: the same message on every
+        backend, even one that cannot run here."""
+        with pytest.raises(exc, match=pattern):
+            call(backend)
+
+    return test_validation_errors
+
+
+# --------------------------------------------------------------------------- linear / mlp epilogues
+def epilogue_id(epilogue: tuple) -> str:
+    """The test id of a linear / mlp epilogue ``(act, bias, gamma, residual, ln)``."""
+    act, bias, gamma, res, ln = epilogue
+    return "-".join([act or "noact", "b" if bias else "nob", "g" if gamma else "nog", "r" if res else "nor",
+                     f"ln{ln}" if ln else "noln"])
+
+
+def epilogue_args(lead: tuple, d_in: int, d_out: int, dtype: torch.dtype, act, gamma: bool, residual: bool, ln,
+                  eps: float) -> tuple:
+    """The trailing ``(act, gamma, residual, ln_weight, ln_bias, eps)`` arguments of linear and mlp
+    (``ln``: None, "w" or "wb"): gamma near 0.5, LN weight near 1 over ``d_in``, residual (*lead, d_out)."""
+    return (act, maybe(gamma, lambda: randn(d_out, dtype=dtype, scale=0.5, shift=0.5)),
+            maybe(residual, lambda: randn(*lead, d_out, dtype=dtype)),
+            maybe(ln, lambda: randn(d_in, dtype=dtype, scale=0.5, shift=1.0)),
+            maybe(ln == "wb", lambda: randn(d_in, dtype=dtype, scale=0.5)), eps)
+
+
+def epilogue_cases(epilogues: Sequence[tuple], shapes: Sequence) -> list:
+    """(epilogue, *shape) params for every epilogue x shape, with the ids and marks that two
+    separate parametrizations would give."""
+    return [pytest.param(e, *sh.values, id=f"{epilogue_id(e)}-{sh.id}", marks=sh.marks)
+            for e in epilogues for sh in shapes]
+
+
+def shapes_named(shapes: Sequence, ids: Sequence[str]) -> list:
+    """The params of ``shapes`` whose ids are in ``ids``; every id must name one."""
+    picked = [sh for sh in shapes if sh.id in ids]
+    assert len(picked) == len(ids), f"{sorted(set(ids) - {sh.id for sh in picked})}: not in the shape set"
+    return picked
+
+
 # --------------------------------------------------------------------------- seeded random sweeps
 def run_sweep(op: str, backend: str, make_case: Callable, poison, cases: int = 200) -> None:
     """``cases`` seeded random cases of ``op`` on ``backend``, poisoned, checked by the oracle;
-    failures are collected and reported together with their case.
+    failures are collected and reported together with their case. Skipped (:func:`require`)
+    where ``backend`` cannot run ``op`` here at all.
 
     ``make_case(rng, dtype)`` returns ``(description, args, props, extra_check)``: the op's
     arguments, the properties its backend reasons need (head_dim, act) and an optional extra
@@ -326,6 +411,7 @@ def run_sweep(op: str, backend: str, make_case: Callable, poison, cases: int = 2
     ``_configs()`` list (:func:`forced_triton_config`), so every tile shape's masking meets odd
     sizes.
     """
+    require(backend, op)
     dtypes = [dt for dt in TOLERANCES if skip_reason(backend, op, dtype=dt) is None]
     if not dtypes:
         pytest.skip(skip_reason(backend, op, dtype=torch.float32) or f"{backend} runs no dtype of {op} here")
