@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 
 from .checkpoint import CheckpointError
+from .facts import ACTIVATIONS
 from .model import HybridEmbed, LayerNorm, LayerScale, PatchEmbed, VisionTransformer
 from .reference import resample_pos_embed
 
@@ -80,17 +81,20 @@ def _unsupported(what: str):
 
 
 def timm_model_kwargs(timm_model: nn.Module) -> dict:
-    """VisionTransformer keyword arguments describing a timm ``VisionTransformer`` / DeiT object.
+    """VisionTransformer keyword arguments describing a timm ``VisionTransformer`` / DeiT / CLIP /
+    SigLIP object (QuickGELU, pre-norm, the MAP head ``attn_pool`` included).
 
-    Architectures fastvit cannot run (attention pooling, q/k norm, other block types or
-    activations, patch-embed norm) raise a ValueError naming the feature. A CNN patch source
+    Architectures fastvit cannot run (PRR pooling, MAP-head variants other than timm's presets',
+    q/k norm, other block types or activations, patch-embed norm) raise a ValueError naming the
+    feature. A CNN patch source
     (timm's HybridEmbed) becomes ``embed_layer``: a :class:`HybridEmbed` around a copy of the backbone.
     """
     m = timm_model
     if not hasattr(m, "blocks") or not hasattr(m, "patch_embed"):
         raise TypeError(f"timm_model: expected a timm VisionTransformer, got {type(m).__name__}")
-    if getattr(m, "attn_pool", None) is not None:
-        _unsupported(f"global_pool={m.global_pool!r} (attention pooling)")
+    pool = getattr(m, "attn_pool", None)
+    if pool is not None and type(pool).__name__ != "AttentionPoolLatent":
+        _unsupported(f"global_pool={m.global_pool!r} ({type(pool).__name__})")
     blk = m.blocks[0]
     attn, mlp = blk.attn, blk.mlp
     if not (hasattr(attn, "qkv") and hasattr(mlp, "fc1") and hasattr(mlp, "fc2")):
@@ -104,15 +108,7 @@ def timm_model_kwargs(timm_model: nn.Module) -> dict:
         _unsupported(f"block type {type(blk).__name__}")
     if getattr(m, "pool_include_prefix", False):
         _unsupported("pool_include_prefix=True")
-    act_mod = mlp.act
-    if isinstance(act_mod, nn.GELU):
-        act = "gelu_tanh" if act_mod.approximate == "tanh" else "gelu"
-    elif type(act_mod).__name__ == "GELUTanh":
-        act = "gelu_tanh"
-    elif type(act_mod).__name__ == "GELU":
-        act = "gelu"
-    else:
-        _unsupported(f"activation {type(act_mod).__name__}")
+    act = _timm_act(mlp.act)
     norm1 = blk.norm1
     if not isinstance(norm1, nn.LayerNorm):
         _unsupported(f"norm layer {type(norm1).__name__}")
@@ -130,6 +126,8 @@ def timm_model_kwargs(timm_model: nn.Module) -> dict:
         embed_layer = None
         img_size, patch_size, in_chans = pe.img_size, pe.patch_size, pe.proj.in_channels
     use_fc_norm = isinstance(m.fc_norm, nn.LayerNorm)
+    pool_args = _timm_attn_pool_kwargs(m, attn.num_heads, mlp.fc1.out_features, act, norm1.eps)
+    head = m.head
     return dict(
         img_size=img_size, patch_size=patch_size, in_chans=in_chans, num_classes=m.num_classes,
         global_pool=m.global_pool, embed_dim=dim, depth=len(m.blocks), num_heads=attn.num_heads,
@@ -142,7 +140,56 @@ def timm_model_kwargs(timm_model: nn.Module) -> dict:
         final_norm=isinstance(m.norm, nn.LayerNorm) or use_fc_norm, fc_norm=use_fc_norm,
         dynamic_img_size=m.dynamic_img_size, dynamic_img_pad=getattr(pe, "dynamic_img_pad", False),
         act=act, norm_eps=norm1.eps, distilled=getattr(m, "dist_token", None) is not None, embed_layer=embed_layer,
+        head_bias=not isinstance(head, nn.Linear) or head.bias is not None, **pool_args,
     )
+
+
+def _timm_act(act_mod: nn.Module) -> str:
+    """fastvit's name of a timm MLP activation module (a ValueError naming any other)."""
+    name = type(act_mod).__name__
+    if isinstance(act_mod, nn.GELU):
+        act = "gelu_tanh" if act_mod.approximate == "tanh" else "gelu"
+    elif name in ("GELUTanh", "GELU"):
+        act = "gelu_tanh" if name == "GELUTanh" else "gelu"
+    elif name == "QuickGELU":  # OpenAI CLIP (timm's *_clip_quickgelu_* models)
+        act = "quick_gelu"
+    else:
+        _unsupported(f"activation {name}")
+    if act not in ACTIVATIONS:
+        _unsupported(f"activation {name} ({act!r} is not in fastvit.facts.ACTIVATIONS {ACTIVATIONS})")
+    return act
+
+
+def _timm_attn_pool_kwargs(m: nn.Module, num_heads: int, mlp_hidden: int, act: str, eps: float) -> dict:
+    """The MAP-head arguments of timm model ``m`` ({} without one); a ValueError names any
+    AttentionPoolLatent setting fastvit's :class:`~fastvit.model.AttentionPoolLatent` lacks."""
+    pool = getattr(m, "attn_pool", None)
+    if pool is None:
+        return {}
+    what = "global_pool='map' with"
+    if getattr(pool, "pos_embed", None) is not None:
+        _unsupported(f"{what} an attention-pool position embedding (pos_embed='abs')")
+    if not isinstance(pool.q, nn.Linear):
+        _unsupported(f"{what} q_proj=False (latent used as the query)")
+    dim = m.embed_dim
+    if pool.latent.shape[-1] != dim or pool.q.out_features != dim or pool.kv.in_features != dim:
+        _unsupported(f"{what} latent_dim / embed_dim != the model width {dim}")
+    for name in ("q_norm", "k_norm"):
+        if not isinstance(getattr(pool, name, nn.Identity()), nn.Identity):
+            _unsupported(f"{what} qk_norm ({name})")
+    if pool.mlp is None or not isinstance(pool.proj, nn.Linear):
+        _unsupported(f"{what} out_features=0 (no proj / norm / mlp)")
+    if not isinstance(pool.norm, nn.LayerNorm) or pool.norm.eps != eps:
+        _unsupported(f"{what} a norm other than the blocks' LayerNorm(eps={eps}): {pool.norm}")
+    if pool.num_heads != num_heads:
+        _unsupported(f"{what} {pool.num_heads} heads (blocks have {num_heads})")
+    if pool.mlp.fc1.out_features != mlp_hidden or _timm_act(pool.mlp.act) != act:
+        _unsupported(f"{what} an MLP other than the blocks' (hidden {mlp_hidden}, {act})")
+    if pool.q.bias is None or pool.kv.bias is None or pool.proj.bias is None:
+        _unsupported(f"{what} qkv_bias=False")
+    if pool.pool not in ("token", "avg", ""):
+        _unsupported(f"{what} pool_type={pool.pool!r}")
+    return dict(attn_pool_latent_len=pool.latent_len, attn_pool_type=pool.pool)
 
 
 # --------------------------------------------------------------------------- Hugging Face
@@ -178,11 +225,51 @@ _HF_BLOCK = {
     "intermediate.dense": "mlp.fc1", "mlp.fc1": "mlp.fc1",
     "output.dense": "mlp.fc2", "mlp.fc2": "mlp.fc2",
     "layer_scale1": "ls1", "layer_scale2": "ls2",
+    # CLIP / SigLIP encoder layers
+    "self_attn.q_proj": "q", "self_attn.k_proj": "k", "self_attn.v_proj": "v", "self_attn.out_proj": "attn.proj",
+    "layer_norm1": "norm1", "layer_norm2": "norm2",
 }
+
+# CLIP / SigLIP vision towers (model_type -> family); 'clip' and 'siglip' are two-tower models
+# whose vision_config describes the tower and whose text-tower keys are dropped by name.
+_HF_TOWERS = {"clip_vision_model": "clip", "clip": "clip", "siglip_vision_model": "siglip", "siglip": "siglip"}
+_HF_TWO_TOWER_DROP = re.compile(r"^(text_model\.|text_projection\.|logit_scale$|logit_bias$)")
+_HF_TOWER_TOP = {
+    "embeddings.class_embedding": "cls_token",  # (D,) -> (1, 1, D)
+    "embeddings.patch_embedding.weight": "patch_embed.proj.weight",
+    "embeddings.patch_embedding.bias": "patch_embed.proj.bias",
+    "embeddings.position_embedding.weight": "pos_embed",  # (N, D) -> (1, N, D)
+    "pre_layrnorm.weight": "norm_pre.weight",
+    "pre_layrnorm.bias": "norm_pre.bias",
+    "visual_projection.weight": "head.weight",
+    # SigLIP's MAP head (in_proj_weight / in_proj_bias are split into q and kv below)
+    "head.probe": "attn_pool.latent",
+    "head.attention.out_proj.weight": "attn_pool.proj.weight",
+    "head.attention.out_proj.bias": "attn_pool.proj.bias",
+    "head.layernorm.weight": "attn_pool.norm.weight",
+    "head.layernorm.bias": "attn_pool.norm.bias",
+    "head.mlp.fc1.weight": "attn_pool.mlp.fc1.weight",
+    "head.mlp.fc1.bias": "attn_pool.mlp.fc1.bias",
+    "head.mlp.fc2.weight": "attn_pool.mlp.fc2.weight",
+    "head.mlp.fc2.bias": "attn_pool.mlp.fc2.bias",
+}
+# HF CLIP applies post_layernorm to the pooled class token only (timm's fc_norm), SigLIP to every token
+_HF_POST_NORM = {"clip": "fc_norm", "siglip": "norm"}
+# constructor defaults of CLIPVisionConfig / SiglipVisionConfig, for config.json files that omit them
+_HF_TOWER_DEFAULTS = {
+    "clip": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                 num_channels=3, image_size=224, patch_size=32, hidden_act="quick_gelu", layer_norm_eps=1e-5,
+                 projection_dim=512),
+    "siglip": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                   num_channels=3, image_size=224, patch_size=16, hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6,
+                   vision_use_head=True),
+}
+_HF_ACTS = {"gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh", "gelu_fast": "gelu_tanh",
+            "quick_gelu": "quick_gelu"}
 
 
 # key starts no timm checkpoint has ('model.' is left out: training checkpoints use it too)
-_HF_MARKERS = ("embeddings.", "encoder.", "vit.", "deit.", "dinov2.", "dinov2_with_registers.")
+_HF_MARKERS = ("embeddings.", "encoder.", "vit.", "deit.", "dinov2.", "dinov2_with_registers.", "vision_model.")
 
 
 def is_hf_state_dict(state_dict: Mapping[str, torch.Tensor]) -> bool:
@@ -191,24 +278,47 @@ def is_hf_state_dict(state_dict: Mapping[str, torch.Tensor]) -> bool:
 
 
 def convert_hf_state_dict(sd: Mapping[str, torch.Tensor], config) -> Dict[str, torch.Tensor]:
-    """Hugging Face ViT / DeiT / DINOv2 state dict -> timm / fastvit names (q, k, v fused to qkv).
+    """Hugging Face ViT / DeiT / DINOv2 / CLIP / SigLIP state dict -> timm / fastvit names.
 
     Per layer the query, key and value (D, D) weights and (D,) biases become ``attn.qkv`` (3D, D)
-    and (3D,). Raises :class:`~fastvit.checkpoint.CheckpointError` listing every key it does not know.
+    and (3D,). CLIP / SigLIP vision towers (``CLIPVisionModel(WithProjection)``,
+    ``SiglipVisionModel``, or the vision half of ``CLIPModel`` / ``SiglipModel``, whose text-tower
+    keys are dropped) map to timm's names: ``visual_projection`` -> ``head``, SigLIP's MAP head
+    ``head.*`` -> ``attn_pool.*`` with ``in_proj`` (3D, D) split into ``q`` (D, D) and ``kv`` (2D, D).
+    Raises :class:`~fastvit.checkpoint.CheckpointError` listing every key it does not know.
     """
+    family = _HF_TOWERS.get(_get(config, "model_type", ""))
+    two_tower = _get(config, "model_type", "") in ("clip", "siglip")
+    top = dict(_HF_TOWER_TOP, **{f"post_layernorm.{w}": f"{_HF_POST_NORM[family]}.{w}" for w in ("weight", "bias")}) \
+        if family else _HF_TOP
+    prefixes = ("vision_model.",) if family else _HF_PREFIXES
     out: Dict[str, torch.Tensor] = {}
     qkv: Dict[Tuple[int, str, str], torch.Tensor] = {}
     unknown = []
     for key, t in sd.items():
         k = key
-        for p in _HF_PREFIXES:
+        for p in prefixes:
             if k.startswith(p):
                 k = k[len(p):]
                 break
-        if _HF_DROP.match(k):
+        if family:
+            if (two_tower and _HF_TWO_TOWER_DROP.match(key)) or k == "embeddings.position_ids":
+                continue  # the text tower; a non-persistent buffer older checkpoints saved
+            if k in ("head.attention.in_proj_weight", "head.attention.in_proj_bias"):
+                leaf = "weight" if k.endswith("weight") else "bias"
+                D = t.shape[0] // 3
+                out[f"attn_pool.q.{leaf}"], out[f"attn_pool.kv.{leaf}"] = t[:D], t[D:]
+                continue
+            if k == "embeddings.class_embedding":
+                out["cls_token"] = t.reshape(1, 1, -1)
+                continue
+            if k == "embeddings.position_embedding.weight":
+                out["pos_embed"] = t.unsqueeze(0)
+                continue
+        elif _HF_DROP.match(k):
             continue
-        if k in _HF_TOP:
-            out[_HF_TOP[k]] = t
+        if k in top:
+            out[top[k]] = t
             continue
         m = _HF_LAYER.match(k)
         if m:
@@ -254,12 +364,18 @@ def hf_config_to_kwargs(config, arch: Optional[str] = None) -> dict:
     ...); default the config's first ``architectures`` entry.
     """
     model_type = _get(config, "model_type", "vit")
-    if model_type not in ("vit", "deit", "dinov2", "dinov2_with_registers"):
-        raise ValueError(f"config: expected model_type 'vit', 'deit', 'dinov2' or 'dinov2_with_registers', "
-                         f"got {model_type!r}")
+    if str(model_type).startswith("siglip2"):
+        raise ValueError(f"config: model_type {model_type!r} (Siglip2VisionModel, NaFlex: variable resolution and "
+                         "aspect ratio over packed patches) is not supported yet; SigLIP 2 fixed-resolution weights "
+                         "load as timm vit_*_siglip_* models (tag v2_webli) or as a SiglipVisionModel")
     arch = arch or (_get(config, "architectures") or [""])[0]
+    if model_type in _HF_TOWERS:
+        return _hf_tower_kwargs(config, model_type, arch)
+    if model_type not in ("vit", "deit", "dinov2", "dinov2_with_registers"):
+        raise ValueError(f"config: expected model_type 'vit', 'deit', 'dinov2', 'dinov2_with_registers', "
+                         f"{', '.join(map(repr, _HF_TOWERS))}, got {model_type!r}")
     hidden_act = _get(config, "hidden_act", "gelu")
-    acts = {"gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh", "gelu_fast": "gelu_tanh"}
+    acts = {k: v for k, v in _HF_ACTS.items() if k != "quick_gelu"}
     if hidden_act not in acts:
         raise ValueError(f"config: hidden_act expected one of {sorted(acts)}, got {hidden_act!r}")
     dim = _get(config, "hidden_size")
@@ -297,6 +413,47 @@ def hf_config_to_kwargs(config, arch: Optional[str] = None) -> dict:
     return kwargs
 
 
+def _hf_tower_kwargs(config, model_type: str, arch: str) -> dict:
+    """Keyword arguments of a CLIP / SigLIP vision tower (see :func:`hf_config_to_kwargs`)."""
+    family = _HF_TOWERS[model_type]
+    if arch.endswith("ForImageClassification"):
+        tower = "CLIPVisionModel" if family == "clip" else "SiglipVisionModel"
+        raise ValueError(f"config: {arch} (a classifier on mean-pooled patch tokens) is not supported; load the "
+                         f"vision tower as {tower}")
+    vc = config
+    if model_type in ("clip", "siglip"):  # two towers: the vision one is described by vision_config
+        vc = _get(config, "vision_config")
+        if vc is None:
+            raise ValueError(f"config: model_type {model_type!r} without a vision_config")
+    defaults = _HF_TOWER_DEFAULTS[family]
+
+    def get(name):
+        v = _get(vc, name)
+        return defaults[name] if v is None else v
+
+    hidden_act = get("hidden_act")
+    if hidden_act not in _HF_ACTS:
+        raise ValueError(f"config: hidden_act expected one of {sorted(_HF_ACTS)}, got {hidden_act!r}")
+    dim = get("hidden_size")
+    kwargs = dict(
+        img_size=get("image_size"), patch_size=get("patch_size"), in_chans=get("num_channels"), embed_dim=dim,
+        depth=get("num_hidden_layers"), num_heads=get("num_attention_heads"),
+        mlp_ratio=_mlp_ratio(dim, get("intermediate_size")), qkv_bias=True, act=_HF_ACTS[hidden_act],
+        norm_eps=get("layer_norm_eps"), pos_embed_antialias=False, num_classes=0,
+    )
+    if family == "clip":
+        # pre_layrnorm -> norm_pre (and no patch bias); post_layernorm on the pooled class token -> fc_norm;
+        # visual_projection (no bias) -> head
+        kwargs.update(pre_norm=True, global_pool="token", fc_norm=True, head_bias=False)
+        if arch in ("CLIPVisionModelWithProjection", "CLIPModel"):
+            proj = _get(config, "projection_dim") if model_type == "clip" else None
+            kwargs["num_classes"] = proj if proj is not None else get("projection_dim")
+    else:
+        # no class token; post_layernorm on every token -> norm; the MAP head -> attn_pool
+        kwargs.update(class_token=False, global_pool="map" if get("vision_use_head") else "")
+    return kwargs
+
+
 # --------------------------------------------------------------------------- fastvit
 def model_kwargs(model: VisionTransformer) -> dict:
     """Constructor arguments that rebuild ``model``'s architecture (what ``fastvit convert`` stores).
@@ -310,6 +467,8 @@ def model_kwargs(model: VisionTransformer) -> dict:
     blk = model.blocks[0]
     dim = model.embed_dim
     fc_norm = isinstance(model.fc_norm, LayerNorm)
+    ap = model.attn_pool
+    pool = dict(attn_pool_latent_len=ap.latent_len, attn_pool_type=ap.pool) if ap is not None else {}
     return dict(
         img_size=list(pe.img_size), patch_size=list(pe.patch_size), in_chans=pe.proj.in_channels,
         num_classes=model.num_classes, global_pool=model.global_pool, embed_dim=dim, depth=len(model.blocks),
@@ -322,4 +481,5 @@ def model_kwargs(model: VisionTransformer) -> dict:
         final_norm=isinstance(model.norm, LayerNorm) or fc_norm, fc_norm=fc_norm,
         dynamic_img_size=model.dynamic_img_size, dynamic_img_pad=pe.dynamic_img_pad, act=blk.mlp.act,
         norm_eps=blk.norm1.eps, distilled=model.distilled, pos_embed_antialias=model.pos_embed_antialias,
+        head_bias=model.head_bias, **pool,
     )

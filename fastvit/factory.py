@@ -21,7 +21,7 @@ from .convert import (convert_hf_state_dict, convert_timm_state_dict, hf_config_
 from .hub import hub_folder, is_hub_name, read_config, timm_hub_id, timm_pretrained_cfg
 from .model import VisionTransformer
 from .preprocess import Preprocessor
-from .registry import list_models, model_config
+from .registry import list_models, model_config, preprocess_config
 from .version import __version__
 
 __all__ = [
@@ -82,16 +82,22 @@ def from_timm(timm_model: nn.Module, backend: Optional[str] = None) -> VisionTra
 
 
 def from_hf(hf_model_or_state_dict, config=None, backend: Optional[str] = None) -> VisionTransformer:
-    """fastvit model with the weights of a transformers ViT / DeiT / DINOv2 model (or its state dict).
+    """fastvit model with the weights of a transformers ViT / DeiT / DINOv2 / CLIP / SigLIP model (or its state dict).
 
     Args:
         hf_model_or_state_dict: ``ViTModel``, ``ViTForImageClassification``, ``DeiTModel``,
             ``DeiTForImageClassification(WithTeacher)``, ``Dinov2Model``, ``Dinov2WithRegistersModel``,
-            or a state dict of one of them (then ``config`` is required).
+            ``CLIPVisionModel``, ``CLIPVisionModelWithProjection``, ``SiglipVisionModel``, the vision
+            tower of ``CLIPModel`` / ``SiglipModel`` (text-tower weights are left out), or a state dict
+            of one of them (then ``config`` is required).
         config: the transformers config (or config.json as a dict); read from the model if omitted.
 
-    ``forward_features`` equals HF's ``last_hidden_state``; for ``*Model`` classes ``forward``
-    returns the (normalised) class token, i.e. DINOv2's ``pooler_output``; for classifiers the logits.
+    ``forward_features`` equals HF's ``last_hidden_state``. ``forward`` returns: for ViT / DeiT /
+    DINOv2 ``*Model`` classes the (normalised) class token, i.e. DINOv2's ``pooler_output``; for
+    classifiers the logits; for ``CLIPVisionModel`` and ``SiglipVisionModel`` the ``pooler_output``
+    (CLIP: post_layernorm of the class token; SigLIP: the MAP head); for
+    ``CLIPVisionModelWithProjection`` / ``CLIPModel`` the ``image_embeds`` (visual_projection, no
+    bias). :func:`hf_outputs` gives them under HF's names. ``Siglip2VisionModel`` (NaFlex) is refused.
     """
     if isinstance(hf_model_or_state_dict, nn.Module):
         hf = hf_model_or_state_dict
@@ -187,7 +193,9 @@ def load_model(checkpoint: Optional[str], model_name: Optional[str] = None, back
         checkpoint: a model folder (HF / timm hub layout / fastvit), a hub name, or a state-dict
             file (.safetensors / .pth / .bin, timm names; then ``model_name`` is required).
         model_name: a preset of :func:`fastvit.list_models` (for state-dict files, or alone for random
-            weights when ``checkpoint`` is None), optionally with timm's pretrained tag for its preprocessing.
+            weights when ``checkpoint`` is None), optionally with timm's pretrained tag. Preprocessing:
+            the preset's own (CLIP / SigLIP presets, see :func:`fastvit.registry.preprocess_config`),
+            else timm's ``pretrained_cfg`` of the (tagged) name, else the ViT defaults.
 
     Returns:
         (model in eval mode, preprocessor with ``id2label`` when the checkpoint has labels)
@@ -196,10 +204,14 @@ def load_model(checkpoint: Optional[str], model_name: Optional[str] = None, back
         if model_name is None:
             raise ValueError(f"model_name: a state-dict file ({checkpoint!r}) needs the architecture, e.g. "
                              "--model vit_base_patch16_224, got None")
-        model = create_model(model_name.split(".")[0], checkpoint=checkpoint, backend=backend)
-        cfg = timm_pretrained_cfg(model_name)
-        pre = Preprocessor.from_timm(cfg.to_dict()) if cfg is not None else Preprocessor.for_model(model)
-        return model, pre
+        # a preset of that exact name (CLIP '.openai' towers), else the architecture without the tag
+        arch = model_name if model_name in list_models() else model_name.split(".")[0]
+        model = create_model(arch, checkpoint=checkpoint, backend=backend)
+        cfg = preprocess_config(arch)  # CLIP / SigLIP presets name their own processor
+        if cfg is None:
+            timm_cfg = timm_pretrained_cfg(model_name)
+            cfg = timm_cfg.to_dict() if timm_cfg is not None else None
+        return model, Preprocessor.from_timm(cfg) if cfg is not None else Preprocessor.for_model(model)
     folder = checkpoint
     if not os.path.isdir(checkpoint):
         if not is_hub_name(checkpoint):
@@ -233,7 +245,9 @@ def convert(src: str, dst: str, model_name: Optional[str] = None) -> str:
 # --------------------------------------------------------------------------- Hugging Face style outputs
 class ViTOutput(dict):
     """Dict with attribute access, as transformers' ModelOutput: ``last_hidden_state`` (B, N, D),
-    ``pooler_output`` (B, D), ``logits`` (B, C) for classifiers, ``hidden_states`` (depth + 1 tensors
+    ``pooler_output`` (B, D; None with ``global_pool=''``, as SiglipVisionModel without its head),
+    ``logits`` (B, C) for classifiers or ``image_embeds`` (B, P) for a projection head (no bias: CLIP's
+    ``visual_projection``), ``hidden_states`` (depth + 1 tensors
     (B, N, D): embeddings, then each block's output) and ``attentions`` (depth entries (B, H, N, N),
     None for layers not asked for) when requested."""
 
@@ -264,9 +278,15 @@ def hf_outputs(model: VisionTransformer, pixel_values: torch.Tensor, output_hidd
     last, inter, *rest = model.forward_intermediates(
         pixel_values, indices=None if output_hidden_states else [], return_prefix_tokens=True, output_fmt="NLC",
         attn_layers=attn_layers)
-    out = ViTOutput(last_hidden_state=last, pooler_output=model.forward_head(last, pre_logits=True))
+    pooled = model.forward_head(last, pre_logits=True) if model.global_pool else None
+    out = ViTOutput(last_hidden_state=last, pooler_output=pooled)
     if model.num_classes:
-        out["logits"] = model.forward_head(last)
+        # a head without bias is a projection (HF CLIP's visual_projection): HF calls its output image_embeds
+        head = model.head
+        name = "image_embeds" if isinstance(head, nn.Linear) and head.bias is None else "logits"
+        # the pooled features feed the head (the MAP head runs once), except DeiT's two-head average
+        use_pooled = pooled is not None and not model.distilled
+        out[name] = model._head(head, pooled) if use_pooled else model.forward_head(last)
     if output_hidden_states:
         if model.num_prefix_tokens:  # (patch (B, gh * gw, D), prefix (B, T, D)) -> (B, T + gh * gw, D)
             inter = [torch.cat([prefix, patch], 1) for patch, prefix in inter]

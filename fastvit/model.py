@@ -8,6 +8,9 @@ the hot path themselves, so a backend swap changes every kernel. The per-block d
     x   = linear(o, proj, gamma=ls1, residual=x)
     x   = mlp(LN2(x), fc1, GELU, fc2, gamma=ls2, residual=x)
 
+and the MAP head (``global_pool='map'``, SigLIP) on the same ops: a learned latent query of
+``latent_len`` rows attends over all tokens (attention with N_q = latent_len != N_kv = N).
+
 Inference only: dropout / drop-path rates other than 0 are refused rather than ignored.
 """
 
@@ -23,9 +26,11 @@ from . import backends, ops
 from .facts import ACTIVATIONS, patch_grid
 from .reference import resample_pos_embed
 
-__all__ = ["VisionTransformer", "Block", "Attention", "Mlp", "PatchEmbed", "HybridEmbed", "LayerScale", "LayerNorm"]
+__all__ = ["VisionTransformer", "Block", "Attention", "Mlp", "PatchEmbed", "HybridEmbed", "LayerScale", "LayerNorm",
+           "AttentionPoolLatent"]
 
 _ACTS = tuple(a for a in ACTIVATIONS if a is not None)  # an MLP always has one
+_POOLS = ("", "avg", "avgmax", "max", "token", "map")  # timm's, less 'prr'
 
 
 def _pair(v) -> Tuple[int, int]:
@@ -164,7 +169,7 @@ class Attention(nn.Module):
 
 
 class Mlp(nn.Module):
-    """``fc1`` -> GELU (erf or tanh) -> ``fc2`` parameters (timm's Mlp names)."""
+    """``fc1`` -> activation (GELU erf / tanh, QuickGELU) -> ``fc2`` parameters (timm's Mlp names)."""
 
     def __init__(self, in_features: int, hidden_features: int, act: str = "gelu", bias: bool = True):
         super().__init__()
@@ -209,15 +214,85 @@ class Block(nn.Module):
         return (x, probs) if return_attn else x
 
 
+class AttentionPoolLatent(nn.Module):
+    """Multi-head attention pooling with a learned latent query (timm's ``AttentionPoolLatent``,
+    the MAP head of SigLIP; Hugging Face ``SiglipMultiheadAttentionPoolingHead``).
+
+    ``latent`` (1, L, D) is projected by ``q``; the tokens by ``kv`` (one fused (2D, D) linear,
+    k and v read as strided views of its output); the attended latent goes through ``proj``, then
+    ``x + mlp(norm(x))``, then pooling over the L latent rows. Parameter names are timm's, so
+    ``attn_pool.*`` of a timm checkpoint loads strictly.
+
+    Args:
+        dim: token width D (timm's in_features = embed_dim = out_features).
+        num_heads: attention heads; head dim D / num_heads (72 for SigLIP so400m).
+        mlp_ratio: hidden width of ``mlp`` over D.
+        qkv_bias: bias of ``q`` and ``kv`` (timm: always True).
+        latent_len: L, the number of latent query rows.
+        pool_type: 'token' (first latent row), 'avg' (mean of the L rows) or '' (keep (B, L, D)).
+        act: the MLP activation. norm_eps: epsilon of ``norm``.
+    """
+
+    def __init__(self, dim: int, num_heads: int = 8, mlp_ratio: float = 4.0, qkv_bias: bool = True,
+                 latent_len: int = 1, pool_type: str = "token", act: str = "gelu", norm_eps: float = 1e-6):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"num_heads: expected a divisor of dim={dim}, got {num_heads}")
+        if pool_type not in ("token", "avg", ""):
+            raise ValueError(f"attn_pool_type: expected 'token', 'avg' or '', got {pool_type!r}")
+        if int(latent_len) < 1:
+            raise ValueError(f"attn_pool_latent_len: expected an int >= 1, got {latent_len!r}")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim ** -0.5
+        self.latent_len = int(latent_len)
+        self.pool = pool_type
+        self.latent = nn.Parameter(torch.zeros(1, self.latent_len, dim))
+        self.q = nn.Linear(dim, dim, bias=qkv_bias)
+        self.kv = nn.Linear(dim, dim * 2, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        self.norm = LayerNorm(dim, eps=norm_eps)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act=act)
+        nn.init.trunc_normal_(self.latent, std=dim ** -0.5)
+
+    def forward(self, x: torch.Tensor, backend: Optional[str] = None) -> torch.Tensor:
+        """Tokens (B, N, D) -> (B, D) ('token' / 'avg' pooling) or (B, L, D) (pool_type '')."""
+        B, N, D = x.shape
+        H, d, L = self.num_heads, self.head_dim, self.latent_len
+        # the query does not depend on the image: one (L, D) GEMM, broadcast over the batch
+        q = ops.linear(self.latent[0], self.q.weight, self.q.bias, backend=backend)  # (L, D)
+        q = q.view(1, L, H, d).expand(B, L, H, d).transpose(1, 2)  # (B, H, L, d), batch stride 0
+        kv = ops.linear(x, self.kv.weight, self.kv.bias, backend=backend)  # (B, N, 2D)
+        k, v = kv.view(B, N, 2, H, d).permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, N, d) views
+        o = ops.attention(q, k, v, self.scale, backend=backend)  # (B, H, L, d) view of (B, L, H, d)
+        o = o.transpose(1, 2).reshape(B, L, D)
+        x = ops.linear(o, self.proj.weight, self.proj.bias, backend=backend)  # (B, L, D)
+        m, n = self.mlp, self.norm
+        x = ops.mlp(x, m.fc1.weight, m.fc1.bias, m.fc2.weight, m.fc2.bias, m.act, residual=x, ln_weight=n.weight,
+                    ln_bias=n.bias, ln_eps=n.eps, backend=backend)
+        if self.pool == "token":
+            return x[:, 0]
+        if self.pool == "avg":
+            return x.mean(dim=1)
+        return x
+
+
 class VisionTransformer(nn.Module):
-    """ViT / DeiT / DINOv2-style encoder, drop-in for timm's ``VisionTransformer``.
+    """ViT / DeiT / DINOv2 / CLIP / SigLIP-style encoder, drop-in for timm's ``VisionTransformer``.
 
     Constructor arguments follow timm (names and meaning); parameters carry timm's names so
     ``load_state_dict(timm_model.state_dict(), strict=True)`` works. Additions:
 
+    ``global_pool='map'`` pools with :class:`AttentionPoolLatent` (``attn_pool``, timm's SigLIP head).
+
     Args:
-        act: MLP activation, 'gelu' (erf, timm's nn.GELU) or 'gelu_tanh'.
-        norm_eps: LayerNorm epsilon (timm 1e-6; Hugging Face ViT 1e-12).
+        act: MLP activation: 'gelu' (erf, timm's nn.GELU), 'gelu_tanh' or 'quick_gelu' (OpenAI
+            CLIP's x * sigmoid(1.702 x)); the choices are :data:`fastvit.facts.ACTIVATIONS`.
+        norm_eps: LayerNorm epsilon (timm 1e-6; CLIP 1e-5; Hugging Face ViT 1e-12).
+        head_bias: the classifier ``head`` has a bias; False for a projection head (Hugging Face
+            CLIP's ``visual_projection``).
+        attn_pool_latent_len, attn_pool_type: latent rows and pooling of the MAP head
+            (timm's AttentionPoolLatent ``latent_len`` / ``pool_type``; 1 / 'token' in every timm preset).
         distilled: DeiT distillation token + ``head_dist`` (timm's VisionTransformerDistilled).
         pos_embed_antialias: resample position embeddings with antialias (timm True, HF False).
         embed_layer: a pre-built patch-embedding module (e.g. :class:`HybridEmbed`), or None.
@@ -251,14 +326,17 @@ class VisionTransformer(nn.Module):
         norm_eps: float = 1e-6,
         distilled: bool = False,
         pos_embed_antialias: bool = True,
+        head_bias: bool = True,
+        attn_pool_latent_len: int = 1,
+        attn_pool_type: str = "token",
         embed_layer: Optional[nn.Module] = None,
         drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
         backend: Optional[str] = None,
     ):
         super().__init__()
-        if global_pool not in ("", "avg", "avgmax", "max", "token"):
-            raise ValueError(f"global_pool: expected one of '', 'avg', 'avgmax', 'max', 'token', got {global_pool!r}")
+        if global_pool not in _POOLS:
+            raise ValueError(f"global_pool: expected one of {', '.join(map(repr, _POOLS))}, got {global_pool!r}")
         if global_pool == "token" and not class_token:
             raise ValueError("global_pool: 'token' needs class_token=True")
         if distilled and (global_pool != "token" or not class_token):
@@ -301,8 +379,12 @@ class VisionTransformer(nn.Module):
             for _ in range(depth)
         ])
         self.norm = LayerNorm(embed_dim, eps=norm_eps) if final_norm and not use_fc_norm else nn.Identity()
+        self.attn_pool = AttentionPoolLatent(
+            embed_dim, num_heads, mlp_ratio, latent_len=attn_pool_latent_len, pool_type=attn_pool_type, act=act,
+            norm_eps=norm_eps) if global_pool == "map" else None
         self.fc_norm = LayerNorm(embed_dim, eps=norm_eps) if final_norm and use_fc_norm else nn.Identity()
-        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.head_bias = head_bias
+        self.head = nn.Linear(embed_dim, num_classes, bias=head_bias) if num_classes > 0 else nn.Identity()
         self.head_dist = (nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()) if distilled else None
         self._embed_cache: Dict[Any, Tuple[Any, Tuple[torch.Tensor, Optional[torch.Tensor]]]] = {}
         self._init_weights()
@@ -328,11 +410,23 @@ class VisionTransformer(nn.Module):
         self.distilled_training = enable
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        """New ``head`` for ``num_classes`` (0: none); ``global_pool`` as timm: leaving 'map' drops
+        ``attn_pool``, and a MAP head cannot be added here."""
         if global_pool is not None:
+            if global_pool not in _POOLS:
+                raise ValueError(f"global_pool: expected one of {', '.join(map(repr, _POOLS))}, got {global_pool!r}")
+            if global_pool == "token" and not self.has_class_token:
+                raise ValueError("global_pool: 'token' needs class_token=True")
+            if global_pool == "map" and self.attn_pool is None:
+                raise ValueError("global_pool: 'map' cannot be added by reset_classifier (build the model with "
+                                 "global_pool='map')")
+            if global_pool != "map":
+                self.attn_pool = None
             self.global_pool = global_pool
         ref = self.norm.weight if isinstance(self.norm, LayerNorm) else self.patch_embed.proj.weight
         self.num_classes = num_classes
-        self.head = (nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()).to(ref)
+        self.head = (nn.Linear(self.embed_dim, num_classes, bias=self.head_bias) if num_classes > 0
+                     else nn.Identity()).to(ref)
         if self.distilled:
             self.head_dist = (nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()).to(ref)
 
@@ -393,7 +487,10 @@ class VisionTransformer(nn.Module):
         if not self.dynamic_img_size and (H, W) != tuple(pe.img_size):
             raise ValueError(f"x: expected image size {tuple(pe.img_size)} (set dynamic_img_size=True to accept "
                              f"other sizes), got {(H, W)}")
-        if isinstance(pe, PatchEmbed) and not pe.dynamic_img_pad and (H % pe.patch_size[0] or W % pe.patch_size[1]):
+        # a training size that is not a multiple of the patch (SigLIP so400m/14 at 384) loses its
+        # border as in timm's / HF's strided conv; other sizes must be multiples, as timm asks
+        if isinstance(pe, PatchEmbed) and not pe.dynamic_img_pad and (H, W) != tuple(pe.img_size) and (
+                H % pe.patch_size[0] or W % pe.patch_size[1]):
             raise ValueError(f"x: expected height and width multiples of the patch size {pe.patch_size} "
                              f"(or dynamic_img_pad=True), got image size {(H, W)}")
         return pe.dynamic_feat_size((H, W))
@@ -402,7 +499,12 @@ class VisionTransformer(nn.Module):
         """Image (B, C, H, W) -> tokens after position embedding and pre-norm, (B, T + N, D)."""
         grid = self._grid_for(x)
         pos, prefix = self._embed_inputs(grid)
-        x = self.patch_embed(x, pos, prefix, backend=self.backend)
+        pe = self.patch_embed
+        if isinstance(pe, PatchEmbed) and not pe.dynamic_img_pad:
+            h, w = grid[0] * pe.patch_size[0], grid[1] * pe.patch_size[1]
+            if (h, w) != tuple(x.shape[-2:]):
+                x = x[..., :h, :w]  # the border a strided conv drops (a view: every backend reads strides)
+        x = pe(x, pos, prefix, backend=self.backend)
         if isinstance(self.norm_pre, LayerNorm):
             x = self.norm_pre(x, backend=self.backend)
         return x
@@ -419,7 +521,11 @@ class VisionTransformer(nn.Module):
         return self._norm(x)
 
     def pool(self, x: torch.Tensor, pool_type: Optional[str] = None) -> torch.Tensor:
-        """Tokens (B, T + N, D) -> (B, D) as ``global_pool`` says ('' keeps (B, T + N, D))."""
+        """Tokens (B, T + N, D) -> (B, D) as ``global_pool`` says ('' keeps (B, T + N, D)).
+
+        With a MAP head (``attn_pool``) the patch tokens go through it, whatever ``pool_type`` (as timm)."""
+        if self.attn_pool is not None:
+            return self.attn_pool(x[:, self.num_prefix_tokens:], backend=self.backend)
         pool_type = self.global_pool if pool_type is None else pool_type
         if not pool_type:
             return x

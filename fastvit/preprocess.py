@@ -156,6 +156,20 @@ class Preprocessor:
                    crop_rounding="round", fuse_rescale=False, id2label=id2label)
 
     @classmethod
+    def from_preset(cls, name: str, id2label=None) -> "Preprocessor":
+        """The processor a preset of :func:`fastvit.list_models` names (CLIP: shortest-side bicubic resize +
+        center crop, CLIP mean / std; SigLIP: bicubic resize to the square size, mean = std = 0.5); a
+        ValueError for a preset without one (plain ViT presets: use :meth:`from_timm` with timm's
+        ``pretrained_cfg``)."""
+        from .registry import preprocess_config
+
+        cfg = preprocess_config(name)
+        if cfg is None:
+            raise ValueError(f"name: preset {name!r} names no preprocessing; use Preprocessor.from_timm with timm's "
+                             "pretrained_cfg, or Preprocessor.for_model")
+        return cls.from_timm(cfg, id2label=id2label)
+
+    @classmethod
     def for_model(cls, model, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), crop_pct: float = 0.9) -> "Preprocessor":
         """Fallback when a checkpoint says nothing: timm's ViT defaults at the model's image size."""
         h, w = model.patch_embed.img_size

@@ -1,16 +1,21 @@
-"""Named model presets: ``model_config(name)`` and ``list_models()``.
+"""Named model presets: ``model_config(name)``, ``preprocess_config(name)`` and ``list_models()``.
 
-Names follow timm so a timm user finds the same model under the same name; the preset
-arguments are the architecture only. Building a preset with its weights is
-:func:`fastvit.factory.create_model`; this table imports no loading code.
+Names follow timm so a timm user finds the same model under the same name (a few carry timm's
+pretrained tag, ``vit_base_patch16_clip_224.openai``, where the tag changes the architecture: the
+projection width of a CLIP tower). The preset arguments are the architecture only; CLIP and
+SigLIP presets also name their preprocessing as a timm-style data config. Building a preset with
+its weights is :func:`fastvit.factory.create_model`; this table imports no loading code.
 """
 
 from __future__ import annotations
 
 import fnmatch
-from typing import Dict, List
+from typing import Dict, List, Optional
 
-__all__ = ["list_models", "model_config"]
+__all__ = ["list_models", "model_config", "preprocess_config", "CLIP_MEAN", "CLIP_STD"]
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 # width, depth, heads for each size
 _SIZES = {
@@ -22,10 +27,13 @@ _SIZES = {
 }
 
 _PRESETS: Dict[str, dict] = {}
+_PREPROCESS: Dict[str, dict] = {}
 
 
-def _add(name: str, **cfg) -> None:
+def _add(name: str, preprocess: Optional[dict] = None, **cfg) -> None:
     _PRESETS[name] = cfg
+    if preprocess is not None:
+        _PREPROCESS[name] = preprocess
 
 
 for _size in ("tiny", "small", "base", "large"):
@@ -54,6 +62,66 @@ for _size in ("small", "base", "large"):
     _add(f"vit_{_size}_patch14_reg4_dinov2", reg_tokens=4, no_embed_class=True, **_dino)
 
 
+# CLIP image towers (timm names): pre-norm, LayerNorm eps 1e-5, the class token pooled and the head
+# is the image projection (timm keeps its bias, zero in converted OpenAI / OpenCLIP weights). The
+# plain names are timm's defaults (an ImageNet-1k fine-tune: 1000 classes); '.openai' / '.laion2b'
+# are the contrastive towers (projection width). OpenAI's weights were trained with QuickGELU: the
+# '_quickgelu_' names run it, the plain names run GELU as timm does.
+# Preprocessing of the contrastive towers is the original CLIP processor (OpenAI's, and Hugging
+# Face's CLIPImageProcessor): bicubic resize of the shortest side to the input size, center crop of
+# it, CLIP mean / std. (timm's pretrained_cfg says crop_pct 0.9 for some of them; a timm hub folder
+# keeps timm's.)
+def _clip_pre(img: int, crop_pct: float = 1.0) -> dict:
+    return dict(input_size=(3, img, img), interpolation="bicubic", crop_pct=crop_pct, crop_mode="center",
+                mean=CLIP_MEAN, std=CLIP_STD)
+
+
+# the plain names are timm's ImageNet fine-tunes, evaluated by timm at these crop fractions
+_CLIP_FT_CROP = {(32, 224): 0.9, (16, 224): 0.95}
+
+
+_CLIP_WIDTHS = {"base": 512, "large": 768, "huge": 1024}  # projection width of the contrastive towers
+# (size, patch, image size, pretrained tags of contrastive towers)
+_CLIP = [("base", 32, 224, ("openai", "laion2b")), ("base", 16, 224, ("openai", "laion2b")), ("base", 16, 384, ()),
+         ("large", 14, 224, ("openai", "laion2b")), ("large", 14, 336, ("openai",)), ("huge", 14, 224, ("laion2b",))]
+for _size, _patch, _img, _tags in _CLIP:
+    _clip = dict(img_size=_img, patch_size=_patch, pre_norm=True, norm_eps=1e-5, **_SIZES[_size])
+    _name = f"vit_{_size}_patch{_patch}_clip_{_img}"
+    _add(_name, preprocess=_clip_pre(_img, _CLIP_FT_CROP.get((_patch, _img), 1.0)), num_classes=1000, **_clip)
+    for _tag in _tags:
+        _add(f"{_name}.{_tag}", preprocess=_clip_pre(_img), num_classes=_CLIP_WIDTHS[_size], **_clip)
+for _size, _patch, _img in [("base", 32, 224), ("base", 16, 224), ("large", 14, 224), ("large", 14, 336)]:
+    _clip = dict(img_size=_img, patch_size=_patch, pre_norm=True, norm_eps=1e-5, act="quick_gelu",
+                 num_classes=_CLIP_WIDTHS[_size], **_SIZES[_size])
+    _name = f"vit_{_size}_patch{_patch}_clip_quickgelu_{_img}"
+    _add(_name, preprocess=_clip_pre(_img), **_clip)
+    _add(f"{_name}.openai", preprocess=_clip_pre(_img), **_clip)
+
+
+# SigLIP image towers (timm names; SigLIP 2 fixed-resolution weights share them): no class token,
+# the MAP head (``attn_pool``) pools, no classifier. Activations are timm's per model (GELU, or tanh
+# GELU where timm says so). Preprocessing is SigLIP's own (big_vision, Hugging Face's
+# SiglipImageProcessor): bicubic resize to the square input size, mean = std = 0.5 (timm's
+# pretrained_cfg says a 0.9 center crop; a timm hub folder keeps timm's).
+def _siglip_pre(img: int) -> dict:
+    return dict(input_size=(3, img, img), interpolation="bicubic", crop_pct=1.0, crop_mode="squash",
+                mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+
+
+_SIGLIP_SIZES = dict(_SIZES, so400m=dict(embed_dim=1152, depth=27, num_heads=16, mlp_ratio=3.7362))
+_SIGLIP = [("base", 16, 224, "gelu"), ("base", 16, 256, "gelu"), ("base", 16, 384, "gelu"), ("base", 16, 512, "gelu"),
+           ("base", 32, 256, "gelu_tanh"), ("large", 16, 256, "gelu"), ("large", 16, 384, "gelu"),
+           ("large", 16, 512, "gelu_tanh"), ("so400m", 14, 224, "gelu"), ("so400m", 14, 378, "gelu"),
+           ("so400m", 14, 384, "gelu"), ("so400m", 16, 256, "gelu_tanh"), ("so400m", 16, 384, "gelu_tanh"),
+           ("so400m", 16, 512, "gelu_tanh")]
+for _size, _patch, _img, _act in _SIGLIP:
+    _siglip = dict(img_size=_img, patch_size=_patch, class_token=False, num_classes=0, act=_act, **_SIGLIP_SIZES[_size])
+    _add(f"vit_{_size}_patch{_patch}_siglip_{_img}", preprocess=_siglip_pre(_img), global_pool="map", **_siglip)
+    if (_size, _patch, _img) in (("base", 16, 224), ("so400m", 14, 224)):  # patch-token average instead of MAP
+        _add(f"vit_{_size}_patch{_patch}_siglip_gap_{_img}", preprocess=_siglip_pre(_img), global_pool="avg",
+             fc_norm=False, **_siglip)
+
+
 def model_config(name: str) -> dict:
     """The constructor arguments of preset ``name`` (a copy)."""
     if name not in _PRESETS:
@@ -61,6 +129,15 @@ def model_config(name: str) -> dict:
         raise ValueError(f"name: expected one of fastvit.list_models() (e.g. {close or list(_PRESETS)[:5]}), "
                          f"got {name!r}")
     return dict(_PRESETS[name])
+
+
+def preprocess_config(name: str) -> Optional[dict]:
+    """The preprocessing of preset ``name`` as a timm data config (``input_size``, ``interpolation``,
+    ``crop_pct``, ``crop_mode``, ``mean``, ``std``; for :meth:`fastvit.preprocess.Preprocessor.from_timm`),
+    or None when the preset names none (then timm's ``pretrained_cfg`` or the ViT defaults apply)."""
+    model_config(name)  # the same error for an unknown name
+    cfg = _PREPROCESS.get(name)
+    return None if cfg is None else dict(cfg)
 
 
 def list_models(pattern: str = "*") -> List[str]:

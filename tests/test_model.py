@@ -270,7 +270,7 @@ def test_constructor_rejects_unsupported_settings():
     with pytest.raises(ValueError, match="drop_rate / drop_path_rate"):
         VisionTransformer(drop_path_rate=0.1, depth=1)
     with pytest.raises(ValueError, match="global_pool: expected one of"):
-        VisionTransformer(global_pool="map", depth=1)
+        VisionTransformer(global_pool="prr", depth=1)
     with pytest.raises(ValueError, match="act: expected one of"):
         VisionTransformer(act="relu", depth=1)
     with pytest.raises(ValueError, match="num_heads: expected a divisor of dim=768, got 5"):

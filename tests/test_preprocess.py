@@ -25,6 +25,10 @@ HF_CONFIGS = [
     ("BitImageProcessor", dict(size={"shortest_edge": 256}, crop_size={"height": 224, "width": 224})),  # DINOv2
     ("BitImageProcessor", dict(size={"shortest_edge": 97}, crop_size={"height": 63, "width": 64}, resample=2)),
     ("DeiTImageProcessor", dict(size={"height": 73, "width": 71}, crop_size={"height": 64, "width": 64})),
+    ("CLIPImageProcessor", dict()),  # shortest side 224 bicubic, center crop 224, CLIP mean / std
+    ("CLIPImageProcessor", dict(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336})),
+    ("SiglipImageProcessor", dict()),  # 224 x 224 squash, bicubic, mean = std = 0.5
+    ("SiglipImageProcessor", dict(size={"height": 384, "width": 384})),
 ]
 
 
@@ -65,6 +69,35 @@ def test_equals_timm_eval_transform(photo, cfg, tmp_path):
     assert torch.equal(again(str(path))[0], ref)
 
 
+# CLIP / SigLIP presets: their processor equals timm's eval transform of the same data config and
+# transformers' PIL-backend processor of the checkpoint family, bit for bit
+PRESET_PROCESSORS = [
+    ("vit_base_patch16_clip_224.openai", "CLIPImageProcessorPil", dict()),
+    ("vit_large_patch14_clip_quickgelu_336.openai", "CLIPImageProcessorPil",
+     dict(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336})),
+    ("vit_base_patch16_siglip_224", "SiglipImageProcessorPil", dict()),
+    ("vit_so400m_patch14_siglip_384", "SiglipImageProcessorPil", dict(size={"height": 384, "width": 384})),
+]
+
+
+@pytest.mark.parametrize("name,hf_cls,kwargs", PRESET_PROCESSORS, ids=[c[0] for c in PRESET_PROCESSORS])
+def test_clip_siglip_presets_equal_timm_and_hf(photo, name, hf_cls, kwargs):
+    tdata = pytest.importorskip("timm.data")
+    transformers = pytest.importorskip("transformers")
+    from fastvit.registry import preprocess_config
+
+    pre = Preprocessor.from_preset(name)
+    img = Image.fromarray(photo)
+    out = pre(img)[0]
+    ref = tdata.create_transform(**tdata.resolve_data_config(pretrained_cfg=preprocess_config(name)))(img)
+    assert torch.equal(out, ref), f"{name} vs timm: max diff {(out - ref).abs().max().item()}"
+    hp = getattr(transformers, hf_cls, None)
+    if hp is None:
+        pytest.skip(f"transformers {transformers.__version__} has no {hf_cls}")
+    ref = hp(**kwargs)(img, return_tensors="pt")["pixel_values"][0]
+    assert torch.equal(out, ref), f"{name} vs {hf_cls}: max diff {(out - ref).abs().max().item()}"
+
+
 def test_shapes_batch_and_denormalize(photo):
     pre = Preprocessor(size=(40, 60), crop_size=(32, 48), mean=(0.5,) * 3, std=(0.25,) * 3)
     x = pre([photo, photo[::-1].copy()])
@@ -84,6 +117,10 @@ def test_geometry_crop_rounding():
 
 
 def test_errors_name_the_argument():
+    with pytest.raises(ValueError, match="names no preprocessing"):
+        Preprocessor.from_preset("vit_base_patch16_224")
+    with pytest.raises(ValueError, match="name: expected one of fastvit.list_models"):
+        Preprocessor.from_preset("vit_nonexistent")
     with pytest.raises(ValueError, match="resample"):
         Preprocessor(resample="cubic")
     with pytest.raises(TypeError, match="uint8"):
