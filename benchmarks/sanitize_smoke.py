@@ -9,8 +9,12 @@ and bf16, and its output is checked against the float32 reference (DESIGN.md tol
 With the caching allocator off, each tensor is its own cudaMalloc, so memcheck sees any read
 or write past a tensor's end. Exit status 1 on a wrong result, 2 when no GPU backend runs.
 
+Kernels run their heuristic configs (``FASTVIT_AUTOTUNE=0`` unless set): tuning would time every
+candidate config under memcheck, minutes for what the check does not need.
+
 ``FASTVIT_SANITIZE_DEVICE=cpu`` (with ``TRITON_INTERPRET=1``) runs the same checks through the
-Triton interpreter in fp16 only (its bf16 is wrong): that is how this script is checked on CPU.
+Triton interpreter in fp16 only (its bf16 is wrong): that is how this script is checked on CPU
+(``GPU_RUN_ALLOW_CPU=1 benchmarks/gpu_run.sh OUT sanitize``, run by tests/test_gpu_run.py).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import sys
 
 import torch
 
+os.environ.setdefault("FASTVIT_AUTOTUNE", "0")
 DEVICE = torch.device(os.environ.get("FASTVIT_SANITIZE_DEVICE", "cuda"))
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:

@@ -3,10 +3,14 @@
 Three grids (``FASTVIT_BENCH_GRID``, see :func:`benchmarks.harness.grid_name`):
 
 * ``smoke`` - CPU CI: one tiny ViT-like config, batch 1 and 2, float32.
-* ``default`` - what ``benchmarks/gpu_run.sh`` runs on one GPU in a few minutes: every model
-  size and sequence length of the issue at batch 256 in bf16, the batch sweep 1 / 8 / 64 / 256
-  on ViT-B, fp16 on ViT-B, torch.compile baselines on the headline shapes only (compiling with
-  max-autotune costs ~30-90 s per shape).
+* ``default`` - what ``benchmarks/gpu_run.sh`` tunes and times in one device call: the shapes
+  of the issue's targets. Kernels: ViT-B/16 bf16 at batch 256, every linear / MLP variant,
+  attention also at N 577 / 1025 and at ViT-S / L / H widths (6 and 16 heads, head dim 80);
+  models: ViT-B/16 bf16 at batch 1 (with a CUDA graph) and 256 (with timm + torch.compile and
+  fastvit + torch.compile). It is bounded by tuning, not timing: each fastvit-triton shape key is
+  tuned once, compiling its 4-15 candidate configs (~1.2 s each) before timing them, so every
+  added case costs up to ~20 s; gpu_run.sh's header counts this grid at 20 keys and 119
+  compiles. fp16, other batches and other model sizes run in ``full``.
 * ``full`` - the whole cross product (models x N x batch x dtype, compile everywhere): hours.
 """
 
@@ -114,25 +118,15 @@ def kernel_cases(op: str) -> List[KernelCase]:
                         for v in variants:
                             out.append(KernelCase(op, v, m, B, N, dt, compile=True))
         return out
-    # default: one GPU, a few minutes
+    # default: every case's fastvit-triton shape key is tuned once, so each added case costs its
+    # candidates' compiles; no kernel-level torch.compile baseline (max-autotune: ~30-90 s each)
     head = variants[0]
-    for m, dims in KERNEL_MODELS.items():
-        if m == "tiny":
-            continue
-        tokens = [n for n, _ in dims.tokens_to_img]
-        if op != "attention":
-            tokens = tokens[:1] if op != "patch_embed" or m != "vit_b" else tokens[:2]
-        for N in tokens:
-            vs = variants if m == "vit_b" and N == tokens[0] else (head,)
-            for v in vs:
-                hot = m == "vit_b" and N == tokens[0] and v == head
-                out.append(KernelCase(op, v, m, 256, N, "bf16", compile=hot or (op == "attention" and m == "vit_b"
-                                                                                  and N == 1025)))
-    for B in (1, 8, 64):
-        out.append(KernelCase(op, head, "vit_b", B, 197, "bf16"))
-    out.append(KernelCase(op, head, "vit_b", 256, 197, "fp16"))
+    for v in variants:
+        out.append(KernelCase(op, v, "vit_b", 256, 197, "bf16"))
     if op == "attention":
-        out.append(KernelCase(op, head, "vit_b", 256, 1025, "fp16"))
+        out += [KernelCase(op, head, "vit_b", 256, N, "bf16") for N in (577, 1025)]
+        out += [KernelCase(op, head, m, 256, KERNEL_MODELS[m].tokens_to_img[0][0], "bf16")
+                for m in ("vit_s", "vit_l", "vit_h")]
     return out
 
 
@@ -174,17 +168,14 @@ def model_cases() -> List[ModelCase]:
         return [ModelCase("tiny_vit", 1, "fp32", _EAGER + ("fastvit-compile",)),
                 ModelCase("tiny_vit", 2, "fp32", _EAGER),
                 ModelCase("tiny_dinov2", 2, "fp32", _EAGER)]
+    if g == "default":
+        # the targets: bs256 against timm eager and timm + torch.compile, bs1 from a CUDA graph
+        return [ModelCase("vit_b16", 1, "bf16", _EAGER + ("fastvit-cudagraph",)),
+                ModelCase("vit_b16", 256, "bf16", _EAGER + ("timm-compile", "fastvit-compile"))]
     out = []
-    batches = (1, 8, 64, 256)
     for m in ("vit_s16", "vit_b16", "vit_l16", "dinov2_s14"):
-        for dt in (("bf16", "fp16") if (m == "vit_b16" or g == "full") else ("bf16",)):
-            for B in batches:
-                impls = list(_EAGER)
-                if B in (1, 8):
-                    impls.append("fastvit-cudagraph")
-                if g == "full" or (m == "vit_b16" and B == 256 and dt == "bf16"):
-                    impls += ["timm-compile", "fastvit-compile"]
-                if g != "full" and dt == "fp16" and B not in (1, 256):
-                    continue
-                out.append(ModelCase(m, B, dt, tuple(impls)))
+        for dt in ("bf16", "fp16"):
+            for B in (1, 8, 64, 256):
+                graph = ("fastvit-cudagraph",) if B in (1, 8) else ()
+                out.append(ModelCase(m, B, dt, _EAGER + graph + ("timm-compile", "fastvit-compile")))
     return out
