@@ -8,7 +8,7 @@ each kernel launch. These cases measure it here, as ratios measured in the same 
   arithmetic is negligible. Goal (issue: GPU readiness): <= 1.3x.
 * ``host:triton-launch:<op>``: the triton backend's launch path with the kernel launch itself
   stubbed out (validation cache, plan, launcher: keys, config lookup, allocation, grid), in
-  microseconds; on a GPU it is compared with Triton's own launcher cost by gpu_run.sh.
+  microseconds (Triton's own launcher cost can only be measured on a GPU; not done yet).
 * ``host:model``: a ViT-B/16 batch-1 forward with every Triton kernel launch stubbed (CPU
   tensors, interpreter mode, nothing computed) against timm's ViT-B/16 eager forward on the
   ``meta`` device (every ATen op dispatched, nothing computed; a lower bound of timm's host time,
