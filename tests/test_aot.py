@@ -47,7 +47,7 @@ def _variants():
     out = []
     # attention: every config at d=64 and d=128 (N=197..256), heuristic configs for every head dim
     for dt in ("float16", "float32"):
-        for d in (32, 48, 64, 80, 96, 128):
+        for d in (32, 48, 64, 72, 80, 96, 128):
             key = (256, 256, d, dt, False, 1024)
             prec = "ieee" if dt == "float32" else "tf32"
             if dt == "float32" and d > attention.FP32_MAX_HEAD_DIM:
@@ -57,6 +57,17 @@ def _variants():
                 const = dict(HEAD_DIM=d, BLOCK_D=next_pow2(d), PRECISION=prec, **cfg.kwargs)
                 out.append(("attention", "_attn_fwd", f"{dt} d={d}", cfg, const, {"Q": dt, "K": dt, "V": dt, "O": dt},
                             dt != "float32"))
+        # SigLIP's MAP head: one latent query (N bucket 16) against all tokens, head dims 64 and
+        # 72 (so400m), every candidate config
+        for d in (64, 72):
+            key = (16, 1024, d, dt, False, 1024)
+            if dt == "float32" and d > attention.FP32_MAX_HEAD_DIM:
+                continue
+            for cfg in attention.TUNE_FWD.candidates(key):
+                const = dict(HEAD_DIM=d, BLOCK_D=next_pow2(d), PRECISION="ieee" if dt == "float32" else "tf32",
+                             **cfg.kwargs)
+                out.append(("attention", "_attn_fwd", f"{dt} d={d} map", cfg, const,
+                            {"Q": dt, "K": dt, "V": dt, "O": dt}, dt != "float32"))
         for d in (64, 80):
             key = (256, 256, d, dt, True, 1024)
             if dt == "float32" and d > attention.FP32_MAX_HEAD_DIM:
