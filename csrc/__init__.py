@@ -36,7 +36,7 @@ from typing import Optional
 
 import torch
 
-from fastvit.facts import ACT_CODES, ACTIVATIONS, OPS, BackendLimits
+from fastvit.facts import ACT_CODES, ACTIVATIONS, GATED_ACTS, OPS, BackendLimits
 
 from . import build as _build
 
@@ -49,7 +49,7 @@ LIMITS = BackendLimits(
     devices=("cuda",),
     min_capability=(8, 0),  # bf16 wmma tiles, and the attention tiles' shared memory (sm_80's 163 KiB)
     max_head_dim=128,  # csrc/fastvit_cuda.h kMaxHeadDim: the attention tiles are sized for it
-    acts=ACTIVATIONS,
+    acts=tuple(a for a in ACTIVATIONS if a not in GATED_ACTS),
     note="csrc/ (fastvit.cuda): C++/CUDA extension, prebuilt as fastvit._C or JIT-built on first use",
 )
 
@@ -114,12 +114,15 @@ def patch_embed(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     return _loaded().patch_embed(x, weight, bias, pos_embed, prefix, pad)
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, bias: Optional[torch.Tensor] = None,
+              rope: Optional[torch.Tensor] = None, rope_half: bool = False) -> torch.Tensor:
     """softmax(q k^T * scale) v: q (B, H, N, d), k / v (B, H, N_kv, d), any strides with a
     unit-stride d (views of a packed qkv buffer).
 
     Returns (B, H, N, d), a transposed view of a contiguous (B, N, H, d) buffer, so
     ``out.transpose(1, 2).reshape(B, N, H * d)`` is free."""
+    if bias is not None or rope is not None:  # not in LIMITS.features: dispatch never sends them
+        raise NotImplementedError("cuda attention: bias / rope are not implemented")
     return _loaded().attention(q, k, v, scale)
 
 
@@ -141,8 +144,13 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], 
 def mlp(x: torch.Tensor, fc1_weight: torch.Tensor, fc1_bias: Optional[torch.Tensor], fc2_weight: torch.Tensor,
         fc2_bias: Optional[torch.Tensor], act: Optional[str], gamma: Optional[torch.Tensor],
         residual: Optional[torch.Tensor], ln_weight: Optional[torch.Tensor], ln_bias: Optional[torch.Tensor],
-        ln_eps: float) -> torch.Tensor:
-    """``residual + gamma * fc2(act(fc1(LN?(x))))``: x (..., D), fc1_weight (Hd, D), fc2_weight
+        ln_eps: float, hidden_ln_weight: Optional[torch.Tensor] = None, hidden_ln_bias: Optional[torch.Tensor] = None,
+        hidden_ln_eps: float = 1e-6) -> torch.Tensor:
+    """``residual + gamma * fc2(LN_h?(act(fc1(LN?(x)))))``: x (..., D), fc1_weight (Hd, D), fc2_weight
     (D_out, Hd) -> (..., D_out); the hidden activation is rounded to x's dtype."""
+    if hidden_ln_weight is not None:  # the sub-LN is fc2's LN prologue: two linears
+        h = linear(x, fc1_weight, fc1_bias, act, None, None, ln_weight, ln_bias, ln_eps)
+        return linear(h, fc2_weight, fc2_bias, None, gamma, residual, hidden_ln_weight, hidden_ln_bias,
+                      hidden_ln_eps)
     return _loaded().mlp(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, ACT_CODES[act], gamma, residual, ln_weight,
                     ln_bias, ln_eps)

@@ -20,8 +20,9 @@ enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
 // Activations of the linear epilogue: the codes of fastvit.facts.ACT_CODES (tests/test_facts.py).
 // kActQuickGelu is OpenAI CLIP's x * sigmoid(1.702 x).
-enum Act : int { kActNone = 0, kActGelu = 1, kActGeluTanh = 2, kActQuickGelu = 3 };
-// The last activation: bindings.cpp accepts codes kActNone..kActLast.
+enum Act : int { kActNone = 0, kActGelu = 1, kActGeluTanh = 2, kActQuickGelu = 3, kActSwiglu = 4 };
+// The last elementwise activation: bindings.cpp accepts codes kActNone..kActLast. kActSwiglu is
+// gated (two weight row blocks) and is not implemented by this extension (fastvit.cuda's LIMITS.acts).
 constexpr Act kActLast = kActQuickGelu;
 
 // ------------------------------------------------------------------ attention.cu

@@ -22,7 +22,7 @@ from typing import FrozenSet, List, Mapping, Optional, Tuple
 import torch
 
 __all__ = [
-    "OPS", "ACTIVATIONS", "ACT_CODES", "FLOAT_DTYPES", "MAX_HEAD_DIM", "BackendLimits", "not_supported_reasons",
+    "OPS", "ACTIVATIONS", "ACT_CODES", "GATED_ACTS", "ATTENTION_FEATURES", "FLOAT_DTYPES", "MAX_HEAD_DIM", "BackendLimits", "not_supported_reasons",
     "patch_grid", "interpret_mode", "dtype_name",
 ]
 
@@ -32,8 +32,19 @@ OPS = ("patch_embed", "attention", "attention_probs", "layer_norm", "linear", "m
 # Epilogue activations of linear / mlp. The integer codes cross into the kernels (Triton
 # constexpr ACT, csrc/fastvit_cuda.h enum Act): their order is part of the contract.
 # quick_gelu is OpenAI CLIP's x * sigmoid(1.702 x) (timm QuickGELU, HF "quick_gelu").
-ACTIVATIONS: Tuple[Optional[str], ...] = (None, "gelu", "gelu_tanh", "quick_gelu")
+# swiglu is gated: the product has 2 N columns (gate rows first, then value rows of the weight)
+# and the output silu(gate) * value has N (timm SwiGLU / GluMlp(gate_last=False), EVA-02).
+ACTIVATIONS: Tuple[Optional[str], ...] = (None, "gelu", "gelu_tanh", "quick_gelu", "swiglu")
 ACT_CODES = {name: code for code, name in enumerate(ACTIVATIONS)}
+# activations whose weight has two row blocks (gate, value) and whose output is half as wide
+GATED_ACTS = frozenset({"swiglu"})
+
+# Optional op features a call may need (``BackendLimits.features``; '<op>.<feature>'):
+#   attention.bias           additive logit bias (H, N, N_kv) / (B, H, N, N_kv) (BEiT relative position)
+#   attention.rope           rotary embedding of q / k in the prologue, one (N_r, 2 d) table for all heads
+#   attention.rope_per_head  a (H, N_r, 2 d) table (timm's mixed RoPE: learnt frequencies per head)
+# and the same three for attention_probs. A call names exactly the ones it uses.
+ATTENTION_FEATURES = ("bias", "rope", "rope_per_head")
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 

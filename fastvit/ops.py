@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from . import backends, reference
-from .facts import ACTIVATIONS, FLOAT_DTYPES, MAX_HEAD_DIM, patch_grid
+from .facts import ACTIVATIONS, FLOAT_DTYPES, GATED_ACTS, MAX_HEAD_DIM, patch_grid
 
 __all__ = ["patch_embed", "attention", "attention_probs", "linear", "mlp", "layer_norm", "clear_plans"]
 
@@ -194,22 +194,24 @@ def _(x, weight, bias, pos_embed, prefix, pad, backend):
 
 
 @torch.library.custom_op("fastvit::attention", mutates_args=())
-def _attention_op(q: Tensor, k: Tensor, v: Tensor, scale: float, backend: str) -> Tensor:
-    return _call_backend("attention", backend, q, k, v, scale)
+def _attention_op(q: Tensor, k: Tensor, v: Tensor, scale: float, bias: Optional[Tensor], rope: Optional[Tensor],
+                  rope_half: bool, backend: str) -> Tensor:
+    return _call_backend("attention", backend, q, k, v, scale, bias, rope, rope_half)
 
 
 @_attention_op.register_fake
-def _(q, k, v, scale, backend):
+def _(q, k, v, scale, bias, rope, rope_half, backend):
     return _attention_layout(q)
 
 
 @torch.library.custom_op("fastvit::attention_probs", mutates_args=())
-def _attention_probs_op(q: Tensor, k: Tensor, v: Tensor, scale: float, backend: str) -> Tuple[Tensor, Tensor]:
-    return _call_backend("attention_probs", backend, q, k, v, scale)
+def _attention_probs_op(q: Tensor, k: Tensor, v: Tensor, scale: float, bias: Optional[Tensor],
+                        rope: Optional[Tensor], rope_half: bool, backend: str) -> Tuple[Tensor, Tensor]:
+    return _call_backend("attention_probs", backend, q, k, v, scale, bias, rope, rope_half)
 
 
 @_attention_probs_op.register_fake
-def _(q, k, v, scale, backend):
+def _(q, k, v, scale, bias, rope, rope_half, backend):
     B, H, N, _ = q.shape
     return _attention_layout(q), q.new_empty(B, H, N, k.shape[2], dtype=torch.float32)
 
@@ -233,30 +235,32 @@ def _linear_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], act: Optional[
 
 @_linear_op.register_fake
 def _(x, weight, bias, act, gamma, residual, ln_weight, ln_bias, ln_eps, backend):
-    return x.new_empty(*x.shape[:-1], weight.shape[0])
+    return x.new_empty(*x.shape[:-1], _out_features(weight, act))
 
 
 @torch.library.custom_op("fastvit::mlp", mutates_args=())
 def _mlp_op(x: Tensor, fc1_weight: Tensor, fc1_bias: Optional[Tensor], fc2_weight: Tensor, fc2_bias: Optional[Tensor],
             act: Optional[str], gamma: Optional[Tensor], residual: Optional[Tensor], ln_weight: Optional[Tensor],
-            ln_bias: Optional[Tensor], ln_eps: float, backend: str) -> Tensor:
+            ln_bias: Optional[Tensor], ln_eps: float, hidden_ln_weight: Optional[Tensor],
+            hidden_ln_bias: Optional[Tensor], hidden_ln_eps: float, backend: str) -> Tensor:
     return _call_backend("mlp", backend, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, act, gamma, residual,
-                         ln_weight, ln_bias, ln_eps)
+                         ln_weight, ln_bias, ln_eps, hidden_ln_weight, hidden_ln_bias, hidden_ln_eps)
 
 
 @_mlp_op.register_fake
-def _(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, act, gamma, residual, ln_weight, ln_bias, ln_eps, backend):
+def _(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, act, gamma, residual, ln_weight, ln_bias, ln_eps,
+      hidden_ln_weight, hidden_ln_bias, hidden_ln_eps, backend):
     return x.new_empty(*x.shape[:-1], fc2_weight.shape[0])
 
 
 # positions of the tensor arguments of each op (saved for backward, checked for requires_grad)
 _TENSOR_ARGS = {
     "patch_embed": (0, 1, 2, 3, 4),
-    "attention": (0, 1, 2),
-    "attention_probs": (0, 1, 2),
+    "attention": (0, 1, 2, 4, 5),
+    "attention_probs": (0, 1, 2, 4, 5),
     "layer_norm": (0, 1, 2),
     "linear": (0, 1, 2, 4, 5, 6, 7),
-    "mlp": (0, 1, 2, 3, 4, 6, 7, 8, 9),
+    "mlp": (0, 1, 2, 3, 4, 6, 7, 8, 9, 11, 12),
 }
 CUSTOM_OPS = {
     "patch_embed": _patch_embed_op, "attention": _attention_op, "attention_probs": _attention_probs_op,
@@ -328,25 +332,36 @@ def _validate_patch_embed(x, weight, bias, pos_embed, prefix, pad):
 
 
 def attention(
-    q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = None, *, backend: Optional[str] = None,
+    q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = None, *, bias: Optional[Tensor] = None,
+    rope: Optional[Tensor] = None, rope_half: bool = False, backend: Optional[str] = None,
 ) -> Tensor:
-    """Softmax attention like ``F.scaled_dot_product_attention`` (no mask, no dropout).
+    """Softmax attention like ``F.scaled_dot_product_attention`` (no dropout), with the two
+    position schemes of the ViT families fused in: ``softmax(R(q) R(k)^T * scale + bias) v``.
 
     Args:
         q: (B, H, N, d); k, v: (B, H, N_kv, d). Any strides with a unit-stride last dim, so
             strided views of a packed (B, N, 3, H, d) qkv buffer need no copy.
         scale: softmax scale, default ``d ** -0.5``.
+        bias: additive logit bias after the scale (BEiT's relative position bias): (H, N, N_kv)
+            broadcast over the batch, or (B, H, N, N_kv); any float dtype, unit-stride last dim.
+        rope: rotary position embedding ``cat([sin, cos], -1)`` as timm builds it: (N_r, 2 d)
+            for every head or (H, N_r, 2 d) per head (timm's mixed RoPE). The last N_r tokens of
+            q and of k are rotated (N_r <= N and <= N_kv; the prefix tokens before them, class /
+            registers, are not), in float32 and rounded to q's dtype, as timm does. d must be even.
+        rope_half: rotate dim i with i + d / 2 (timm ``rotate_half``, DINOv3) instead of the
+            interleaved pairs (2 i, 2 i + 1) (EVA-02, timm RoPE ViTs).
         backend: see :func:`patch_embed`.
 
     Returns:
         (B, H, N, d) in q's dtype, from every backend a transposed view of a (B, N, H, d)
         buffer, so ``out.transpose(1, 2).reshape(B, N, H * d)`` needs no copy.
     """
-    return _attention_call("attention", q, k, v, scale, backend)
+    return _attention_call("attention", q, k, v, scale, bias, rope, rope_half, backend)
 
 
 def attention_probs(
-    q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = None, *, backend: Optional[str] = None,
+    q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = None, *, bias: Optional[Tensor] = None,
+    rope: Optional[Tensor] = None, rope_half: bool = False, backend: Optional[str] = None,
 ) -> Tuple[Tensor, Tensor]:
     """Attention that also returns the softmax probabilities, for pictures (opt-in, slow path).
 
@@ -354,24 +369,28 @@ def attention_probs(
 
     Returns:
         out (B, H, N, d) in q's dtype (layout as :func:`attention`) and probs (B, H, N, N_kv)
-        in float32.
+        in float32 (after the RoPE rotation and the bias).
     """
-    return _attention_call("attention_probs", q, k, v, scale, backend)
+    return _attention_call("attention_probs", q, k, v, scale, bias, rope, rope_half, backend)
 
 
-def _attention_call(op: str, q, k, v, scale, backend):
+def _attention_call(op: str, q, k, v, scale, bias, rope, rope_half, backend):
     try:
         key = (op, backend, q.shape, q.stride(), q.dtype, q.device, k.shape, k.stride(), k.dtype, k.device,
-               v.shape, v.stride(), v.dtype, v.device)
+               v.shape, v.stride(), v.dtype, v.device,
+               None if bias is None and rope is None else (
+                   None if bias is None else (bias.shape, bias.stride(), bias.dtype, bias.device),
+                   None if rope is None else (rope.shape, rope.stride(), rope.dtype, rope.device),
+                   rope_half))
         plan = None if torch.compiler.is_compiling() else _PLANS.get(key)
     except (AttributeError, TypeError):
         key = plan = None
     if plan is None:
-        plan = _build(op, key, backend, _validate_attention, q, k, v, scale)
-    return plan(q, k, v, _scale(scale, q.shape[-1]))
+        plan = _build(op, key, backend, _validate_attention, op, q, k, v, scale, bias, rope, rope_half)
+    return plan(q, k, v, _scale(scale, q.shape[-1]), bias, rope, rope_half)
 
 
-def _validate_attention(q, k, v, scale):
+def _validate_attention(op, q, k, v, scale, bias=None, rope=None, rope_half=False):
     for name, t in (("q", q), ("k", k), ("v", v)):
         _tensor(t, name, ndim=4)
         _last_dim_contiguous(t, name)
@@ -383,7 +402,40 @@ def _validate_attention(q, k, v, scale):
     if d > MAX_HEAD_DIM:
         _fail("q", f"head dim <= {MAX_HEAD_DIM}", f"head dim {d}")
     _scale(scale, d)  # argument errors before backend errors (it is checked on every call too)
-    return q.device, dict(dtype=q.dtype, head_dim=d)
+    features = []
+    N_kv = k.shape[2]
+    if bias is not None:
+        _tensor(bias, "bias")
+        if bias.dim() == 3:
+            want = (H, N, N_kv)
+        elif bias.dim() == 4 and bias.shape[0] in (1, B):
+            want = (bias.shape[0], H, N, N_kv)
+        else:
+            want = None
+        if want is None or tuple(bias.shape) != want:
+            _fail("bias", f"shape ({H}, {N}, {N_kv}) or ({B}, {H}, {N}, {N_kv}) (H, N, N_kv of q / k)",
+                  f"shape {tuple(bias.shape)}")
+        _last_dim_contiguous(bias, "bias")
+        if bias.device != q.device:
+            _fail("bias", f"device {q.device} (as q)", f"device {bias.device}")
+        features.append(op + ".bias")
+    if not isinstance(rope_half, bool):
+        _fail("rope_half", "a bool", type(rope_half).__name__, TypeError)
+    if rope is not None:
+        _tensor(rope, "rope")
+        if d % 2:
+            _fail("q", "an even head dim with rope", f"head dim {d}")
+        if rope.dim() not in (2, 3) or rope.shape[-1] != 2 * d or (rope.dim() == 3 and rope.shape[0] != H) \
+                or not 0 < rope.shape[-2] <= min(N, N_kv):
+            _fail("rope", f"shape (N_r, {2 * d}) or ({H}, N_r, {2 * d}) (cat([sin, cos], -1) with "
+                          f"0 < N_r <= min(N, N_kv) = {min(N, N_kv)})", f"shape {tuple(rope.shape)}")
+        _last_dim_contiguous(rope, "rope")
+        if rope.device != q.device:
+            _fail("rope", f"device {q.device} (as q)", f"device {rope.device}")
+        features.append(op + ".rope")
+        if rope.dim() == 3:
+            features.append(op + ".rope_per_head")
+    return q.device, dict(dtype=q.dtype, head_dim=d, features=tuple(features))
 
 
 def layer_norm(
@@ -460,7 +512,7 @@ def _validate_linear(x, weight, bias, act, gamma, residual, ln_weight, ln_bias):
     _tensor(x, "x", min_ndim=1)
     _last_dim_contiguous(x, "x")
     _act(act)
-    Nout, _ = _check_linear_args(x, weight, bias, ln_weight, ln_bias)
+    Nout, _ = _check_linear_args(x, weight, bias, ln_weight, ln_bias, act=act)
     _check_epilogue(x, Nout, gamma, residual)
     return x.device, dict(dtype=x.dtype, act=act)
 
@@ -469,15 +521,19 @@ def mlp(
     x: Tensor, fc1_weight: Tensor, fc1_bias: Optional[Tensor], fc2_weight: Tensor, fc2_bias: Optional[Tensor],
     act: Optional[str] = "gelu", gamma: Optional[Tensor] = None, residual: Optional[Tensor] = None,
     ln_weight: Optional[Tensor] = None, ln_bias: Optional[Tensor] = None, ln_eps: float = 1e-6,
+    hidden_ln_weight: Optional[Tensor] = None, hidden_ln_bias: Optional[Tensor] = None, hidden_ln_eps: float = 1e-6,
     *, backend: Optional[str] = None,
 ) -> Tensor:
-    """Transformer MLP ``residual + gamma * fc2(act(fc1(LN?(x))))``.
+    """Transformer MLP ``residual + gamma * fc2(LN_h?(act(fc1(LN?(x)))))``.
 
     Args:
-        x: (..., D). fc1_weight: (Hd, D); fc1_bias: (Hd,) or None.
+        x: (..., D). fc1_weight: (Hd, D) ((2 Hd, D) for 'swiglu': gate rows, then value rows);
+            fc1_bias: (Hd,) / (2 Hd,) or None.
         fc2_weight: (D_out, Hd); fc2_bias: (D_out,) or None.
         act, gamma (D_out,), residual (..., D_out), ln_weight / ln_bias (D,), ln_eps: as
             :func:`linear`.
+        hidden_ln_weight, hidden_ln_bias (Hd,), hidden_ln_eps: LayerNorm of the hidden activation
+            before fc2 (EVA-02's sub-LN), fused as fc2's prologue; None for none.
         backend: see :func:`patch_embed`.
 
     Returns:
@@ -489,25 +545,34 @@ def mlp(
                fc1_weight.device, None if fc1_bias is None else (fc1_bias.shape, fc1_bias.dtype, fc1_bias.device),
                fc2_weight.shape, fc2_weight.dtype, fc2_weight.device,
                None if fc2_bias is None else (fc2_bias.shape, fc2_bias.dtype, fc2_bias.device),
-               _epilogue_key(gamma, residual, ln_weight, ln_bias))
+               _epilogue_key(gamma, residual, ln_weight, ln_bias),
+               None if hidden_ln_weight is None and hidden_ln_bias is None else _epilogue_key(
+                   None, None, hidden_ln_weight, hidden_ln_bias))
         plan = None if torch.compiler.is_compiling() else _PLANS.get(key)
     except (AttributeError, TypeError):
         key = plan = None
     if plan is None:
         plan = _build("mlp", key, backend, _validate_mlp, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, act, gamma,
-                      residual, ln_weight, ln_bias)
+                      residual, ln_weight, ln_bias, hidden_ln_weight, hidden_ln_bias)
     return plan(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, act, gamma, residual, ln_weight, ln_bias,
-                float(ln_eps))
+                float(ln_eps), hidden_ln_weight, hidden_ln_bias, float(hidden_ln_eps))
 
 
-def _validate_mlp(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, act, gamma, residual, ln_weight, ln_bias):
+def _validate_mlp(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, act, gamma, residual, ln_weight, ln_bias,
+                  hidden_ln_weight=None, hidden_ln_bias=None):
     _tensor(x, "x", min_ndim=1)
     _last_dim_contiguous(x, "x")
     _act(act)
-    hid, _ = _check_linear_args(x, fc1_weight, fc1_bias, ln_weight, ln_bias, "fc1_weight", "fc1_bias")
+    hid, _ = _check_linear_args(x, fc1_weight, fc1_bias, ln_weight, ln_bias, "fc1_weight", "fc1_bias", act)
     _tensor(fc2_weight, "fc2_weight", ndim=2)
     if fc2_weight.shape[1] != hid:
         _fail("fc2_weight", f"shape (D_out, {hid})", f"shape {tuple(fc2_weight.shape)}")
+    for name, t in (("hidden_ln_weight", hidden_ln_weight), ("hidden_ln_bias", hidden_ln_bias)):
+        _tensor(t, name, optional=True)
+        _shape(t, name, (hid,))
+    if hidden_ln_bias is not None and hidden_ln_weight is None:
+        _fail("hidden_ln_weight", "a tensor when hidden_ln_bias is given", "None")
+    _same(x, "x", hidden_ln_weight=hidden_ln_weight, hidden_ln_bias=hidden_ln_bias)
     Nout = fc2_weight.shape[0]
     _tensor(fc2_bias, "fc2_bias", optional=True)
     _shape(fc2_bias, "fc2_bias", (Nout,))
@@ -516,13 +581,22 @@ def _validate_mlp(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, act, gamma, res
     return x.device, dict(dtype=x.dtype, act=act)
 
 
-def _check_linear_args(x, weight, bias, ln_weight, ln_bias, w_name="weight", b_name="bias"):
+def _out_features(weight: Tensor, act) -> int:
+    """Output width of a linear with ``weight`` (N, K): N, or N / 2 for a gated activation."""
+    return weight.shape[0] // 2 if act in GATED_ACTS else weight.shape[0]
+
+
+def _check_linear_args(x, weight, bias, ln_weight, ln_bias, w_name="weight", b_name="bias", act=None):
     _tensor(weight, w_name, ndim=2)
-    Nout, K = weight.shape
+    rows, K = weight.shape
+    if act in GATED_ACTS and rows % 2:
+        _fail(w_name, f"an even number of rows with act={act!r} (gate rows, then value rows)",
+              f"shape {tuple(weight.shape)}")
+    Nout = _out_features(weight, act)
     if x.shape[-1] != K:
         _fail("x", f"last dim {K} (= {w_name}.shape[1])", f"shape {tuple(x.shape)}")
     _tensor(bias, b_name, optional=True)
-    _shape(bias, b_name, (Nout,))
+    _shape(bias, b_name, (rows,))
     for name, t in (("ln_weight", ln_weight), ("ln_bias", ln_bias)):
         _tensor(t, name, optional=True)
         _shape(t, name, (K,))

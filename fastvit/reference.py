@@ -19,7 +19,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from .facts import ACTIVATIONS, OPS, BackendLimits
+from .facts import ACTIVATIONS, ATTENTION_FEATURES, OPS, BackendLimits
 
 __all__ = [
     "LIMITS",
@@ -31,6 +31,9 @@ __all__ = [
     "mlp",
     "layer_norm",
     "gelu",
+    "swiglu",
+    "apply_rope",
+    "rotate_pairs",
     "resample_pos_embed",
 ]
 
@@ -38,6 +41,7 @@ LIMITS = BackendLimits(
     name="torch",
     ops=frozenset(OPS),
     devices=("cpu", "cuda"),
+    features=frozenset(f"{op}.{f}" for op in ("attention", "attention_probs") for f in ATTENTION_FEATURES),
     note="fastvit/reference.py: ATen calls (SDPA, F.linear, F.layer_norm); the CPU path and the test oracle",
 )
 
@@ -52,11 +56,21 @@ _ACT_FNS = {
     "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
     # OpenAI CLIP's QuickGELU: the formula of timm QuickGELU and HF ACT2FN["quick_gelu"] (bit-for-bit)
     "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),
+    # SwiGLU: the product's first half is the gate, the second the value (timm GluMlp
+    # gate_last=False / SwiGLU's fc1_g, fc1_x stacked): silu(gate) * value, half the width
+    "swiglu": lambda x: swiglu(x),
 }
 
 
+def swiglu(x: torch.Tensor) -> torch.Tensor:
+    """``silu(x[..., :n]) * x[..., n:]`` with n = x.shape[-1] // 2 (gate first)."""
+    gate, value = x.chunk(2, dim=-1)
+    return F.silu(gate) * value
+
+
 def gelu(x: torch.Tensor, act: Optional[str]) -> torch.Tensor:
-    """Apply the activation named ``act`` (None, 'gelu' = exact erf form, 'gelu_tanh', 'quick_gelu')."""
+    """Apply the activation named ``act`` (None, 'gelu' = exact erf form, 'gelu_tanh', 'quick_gelu',
+    'swiglu' = gated, halves the last dim)."""
     if act is None:
         return x
     fn = _ACT_FNS.get(act)
@@ -116,13 +130,24 @@ def attention(
     k: torch.Tensor,
     v: torch.Tensor,
     scale: Optional[float] = None,
+    bias: Optional[torch.Tensor] = None,
+    rope: Optional[torch.Tensor] = None,
+    rope_half: bool = False,
     upcast: bool = False,
 ) -> torch.Tensor:
-    """Softmax attention, no mask, no dropout.
+    """Softmax attention, no dropout: ``softmax(rope(q) rope(k)^T * scale + bias) v``.
 
     Args:
-        q, k, v: (B, H, N, d), any strides (e.g. views of a packed qkv buffer).
+        q, k, v: (B, H, N, d) / (B, H, N_kv, d), any strides (e.g. views of a packed qkv buffer).
         scale: softmax scale, default ``d ** -0.5``.
+        bias: additive logit bias (BEiT's relative position bias), (H, N, N_kv) broadcast over
+            the batch or (B, H, N, N_kv); added after the scale. Any float dtype (the fast path
+            adds it in q's dtype, as ``F.scaled_dot_product_attention(attn_mask=...)`` does).
+        rope: rotary embedding table, ``cat([sin, cos], -1)`` as timm builds it: (N_r, 2 d)
+            shared by the heads or (H, N_r, 2 d) per head. The *last* N_r tokens of q and of k
+            are rotated (the prefix tokens before them are not), in float32, then rounded to
+            q's dtype, as timm's ``apply_rot_embed_cat(...).type_as(v)``.
+        rope_half: pair dim i with i + d / 2 (timm ``rotate_half``) instead of 2 i with 2 i + 1.
         upcast: explicit float32 math formulation (oracle mode).
 
     Returns:
@@ -131,10 +156,35 @@ def attention(
     """
     if scale is None:
         scale = q.shape[-1] ** -0.5
+    if rope is not None:
+        q, k = apply_rope(q, rope, rope_half), apply_rope(k, rope, rope_half)
     if upcast:
-        out, _ = _attention_math(q, k, v, scale)
+        out, _ = _attention_math(q, k, v, scale, bias)
         return _contract_layout(out.to(q.dtype))
-    return _contract_layout(F.scaled_dot_product_attention(q, k, v, scale=scale))
+    if bias is not None:
+        bias = bias.to(q.dtype)
+    return _contract_layout(F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale))
+
+
+def rotate_pairs(x: torch.Tensor, half: bool) -> torch.Tensor:
+    """The RoPE partner of every element with its sign: interleaved pairs (2 i, 2 i + 1) ->
+    (-x[2 i + 1], x[2 i]) (timm ``rot``), or halves (i, i + d / 2) -> (-x[i + d / 2], x[i])
+    (timm ``rope_rotate_half``)."""
+    if half:
+        x1, x2 = x.chunk(2, dim=-1)
+        return torch.cat([-x2, x1], dim=-1)
+    return torch.stack([-x[..., 1::2], x[..., ::2]], dim=-1).reshape(x.shape)
+
+
+def apply_rope(x: torch.Tensor, rope: torch.Tensor, half: bool = False) -> torch.Tensor:
+    """Rotate the last ``rope.shape[-2]`` tokens of x (B, H, N, d) by ``rope`` ((N_r, 2 d) or
+    (H, N_r, 2 d), ``cat([sin, cos], -1)``); computed in float32, returned in x's dtype."""
+    n_rot = rope.shape[-2]
+    npt = x.shape[2] - n_rot
+    sin, cos = rope.float().tensor_split(2, dim=-1)
+    xr = x[:, :, npt:].float()
+    xr = (xr * cos + rotate_pairs(xr, half) * sin).to(x.dtype)
+    return xr if npt == 0 else torch.cat([x[:, :, :npt], xr], dim=2)
 
 
 def _contract_layout(out: torch.Tensor) -> torch.Tensor:
@@ -146,28 +196,32 @@ def _contract_layout(out: torch.Tensor) -> torch.Tensor:
     return out.transpose(1, 2).contiguous().transpose(1, 2)
 
 
-def _attention_math(q, k, v, scale) -> Tuple[torch.Tensor, torch.Tensor]:
-    s = torch.matmul(q.float(), k.float().transpose(-2, -1)) * scale  # (B, H, N, N)
+def _attention_math(q, k, v, scale, bias=None) -> Tuple[torch.Tensor, torch.Tensor]:
+    s = torch.matmul(q.float(), k.float().transpose(-2, -1)) * scale  # (B, H, N, N_kv)
+    if bias is not None:
+        s = s + bias.float()
     p = torch.softmax(s, dim=-1)
     return torch.matmul(p, v.float()), p
 
 
 def attention_probs(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float] = None, upcast: bool = False,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float] = None,
+    bias: Optional[torch.Tensor] = None, rope: Optional[torch.Tensor] = None, rope_half: bool = False,
+    upcast: bool = False,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Attention that also returns its softmax probabilities (for pictures, not the fast path).
 
-    Args:
-        q, k, v: (B, H, N, d).
-        scale: softmax scale, default ``d ** -0.5``.
+    Args: as :func:`attention` (the probabilities include the RoPE rotation and the bias).
 
     Returns:
-        out (B, H, N, d) in the input dtype, probs (B, H, N, N) in float32 (rows sum to 1).
+        out (B, H, N, d) in the input dtype, probs (B, H, N, N_kv) in float32 (rows sum to 1).
     """
     del upcast  # always computed in float32
     if scale is None:
         scale = q.shape[-1] ** -0.5
-    out, p = _attention_math(q, k, v, scale)
+    if rope is not None:
+        q, k = apply_rope(q, rope, rope_half), apply_rope(k, rope, rope_half)
+    out, p = _attention_math(q, k, v, scale, bias)
     return _contract_layout(out.to(q.dtype)), p
 
 
@@ -200,8 +254,9 @@ def linear(
 
     Args:
         x: (..., K).
-        weight: (N, K). bias: (N,) or None.
-        act: None, 'gelu' (erf), 'gelu_tanh' or 'quick_gelu' (x * sigmoid(1.702 x)).
+        weight: (N, K), or (2 N, K) for 'swiglu' (gate rows, then value rows). bias: (N,) / (2 N,) or None.
+        act: None, 'gelu' (erf), 'gelu_tanh', 'quick_gelu' (x * sigmoid(1.702 x)) or 'swiglu'
+            (``silu(gate) * value`` of the two halves of the product: the output has N columns).
         gamma: LayerScale, (N,) or None.
         residual: (..., N) or None, added last.
         ln_weight, ln_bias: (K,); when ``ln_weight`` is given, x is layer-normalised (eps
@@ -209,7 +264,7 @@ def linear(
         upcast: float32 oracle mode.
 
     Returns:
-        (..., N) in x's dtype.
+        (..., N) in x's dtype (N = weight.shape[0], or half of it for 'swiglu').
     """
     if upcast:
         dt = x.dtype
@@ -230,21 +285,26 @@ def mlp(
     x: torch.Tensor, fc1_weight: torch.Tensor, fc1_bias: Optional[torch.Tensor], fc2_weight: torch.Tensor,
     fc2_bias: Optional[torch.Tensor], act: Optional[str] = "gelu", gamma: Optional[torch.Tensor] = None,
     residual: Optional[torch.Tensor] = None, ln_weight: Optional[torch.Tensor] = None,
-    ln_bias: Optional[torch.Tensor] = None, ln_eps: float = 1e-6, upcast: bool = False,
+    ln_bias: Optional[torch.Tensor] = None, ln_eps: float = 1e-6, hidden_ln_weight: Optional[torch.Tensor] = None,
+    hidden_ln_bias: Optional[torch.Tensor] = None, hidden_ln_eps: float = 1e-6, upcast: bool = False,
 ) -> torch.Tensor:
-    """Transformer MLP: ``residual + gamma * fc2(act(fc1(LN?(x))))``.
+    """Transformer MLP: ``residual + gamma * fc2(LN_h?(act(fc1(LN?(x)))))``.
 
     Args:
-        x: (..., D). fc1_weight: (Hd, D), fc1_bias: (Hd,). fc2_weight: (D_out, Hd), fc2_bias: (D_out,).
+        x: (..., D). fc1_weight: (Hd, D) ((2 Hd, D) for 'swiglu'), fc1_bias: (Hd,) / (2 Hd,).
+            fc2_weight: (D_out, Hd), fc2_bias: (D_out,).
         act, gamma, residual, ln_*: as :func:`linear` (the LN applies to x, gamma/residual to
             the fc2 output).
+        hidden_ln_weight, hidden_ln_bias, hidden_ln_eps: a LayerNorm of the hidden activation
+            (Hd,) before fc2 (EVA-02's sub-LN, timm ``scale_mlp``), or None.
 
     Returns:
         (..., D_out) in x's dtype. The hidden activation is rounded to x's dtype between the
         two products, as an unfused composition would (unless ``upcast``).
     """
     h = linear(x, fc1_weight, fc1_bias, act=act, ln_weight=ln_weight, ln_bias=ln_bias, ln_eps=ln_eps, upcast=upcast)
-    return linear(h, fc2_weight, fc2_bias, gamma=gamma, residual=residual, upcast=upcast)
+    return linear(h, fc2_weight, fc2_bias, gamma=gamma, residual=residual, ln_weight=hidden_ln_weight,
+                  ln_bias=hidden_ln_bias, ln_eps=hidden_ln_eps, upcast=upcast)
 
 
 def resample_pos_embed(

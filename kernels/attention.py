@@ -274,7 +274,13 @@ def empty_out(q: torch.Tensor) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------- launchers
+def _not_yet(bias, rope) -> None:
+    if bias is not None or rope is not None:  # LIMITS.features keeps dispatch from getting here
+        raise NotImplementedError("triton attention: bias / rope are not implemented yet")
+
+
 def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float] = None,
+                  bias: Optional[torch.Tensor] = None, rope: Optional[torch.Tensor] = None, rope_half: bool = False,
                   out: Optional[torch.Tensor] = None, config: Optional[Config] = None) -> torch.Tensor:
     """Softmax(q k^T * scale) v.
 
@@ -288,6 +294,7 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Opti
     Returns:
         out, (B, H, N, d).
     """
+    _not_yet(bias, rope)
     if out is None:
         out = empty_out(q)
     _launch(_attn_fwd, TUNE_FWD, q, k, v, out, None, scale, config)
@@ -295,7 +302,8 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Opti
 
 
 def attention_probs_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float] = None,
-                        out: Optional[torch.Tensor] = None, probs: Optional[torch.Tensor] = None,
+                        bias: Optional[torch.Tensor] = None, rope: Optional[torch.Tensor] = None,
+                        rope_half: bool = False, out: Optional[torch.Tensor] = None, probs: Optional[torch.Tensor] = None,
                         config: Optional[Config] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Attention plus its probabilities.
 
@@ -304,6 +312,7 @@ def attention_probs_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale
     Returns:
         out (B, H, N, d) in q's dtype, probs (B, H, N, N_kv) float32 (rows sum to 1).
     """
+    _not_yet(bias, rope)
     B, H, N, _ = q.shape
     if out is None:
         out = empty_out(q)

@@ -274,21 +274,25 @@ def mlp_fwd(x: torch.Tensor, fc1_weight: torch.Tensor, fc1_bias: Optional[torch.
             fc2_weight: torch.Tensor, fc2_bias: Optional[torch.Tensor], act: Optional[str] = "gelu",
             gamma: Optional[torch.Tensor] = None, residual: Optional[torch.Tensor] = None,
             ln_weight: Optional[torch.Tensor] = None, ln_bias: Optional[torch.Tensor] = None,
-            ln_eps: float = 1e-6, out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``residual + gamma * fc2(act(fc1(LN?(x))))`` as two fused GEMMs.
+            ln_eps: float = 1e-6, hidden_ln_weight: Optional[torch.Tensor] = None,
+            hidden_ln_bias: Optional[torch.Tensor] = None, hidden_ln_eps: float = 1e-6,
+            out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``residual + gamma * fc2(LN_h?(act(fc1(LN?(x)))))`` as two fused GEMMs.
 
     The hidden activation (..., Hd) is written once in x's dtype (as the unfused chain rounds
     it). A single-kernel MLP that keeps the hidden tile on chip is not built: the issue keeps it
     only if it beats this pair on a GPU, and no GPU has measured that yet.
 
     Args: x (..., D); fc1_weight (Hd, D); fc1_bias (Hd,); fc2_weight (D_out, Hd); fc2_bias
-        (D_out,); act / gamma (D_out,) / residual (..., D_out) / ln_* (D,) as :func:`linear_fwd`.
+        (D_out,); act / gamma (D_out,) / residual (..., D_out) / ln_* (D,) as :func:`linear_fwd`;
+        hidden_ln_* (Hd,): the hidden LayerNorm (EVA-02 sub-LN), fc2's LN prologue.
 
     Returns:
         (..., D_out) in x's dtype.
     """
     h = linear_fwd(x, fc1_weight, fc1_bias, act, None, None, ln_weight, ln_bias, ln_eps)
-    return linear_fwd(h, fc2_weight, fc2_bias, None, gamma, residual, out=out)
+    return linear_fwd(h, fc2_weight, fc2_bias, None, gamma, residual, hidden_ln_weight, hidden_ln_bias, hidden_ln_eps,
+                      out=out)
 
 
 KERNELS = {"linear": _linear_fwd}

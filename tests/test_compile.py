@@ -51,16 +51,36 @@ def _samples():
             (_t(2, 3, 16, 24), _t(8, 3, 8, 8, grad=True), _t(8, grad=True), _t(6, 8), _t(1, 8), False),
             (_t(1, 2, 9, 15), _t(4, 2, 8, 8), None, None, None, True),
         ],
-        "attention": [(q, k, v, 0.25), (_t(1, 2, 3, 32, grad=True), _t(1, 2, 7, 32, grad=True),
-                                        _t(1, 2, 7, 32, grad=True), 0.25)],
-        "attention_probs": [(q, k, v, 0.3), (_t(1, 1, 4, 16, grad=True), _t(1, 1, 4, 16), _t(1, 1, 4, 16), 0.25)],
+        "attention": [(q, k, v, 0.25, None, None, False),
+                      (_t(1, 2, 3, 32, grad=True), _t(1, 2, 7, 32, grad=True), _t(1, 2, 7, 32, grad=True), 0.25,
+                       None, None, False)],
+        "attention_probs": [(q, k, v, 0.3, None, None, False),
+                            (_t(1, 1, 4, 16, grad=True), _t(1, 1, 4, 16), _t(1, 1, 4, 16), 0.25, None, None, False)],
         "layer_norm": [(_t(3, 40, grad=True), _t(40, grad=True), _t(40), 1e-6), (_t(2, 3, 10), None, None, 1e-5)],
         "linear": [
             (_t(2, 5, 24, grad=True), _t(16, 24, grad=True), _t(16), "gelu", _t(16), _t(2, 5, 16), _t(24), _t(24), 1e-6),
             (_t(7, 9), _t(5, 9), None, None, None, None, None, None, 1e-6),
         ],
         "mlp": [(_t(1, 4, 8, grad=True), _t(32, 8, grad=True), _t(32), _t(8, 32), _t(8), "gelu", _t(8), _t(1, 4, 8),
-                 _t(8), _t(8), 1e-6)],
+                 _t(8), _t(8), 1e-6, None, None, 1e-6),
+                (_t(1, 4, 8, grad=True), _t(32, 8), _t(32), _t(8, 32), _t(8), "gelu", None, None, None, None, 1e-6,
+                 _t(32, grad=True), _t(32), 1e-5)],
+    }
+
+
+def _feature_samples():
+    """Samples that need op features (``BackendLimits.features``) or gated activations: (args, features, act)."""
+    qkv = _t(2, 5, 3, 2, 16).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    return {
+        "attention": [((q, k, v, 0.25, _t(2, 5, 5, grad=True), _t(4, 32), False), ("bias", "rope"), None),
+                      ((_t(1, 2, 5, 16, grad=True), _t(1, 2, 5, 16, grad=True), _t(1, 2, 5, 16), 0.25, None,
+                        _t(2, 5, 32), True), ("rope", "rope_per_head"), None)],
+        "attention_probs": [((q, k, v, 0.3, _t(1, 2, 5, 5), _t(5, 32), True), ("bias", "rope"), None)],
+        "linear": [((_t(2, 5, 24, grad=True), _t(32, 24, grad=True), _t(32), "swiglu", _t(16), _t(2, 5, 16), None,
+                     None, 1e-6), (), "swiglu")],
+        "mlp": [((_t(1, 4, 8, grad=True), _t(64, 8), _t(64), _t(8, 32), _t(8), "swiglu", _t(8), _t(1, 4, 8), None,
+                  None, 1e-6, _t(32), _t(32), 1e-6), (), "swiglu")],
     }
 
 
@@ -81,6 +101,10 @@ def check_opcheck(name, backend):
         return why
     for args in _samples()[name]:
         torch.library.opcheck(ops.CUSTOM_OPS[name], args + (backend,))
+    lim = backends.limits(backend)
+    for args, feats, act in _feature_samples().get(name, ()):
+        if all(f"{name}.{f}" in lim.features for f in feats) and (act is None or act in lim.acts):
+            torch.library.opcheck(ops.CUSTOM_OPS[name], args + (backend,))
 
 
 def check_grad_through_registered_op(backend):

@@ -32,7 +32,7 @@ import torch
 
 from fastvit import cuda, ops, reference
 from fastvit.cuda import build as cuda_build
-from fastvit.facts import ACTIVATIONS, OPS, not_supported_reasons
+from fastvit.facts import ACTIVATIONS, GATED_ACTS, OPS, not_supported_reasons
 from tests.utils import assert_close_rule, realistic_init_
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -426,7 +426,7 @@ def test_cublas_status_names_and_fallback_policy(built):
 def test_face_is_limits_available_and_one_function_per_declared_op():
     lim = cuda.LIMITS
     assert lim.name == "cuda" and lim.ops == frozenset(OPS) - {"attention_probs"}
-    assert lim.devices == ("cuda",) and lim.min_capability == (8, 0) and lim.acts == ACTIVATIONS
+    assert lim.devices == ("cuda",) and lim.min_capability == (8, 0) and lim.acts == tuple(a for a in ACTIVATIONS if a not in GATED_ACTS)
     assert set(cuda.__all__) == {"LIMITS", "available"} | set(lim.ops)
     for op in OPS:
         assert callable(getattr(cuda, op, None)) == (op in lim.ops), op

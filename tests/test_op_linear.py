@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from fastvit import ops
-from fastvit.facts import ACTIVATIONS
+from fastvit.facts import ACTIVATIONS, GATED_ACTS
 from utils import (BACKENDS, DEV, DTYPES, LINEAR_SHAPES, TOLERANCES, assert_close_rule, epilogue_args, epilogue_cases,
                    epilogue_id, maybe, randn, require, run_checked, run_plain_gemm_fallback, run_sweep, shapes_named,
                    validation_errors_test)
@@ -52,8 +52,9 @@ LINEAR_CASES = (epilogue_cases(EPILOGUES, LINEAR_SHAPES) +
 def linear_args(lead, K, N, dtype, act, bias, gamma, residual, ln, eps=1e-5):
     """The op's positional arguments; x has a non-zero mean so the LN prologue matters."""
     x = randn(*lead, K, dtype=dtype, scale=2.0, shift=0.5)
-    w = randn(N, K, dtype=dtype, scale=K ** -0.5)
-    b = maybe(bias, lambda: randn(N, dtype=dtype))
+    rows = 2 * N if act in GATED_ACTS else N  # swiglu: gate rows, then value rows
+    w = randn(rows, K, dtype=dtype, scale=K ** -0.5)
+    b = maybe(bias, lambda: randn(rows, dtype=dtype))
     return (x, w, b, *epilogue_args(lead, K, N, dtype, act, gamma, residual, ln, eps))
 
 
@@ -86,7 +87,8 @@ def test_linear_matches_formula(backend, act, with_ln, with_gamma, with_res, wit
     require(backend, "linear", dtype=torch.float32, act=act)
     B, N, K, M = 3, 7, 24, 40
     x = torch.randn(B, N, K, device=DEV, dtype=torch.float64)
-    w, b = torch.randn(M, K, device=DEV).double(), torch.randn(M, device=DEV).double() if with_bias else None
+    rows = 2 * M if act in GATED_ACTS else M
+    w, b = torch.randn(rows, K, device=DEV).double(), torch.randn(rows, device=DEV).double() if with_bias else None
     g = torch.randn(M, device=DEV).double() if with_gamma else None
     r = torch.randn(B, N, M, device=DEV).double() if with_res else None
     lw, lb = (torch.randn(K, device=DEV).double(), torch.randn(K, device=DEV).double()) if with_ln else (None, None)
@@ -101,6 +103,9 @@ def test_linear_matches_formula(backend, act, with_ln, with_gamma, with_res, wit
         y = 0.5 * y * (1 + torch.tanh((2 / torch.pi) ** 0.5 * (y + 0.044715 * y ** 3)))
     elif act == "quick_gelu":
         y = y / (1 + torch.exp(-1.702 * y))
+    elif act == "swiglu":
+        gate, value = y[..., :M], y[..., M:]
+        y = gate / (1 + torch.exp(-gate)) * value
     if g is not None:
         y = y * g
     if r is not None:
@@ -145,7 +150,7 @@ VALIDATION = [
     ("bias-shape", lambda b: ops.linear(_r(2, 8), _r(4, 8), _r(5), backend=b), ValueError,
      r"bias: expected shape \(4,\), got shape \(5,\)"),
     ("act", lambda b: ops.linear(_r(2, 8), _r(4, 8), act="relu", backend=b), ValueError,
-     r"act: expected one of \(None, 'gelu', 'gelu_tanh', 'quick_gelu'\), got 'relu'"),
+     r"act: expected one of \(None, 'gelu', 'gelu_tanh', 'quick_gelu', 'swiglu'\), got 'relu'"),
     ("residual-shape", lambda b: ops.linear(_r(2, 8), _r(4, 8), residual=_r(3, 4), backend=b), ValueError,
      r"residual: expected shape \(2, 4\), got shape \(3, 4\)"),
     ("ln-bias-alone", lambda b: ops.linear(_r(2, 8), _r(4, 8), ln_bias=_r(8), backend=b), ValueError,
@@ -174,7 +179,8 @@ def _sweep_case(rng, dtype):
     ln_bias = ln and rng.random() < 0.5
     act = rng.choice(ACTIVATIONS)
     x = randn(*lead, K, dtype=dtype, shift=shift)
-    args = (x, randn(N, K, dtype=dtype, scale=K ** -0.5), maybe(bias, lambda: randn(N, dtype=dtype)), act,
+    rows = 2 * N if act in GATED_ACTS else N
+    args = (x, randn(rows, K, dtype=dtype, scale=K ** -0.5), maybe(bias, lambda: randn(rows, dtype=dtype)), act,
             maybe(gamma, lambda: randn(N, dtype=dtype)), maybe(res, lambda: randn(*lead, N, dtype=dtype)),
             maybe(ln, lambda: randn(K, dtype=dtype)), maybe(ln_bias, lambda: randn(K, dtype=dtype)), 1e-5)
     desc = f"x{tuple(x.shape)} N={N} bias={bias} act={act} gamma={gamma} res={res} ln={ln}/{ln_bias}"

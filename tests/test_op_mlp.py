@@ -106,7 +106,7 @@ VALIDATION = [
     ("fc2-bias-dtype", lambda b: ops.mlp(_r(2, 8), _r(16, 8), None, _r(8, 16), _r(8).half(), backend=b), TypeError,
      r"fc2_bias: expected dtype torch.float32 \(as x\), got dtype torch.float16"),
     ("act", lambda b: ops.mlp(_r(2, 8), _r(16, 8), None, _r(8, 16), None, "swish", backend=b), ValueError,
-     r"act: expected one of \(None, 'gelu', 'gelu_tanh', 'quick_gelu'\), got 'swish'"),
+     r"act: expected one of \(None, 'gelu', 'gelu_tanh', 'quick_gelu', 'swiglu'\), got 'swish'"),
     ("residual-shape", lambda b: ops.mlp(_r(2, 8), _r(16, 8), None, _r(6, 16), None, residual=_r(2, 8), backend=b),
      ValueError, r"residual: expected shape \(2, 6\), got shape \(2, 8\)"),
 ]
