@@ -41,6 +41,29 @@ def _pair(v) -> Tuple[int, int]:
     return int(v), int(v)
 
 
+def _cached(cache: Dict[Any, Tuple[Any, Any]], grid: Tuple[int, int], params: List[torch.Tensor], compute):
+    """``compute(grid)``, kept in ``cache`` per (grid, dtype, device) for inference.
+
+    The cache is bypassed when autograd records through ``params`` or torch.compile traces, and
+    refreshed when one of ``params`` changes (its storage or version); it holds one grid at a time,
+    which keeps memory bounded at high resolution.
+    """
+    use_cache = not torch.compiler.is_compiling() and not (
+        torch.is_grad_enabled() and any(p.requires_grad for p in params))
+    if use_cache:
+        ref = params[0] if params else None
+        key = (tuple(grid), None if ref is None else (ref.dtype, ref.device))
+        stamp = tuple((p.data_ptr(), p._version) for p in params)
+        hit = cache.get(key)
+        if hit is not None and hit[0] == stamp:
+            return hit[1]
+    res = compute(grid)
+    if use_cache:
+        cache.clear()
+        cache[key] = (stamp, res)
+    return res
+
+
 class LayerNorm(nn.LayerNorm):
     """``nn.LayerNorm`` (same parameters) whose forward goes through :func:`fastvit.ops.layer_norm`."""
 
@@ -141,30 +164,41 @@ class Attention(nn.Module):
     ``proj(attention(qkv(x)))`` without norm or residual.
     """
 
-    def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = False, proj_bias: bool = True):
+    def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = False, proj_bias: bool = True,
+                 rope_half: bool = False):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"num_heads: expected a divisor of dim={dim}, got {num_heads}")
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.scale = self.head_dim ** -0.5
+        self.rope_half = rope_half  # RoPE pairs dims (i, i + d / 2) (DINOv3) instead of (2 i, 2 i + 1)
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim, bias=proj_bias)
 
-    def attend(self, qkv: torch.Tensor, backend=None, probs: bool = False):
-        """qkv (B, N, 3 * dim) -> (B, N, dim) attention output before proj (+ probs if asked)."""
+    def attend(self, qkv: torch.Tensor, backend=None, probs: bool = False, rope: Optional[torch.Tensor] = None,
+               bias: Optional[torch.Tensor] = None):
+        """qkv (B, N, 3 * dim) -> (B, N, dim) attention output before proj (+ probs if asked).
+
+        rope: (N_r, 2 d) or (H, N_r, 2 d) table for the last N_r tokens (see
+        :func:`fastvit.ops.attention`); bias: additive logits (H, N, N) or (B, H, N, N)."""
         B, N, _ = qkv.shape
         q, k, v = qkv.view(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, N, d)
         if probs:
-            o, p = ops.attention_probs(q, k, v, self.scale, backend=backend)
-        else:
+            o, p = ops.attention_probs(q, k, v, self.scale, bias=bias, rope=rope, rope_half=self.rope_half,
+                                       backend=backend)
+        elif rope is None and bias is None:
             o, p = ops.attention(q, k, v, self.scale, backend=backend), None
+        else:
+            o, p = ops.attention(q, k, v, self.scale, bias=bias, rope=rope, rope_half=self.rope_half,
+                                 backend=backend), None
         o = o.transpose(1, 2).reshape(B, N, -1)  # free when o is a view of (B, N, H, d) memory
         return o, p
 
-    def forward(self, x: torch.Tensor, backend: Optional[str] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, backend: Optional[str] = None, rope: Optional[torch.Tensor] = None,
+                bias: Optional[torch.Tensor] = None) -> torch.Tensor:
         qkv = ops.linear(x, self.qkv.weight, self.qkv.bias, backend=backend)
-        o, _ = self.attend(qkv, backend)
+        o, _ = self.attend(qkv, backend, rope=rope, bias=bias)
         return ops.linear(o, self.proj.weight, self.proj.bias, backend=backend)
 
 
@@ -200,12 +234,15 @@ class Block(nn.Module):
     def _gamma(self, ls) -> Optional[torch.Tensor]:
         return ls.gamma if isinstance(ls, LayerScale) else None
 
-    def forward(self, x: torch.Tensor, backend: Optional[str] = None, return_attn: bool = False):
-        """x (B, N, D) -> (B, N, D); with ``return_attn`` also the probs (B, H, N, N), float32."""
+    def forward(self, x: torch.Tensor, backend: Optional[str] = None, return_attn: bool = False,
+                rope: Optional[torch.Tensor] = None, attn_bias: Optional[torch.Tensor] = None):
+        """x (B, N, D) -> (B, N, D); with ``return_attn`` also the probs (B, H, N, N), float32.
+
+        rope, attn_bias: this block's position inputs of the attention (see :meth:`Attention.attend`)."""
         n1, n2 = self.norm1, self.norm2
         qkv = ops.linear(x, self.attn.qkv.weight, self.attn.qkv.bias, ln_weight=n1.weight, ln_bias=n1.bias,
                          ln_eps=n1.eps, backend=backend)  # (B, N, 3D)
-        o, probs = self.attn.attend(qkv, backend, probs=return_attn)  # (B, N, D)
+        o, probs = self.attn.attend(qkv, backend, probs=return_attn, rope=rope, bias=attn_bias)  # (B, N, D)
         x = ops.linear(o, self.attn.proj.weight, self.attn.proj.bias, gamma=self._gamma(self.ls1), residual=x,
                        backend=backend)
         m = self.mlp
@@ -387,6 +424,8 @@ class VisionTransformer(nn.Module):
         self.head = nn.Linear(embed_dim, num_classes, bias=head_bias) if num_classes > 0 else nn.Identity()
         self.head_dist = (nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()) if distilled else None
         self._embed_cache: Dict[Any, Tuple[Any, Tuple[torch.Tensor, Optional[torch.Tensor]]]] = {}
+        self.rope = None  # a RoPE module (fastvit.rope) giving each block's table, for the families that use one
+        self._pos_cache: Dict[Any, Tuple[Any, Any]] = {}
         self._init_weights()
 
     # ------------------------------------------------------------------ setup
@@ -449,20 +488,35 @@ class VisionTransformer(nn.Module):
         or torch.compile traces, and refreshed when a parameter changes.
         """
         params = [p for p in (self.pos_embed, *self._prefix_params()) if p is not None]
-        use_cache = not torch.compiler.is_compiling() and not (
-            torch.is_grad_enabled() and any(p.requires_grad for p in params))
-        if use_cache:
-            ref = params[0] if params else None
-            key = (tuple(grid), None if ref is None else (ref.dtype, ref.device))
-            stamp = tuple((p.data_ptr(), p._version) for p in params)
-            hit = self._embed_cache.get(key)
-            if hit is not None and hit[0] == stamp:
-                return hit[1]
-        res = self._compute_embed_inputs(grid)
-        if use_cache:
-            self._embed_cache.clear()  # one grid at a time keeps memory bounded at high resolution
-            self._embed_cache[key] = (stamp, res)
-        return res
+        return _cached(self._embed_cache, grid, params, self._compute_embed_inputs)
+
+    def _block_pos_inputs(self, grid: Tuple[int, int]) -> Optional[List[Tuple[Optional[torch.Tensor],
+                                                                               Optional[torch.Tensor]]]]:
+        """Per-block position inputs of the attention for ``grid``: a list of (rope, attn_bias),
+        one per block, or None when no block takes any (the plain ViT path does no extra work).
+
+        rope: (N_r, 2 d) or (H, N_r, 2 d) ``cat([sin, cos], -1)`` table of the patch tokens;
+        attn_bias: (H, N, N) additive logits. Computed once per grid and cached as
+        :meth:`_embed_inputs` (refreshed when a parameter they come from changes).
+        """
+        params = self._pos_input_params()
+        if params is None:
+            return None
+        return _cached(self._pos_cache, grid, params, self._compute_block_pos_inputs)
+
+    def _pos_input_params(self) -> Optional[List[torch.Tensor]]:
+        """The tensors the per-block position inputs are computed from (the cache stamp), or None
+        when the model has no per-block position inputs."""
+        srcs = [m for m in (self.rope,) if m is not None]
+        if not srcs:
+            return None
+        return [t for m in srcs for t in (*m.parameters(), *m.buffers())]
+
+    def _compute_block_pos_inputs(self, grid):
+        depth = len(self.blocks)
+        rope = self.rope(grid) if self.rope is not None else None  # one table for all blocks, or one per block
+        ropes = rope if isinstance(rope, (list, tuple)) else [rope] * depth
+        return [(r, None) for r in ropes]
 
     def _compute_embed_inputs(self, grid):
         prefix = self._prefix_params()
@@ -495,9 +549,12 @@ class VisionTransformer(nn.Module):
                              f"(or dynamic_img_pad=True), got image size {(H, W)}")
         return pe.dynamic_feat_size((H, W))
 
-    def embed(self, x: torch.Tensor) -> torch.Tensor:
-        """Image (B, C, H, W) -> tokens after position embedding and pre-norm, (B, T + N, D)."""
-        grid = self._grid_for(x)
+    def embed(self, x: torch.Tensor, grid: Optional[Tuple[int, int]] = None) -> torch.Tensor:
+        """Image (B, C, H, W) -> tokens after position embedding and pre-norm, (B, T + N, D).
+
+        grid: the token grid of x when the caller has it (from ``_grid_for``)."""
+        if grid is None:
+            grid = self._grid_for(x)
         pos, prefix = self._embed_inputs(grid)
         pe = self.patch_embed
         if isinstance(pe, PatchEmbed) and not pe.dynamic_img_pad:
@@ -515,9 +572,15 @@ class VisionTransformer(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Image (B, C, H, W) -> normalised tokens (B, T + N, D)."""
-        x = self.embed(x)
-        for blk in self.blocks:
-            x = blk(x, self.backend)
+        grid = self._grid_for(x)
+        pos = self._block_pos_inputs(grid)
+        x = self.embed(x, grid)
+        if pos is None:
+            for blk in self.blocks:
+                x = blk(x, self.backend)
+        else:
+            for blk, (rope, bias) in zip(self.blocks, pos):
+                x = blk(x, self.backend, rope=rope, attn_bias=bias)
         return self._norm(x)
 
     def pool(self, x: torch.Tensor, pool_type: Optional[str] = None) -> torch.Tensor:
@@ -600,16 +663,18 @@ class VisionTransformer(nn.Module):
         want_attn = set(self._take_indices(list(attn_layers))) if attn_layers is not None else set()
         B, _, H, W = x.shape
         grid = self._grid_for(x)
-        x = self.embed(x)
+        pos = self._block_pos_inputs(grid)
+        x = self.embed(x, grid)
         last = max(take + list(want_attn)) if stop_early else len(self.blocks) - 1
         inter, attns = [], {}
         for i, blk in enumerate(self.blocks):
             if i > last:
                 break
+            rope, bias = (None, None) if pos is None else pos[i]
             if i in want_attn:
-                x, attns[i] = blk(x, self.backend, return_attn=True)
+                x, attns[i] = blk(x, self.backend, return_attn=True, rope=rope, attn_bias=bias)
             else:
-                x = blk(x, self.backend)
+                x = blk(x, self.backend, rope=rope, attn_bias=bias)
             if i in take:
                 inter.append(self._norm(x) if norm else x)
         n = self.num_prefix_tokens

@@ -131,11 +131,14 @@ def attention_with_rollout(model, x: torch.Tensor, layers: Sequence[int], head_f
     want = sorted({i + n if i < 0 else i for i in model._take_indices(list(layers))})
     maps, roll = {}, None
     with torch.no_grad():
-        h = model.embed(x)
+        grid = model._grid_for(x)
+        pos = model._block_pos_inputs(grid)  # RoPE / attention bias per block, or None
+        h = model.embed(x, grid)
         for i, blk in enumerate(model.blocks):
             if i > want[-1]:
                 break
-            h, p = blk(h, model.backend, return_attn=True)
+            rope, bias = (None, None) if pos is None else pos[i]
+            h, p = blk(h, model.backend, return_attn=True, rope=rope, attn_bias=bias)
             p = p.float()
             if i in want:
                 maps[i] = p
