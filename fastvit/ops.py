@@ -90,6 +90,7 @@ def _scale(scale, d: int) -> float:
 
 # --------------------------------------------------------------------------- plans
 _PLANS: Dict[tuple, Callable] = {}
+_is_compiling = torch.compiler.is_compiling  # bound once: the hot path's first call
 _MAX_PLANS = 4096  # call signatures are few in a served model; this bounds a pathological caller
 
 
@@ -124,6 +125,16 @@ def _plan(op: str, mod, custom_op, grad_args: Tuple[int, ...]) -> Callable:
     if mod is reference:
         return fn
     name = mod.LIMITS.name
+    if op in ("attention", "attention_probs"):  # the plan gets scale=None for the default d ** -0.5
+        def run(q, k, v, scale, bias, rope, rope_half):
+            scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+            if torch.compiler.is_compiling() or (torch.is_grad_enabled() and (
+                    q.requires_grad or k.requires_grad or v.requires_grad
+                    or (bias is not None and bias.requires_grad) or (rope is not None and rope.requires_grad))):
+                return custom_op(q, k, v, scale, bias, rope, rope_half, name)
+            return fn(q, k, v, scale, bias, rope, rope_half)
+
+        return run
 
     def run(*args):
         if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(
@@ -298,7 +309,7 @@ def patch_embed(
                None if bias is None else (bias.shape, bias.dtype, bias.device),
                None if pos_embed is None else (pos_embed.shape, pos_embed.dtype, pos_embed.device),
                None if prefix is None else (prefix.shape, prefix.dtype, prefix.device))
-        plan = None if torch.compiler.is_compiling() else _PLANS.get(key)
+        plan = None if _is_compiling() else _PLANS.get(key)
     except (AttributeError, TypeError):  # not a tensor / unhashable: validation names the argument
         key = plan = None
     if plan is None:
@@ -356,7 +367,17 @@ def attention(
         (B, H, N, d) in q's dtype, from every backend a transposed view of a (B, N, H, d)
         buffer, so ``out.transpose(1, 2).reshape(B, N, H * d)`` needs no copy.
     """
-    return _attention_call("attention", q, k, v, scale, bias, rope, rope_half, backend)
+    try:
+        key = ("attention", backend, q.shape, q.stride(), q.dtype, q.device, k.shape, k.stride(), k.dtype, k.device,
+               v.shape, v.stride(), v.dtype, v.device, scale.__class__,
+               None if bias is None and rope is None else _position_key(bias, rope, rope_half))
+        plan = None if _is_compiling() else _PLANS.get(key)
+    except (AttributeError, TypeError):
+        key = plan = None
+    if plan is None:
+        plan = _build("attention", key, backend, _validate_attention, "attention", q, k, v, scale, bias, rope,
+                      rope_half)
+    return plan(q, k, v, scale, bias, rope, rope_half)
 
 
 def attention_probs(
@@ -371,23 +392,24 @@ def attention_probs(
         out (B, H, N, d) in q's dtype (layout as :func:`attention`) and probs (B, H, N, N_kv)
         in float32 (after the RoPE rotation and the bias).
     """
-    return _attention_call("attention_probs", q, k, v, scale, bias, rope, rope_half, backend)
-
-
-def _attention_call(op: str, q, k, v, scale, bias, rope, rope_half, backend):
     try:
-        key = (op, backend, q.shape, q.stride(), q.dtype, q.device, k.shape, k.stride(), k.dtype, k.device,
-               v.shape, v.stride(), v.dtype, v.device,
-               None if bias is None and rope is None else (
-                   None if bias is None else (bias.shape, bias.stride(), bias.dtype, bias.device),
-                   None if rope is None else (rope.shape, rope.stride(), rope.dtype, rope.device),
-                   rope_half))
-        plan = None if torch.compiler.is_compiling() else _PLANS.get(key)
+        key = ("attention_probs", backend, q.shape, q.stride(), q.dtype, q.device, k.shape, k.stride(), k.dtype,
+               k.device, v.shape, v.stride(), v.dtype, v.device, scale.__class__,
+               None if bias is None and rope is None else _position_key(bias, rope, rope_half))
+        plan = None if _is_compiling() else _PLANS.get(key)
     except (AttributeError, TypeError):
         key = plan = None
     if plan is None:
-        plan = _build(op, key, backend, _validate_attention, op, q, k, v, scale, bias, rope, rope_half)
-    return plan(q, k, v, _scale(scale, q.shape[-1]), bias, rope, rope_half)
+        plan = _build("attention_probs", key, backend, _validate_attention, "attention_probs", q, k, v, scale, bias,
+                      rope, rope_half)
+    return plan(q, k, v, scale, bias, rope, rope_half)
+
+
+def _position_key(bias, rope, rope_half):
+    """The plan-key part of attention's optional bias / RoPE inputs."""
+    return (None if bias is None else (bias.shape, bias.stride(), bias.dtype, bias.device),
+            None if rope is None else (rope.shape, rope.stride(), rope.dtype, rope.device),
+            rope_half.__class__, rope_half)
 
 
 def _validate_attention(op, q, k, v, scale, bias=None, rope=None, rope_half=False):
@@ -401,7 +423,7 @@ def _validate_attention(op, q, k, v, scale, bias=None, rope=None, rope_half=Fals
     _same(q, "q", k=k, v=v)
     if d > MAX_HEAD_DIM:
         _fail("q", f"head dim <= {MAX_HEAD_DIM}", f"head dim {d}")
-    _scale(scale, d)  # argument errors before backend errors (it is checked on every call too)
+    _scale(scale, d)  # argument errors before backend errors (the plan key holds its type)
     features = []
     N_kv = k.shape[2]
     if bias is not None:
@@ -446,7 +468,7 @@ def layer_norm(
         key = ("layer_norm", backend, x.shape, x.stride(), x.dtype, x.device,
                None if weight is None else (weight.shape, weight.dtype, weight.device),
                None if bias is None else (bias.shape, bias.dtype, bias.device))
-        plan = None if torch.compiler.is_compiling() else _PLANS.get(key)
+        plan = None if _is_compiling() else _PLANS.get(key)
     except (AttributeError, TypeError):
         key = plan = None
     if plan is None:
@@ -498,8 +520,9 @@ def linear(
     try:
         key = ("linear", backend, act, x.shape, x.stride(), x.dtype, x.device, weight.shape, weight.dtype,
                weight.device, None if bias is None else (bias.shape, bias.dtype, bias.device),
-               _epilogue_key(gamma, residual, ln_weight, ln_bias))
-        plan = None if torch.compiler.is_compiling() else _PLANS.get(key)
+               None if gamma is None and residual is None and ln_weight is None and ln_bias is None
+               else _epilogue_key(gamma, residual, ln_weight, ln_bias))
+        plan = None if _is_compiling() else _PLANS.get(key)
     except (AttributeError, TypeError):
         key = plan = None
     if plan is None:
@@ -545,10 +568,11 @@ def mlp(
                fc1_weight.device, None if fc1_bias is None else (fc1_bias.shape, fc1_bias.dtype, fc1_bias.device),
                fc2_weight.shape, fc2_weight.dtype, fc2_weight.device,
                None if fc2_bias is None else (fc2_bias.shape, fc2_bias.dtype, fc2_bias.device),
-               _epilogue_key(gamma, residual, ln_weight, ln_bias),
+               None if gamma is None and residual is None and ln_weight is None and ln_bias is None
+               else _epilogue_key(gamma, residual, ln_weight, ln_bias),
                None if hidden_ln_weight is None and hidden_ln_bias is None else _epilogue_key(
                    None, None, hidden_ln_weight, hidden_ln_bias))
-        plan = None if torch.compiler.is_compiling() else _PLANS.get(key)
+        plan = None if _is_compiling() else _PLANS.get(key)
     except (AttributeError, TypeError):
         key = plan = None
     if plan is None:

@@ -154,6 +154,10 @@ def attention(
         (B, H, N, d). On the fast path this is a transposed view of a (B, N, H, d) buffer so
         ``out.transpose(1, 2).reshape(B, N, H * d)`` is free.
     """
+    if bias is None and rope is None and not upcast:  # the hot path: one ATen call, no keyword it does not need
+        out = F.scaled_dot_product_attention(q, k, v) if scale is None else \
+            F.scaled_dot_product_attention(q, k, v, scale=scale)
+        return _contract_layout(out)
     if scale is None:
         scale = q.shape[-1] ** -0.5
     if rope is not None:
@@ -191,7 +195,8 @@ def _contract_layout(out: torch.Tensor) -> torch.Tensor:
     """``out`` (B, H, N, d) as a view of (B, N, H, d) memory: the attention output layout of every
     backend. SDPA's flash paths already return it (no copy); other paths are copied once."""
     B, H, N, d = out.shape
-    if out.stride() == (N * H * d, d, H * d, 1) or out.numel() == 0:
+    s0, s1, s2, s3 = out.stride()
+    if (s1 == d and s2 == H * d and s3 == 1 and s0 == N * H * d) or out.numel() == 0:
         return out
     return out.transpose(1, 2).contiguous().transpose(1, 2)
 
