@@ -36,7 +36,7 @@ from typing import Optional
 
 import torch
 
-from fastvit.facts import ACT_CODES, ACTIVATIONS, GATED_ACTS, OPS, BackendLimits
+from fastvit.facts import ACT_CODES, ACTIVATIONS, ATTENTION_FEATURES, OPS, BackendLimits
 
 from . import build as _build
 
@@ -49,7 +49,9 @@ LIMITS = BackendLimits(
     devices=("cuda",),
     min_capability=(8, 0),  # bf16 wmma tiles, and the attention tiles' shared memory (sm_80's 163 KiB)
     max_head_dim=128,  # csrc/fastvit_cuda.h kMaxHeadDim: the attention tiles are sized for it
-    acts=tuple(a for a in ACTIVATIONS if a not in GATED_ACTS),
+    acts=ACTIVATIONS,  # swiglu: the GEMM writes gate and value, one elementwise pass combines them
+    # logit bias, RoPE with a shared or per-head table, fused in the attention kernels (attention.cu)
+    features=frozenset(f"attention.{f}" for f in ATTENTION_FEATURES),
     note="csrc/ (fastvit.cuda): C++/CUDA extension, prebuilt as fastvit._C or JIT-built on first use",
 )
 
@@ -116,14 +118,16 @@ def patch_embed(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, bias: Optional[torch.Tensor] = None,
               rope: Optional[torch.Tensor] = None, rope_half: bool = False) -> torch.Tensor:
-    """softmax(q k^T * scale) v: q (B, H, N, d), k / v (B, H, N_kv, d), any strides with a
-    unit-stride d (views of a packed qkv buffer).
+    """softmax(R(q) R(k)^T * scale + bias) v: q (B, H, N, d), k / v (B, H, N_kv, d), any strides
+    with a unit-stride d (views of a packed qkv buffer).
+
+    bias (H, N, N_kv) or (B, H, N, N_kv), any float dtype, is added to the scaled logits; rope
+    (N_r, 2 d) or (H, N_r, 2 d) = ``cat([sin, cos], -1)`` rotates the last N_r tokens of q and k
+    (interleaved pairs, or halves with ``rope_half``) as they are loaded.
 
     Returns (B, H, N, d), a transposed view of a contiguous (B, N, H, d) buffer, so
     ``out.transpose(1, 2).reshape(B, N, H * d)`` is free."""
-    if bias is not None or rope is not None:  # not in LIMITS.features: dispatch never sends them
-        raise NotImplementedError("cuda attention: bias / rope are not implemented")
-    return _loaded().attention(q, k, v, scale)
+    return _loaded().attention(q, k, v, scale, bias, rope, rope_half)
 
 
 def layer_norm(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
@@ -137,7 +141,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], 
            gamma: Optional[torch.Tensor], residual: Optional[torch.Tensor], ln_weight: Optional[torch.Tensor],
            ln_bias: Optional[torch.Tensor], ln_eps: float) -> torch.Tensor:
     """``act(LN?(x) @ weight.T + bias) * gamma + residual``: x (..., K), weight (N, K), bias and
-    gamma (N,), residual (..., N), ln_weight / ln_bias (K,) -> (..., N)."""
+    gamma (N,), residual (..., N), ln_weight / ln_bias (K,) -> (..., N). With 'swiglu' weight and
+    bias have 2 N rows (gate, then value) and the output N columns."""
     return _loaded().linear(x, weight, bias, ACT_CODES[act], gamma, residual, ln_weight, ln_bias, ln_eps)
 
 

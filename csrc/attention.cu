@@ -22,6 +22,15 @@
 // contiguous, i.e. [B, N, H * d] ready for the projection.
 //
 // fp32 takes a simpler CUDA-core kernel (one warp per query row, keys 32 at a time, one per lane).
+//
+// Position terms of the ViT families, both optional (null pointer = absent, a launch-uniform branch):
+// * an additive logit bias (BEiT's relative position bias), read in its own dtype and added after
+//   the scale. The kernels work in the log2 domain (exp2), so the bias enters as bias * log2(e).
+// * RoPE on q and k (EVA-02, timm RoPE ViTs, DINOv3): rotated where they are loaded (the Q tile once,
+//   each K tile as it arrives; the fp32 kernel rotates q into shared memory and each key inside its
+//   dot product), so no extra pass over q / k in global memory. The rotation is float32 with separate
+//   roundings (no FMA contraction) and rounded to the input dtype before QK^T, as fastvit.reference's
+//   apply_rope computes it, so the rotated q / k equal the reference's bit for bit.
 
 #include <mma.h>
 
@@ -50,7 +59,30 @@ struct AttnParams {
   int64_t qs[3], ks[3], vs[3];  // element strides of (B, H, N)
   float scale_log2;             // softmax scale * log2(e): exp2 instead of exp
   bool vec;                     // 16-byte loads: d, every stride and every base are multiples of 8 elements
+  AttnBias bias;                // bias.ptr null: no bias
+  AttnRope rope;                // rope.ptr null: no rotation
 };
+
+// Element i of a bias / rope table of dtype dt, as float (dt is launch-uniform: no divergence).
+__device__ __forceinline__ float load_as_float(const void* ptr, DType dt, int64_t i) {
+  if (dt == kFloat16) return __half2float(static_cast<const __half*>(ptr)[i]);
+  if (dt == kBFloat16) return __bfloat162float(static_cast<const __nv_bfloat16*>(ptr)[i]);
+  return static_cast<const float*>(ptr)[i];
+}
+
+// One rotated element x * cos + xp * sin, where xp is the element's RoPE partner, negated for the
+// first element of the pair (reference.rotate_pairs). __fmul_rn / __fadd_rn keep the compiler from
+// contracting it into an FMA: the reference's elementwise mul, mul, add round three times.
+__device__ __forceinline__ float rope_rotate(float x, float xp, float sin_c, float cos_c) {
+  return __fadd_rn(__fmul_rn(x, cos_c), __fmul_rn(xp, sin_c));
+}
+
+// Offset (elements) of the table row of token t (of a sequence of ntok tokens) for head h, or -1
+// when t is not rotated: the last n_rot tokens use rows 0..n_rot-1, the prefix before them none.
+__device__ __forceinline__ int64_t rope_row(const AttnRope& r, int h, int t, int ntok) {
+  const int row = t - (ntok - r.n_rot);
+  return row < 0 || t >= ntok ? -1 : h * r.strides[0] + row * r.strides[1];
+}
 
 constexpr size_t align128(size_t n) { return (n + 127) / 128 * 128; }
 
@@ -108,6 +140,33 @@ __device__ __forceinline__ void load_tile(T* dst, const T* src, int64_t stride, 
   }
 }
 
+// Rotates in place the rows of a shared-memory tile (leading dim LD) that hold rotated tokens: tile
+// row r is token tok0 + r of a sequence of ntok tokens, rows >= valid_rows are padding. Thread t
+// owns pair t % kRopePairs of rows t / kRopePairs, + kRopeRows, ...: both elements of a pair are
+// read before either is written, and nothing divides.
+constexpr int kRopePairs = kMaxHeadDim / 2;
+constexpr int kRopeRows = kThreads / kRopePairs;
+static_assert(kThreads % kRopePairs == 0, "whole rows of pairs per pass");
+
+template <typename T, int LD>
+__device__ __forceinline__ void rope_tile(T* tile, const AttnParams& p, int h, int tok0, int valid_rows, int ntok) {
+  const int hd = p.d / 2, j = threadIdx.x % kRopePairs;
+  if (j >= hd) return;
+  const int c0 = p.rope.half ? j : 2 * j, c1 = p.rope.half ? j + hd : 2 * j + 1;
+  for (int r = threadIdx.x / kRopePairs; r < valid_rows; r += kRopeRows) {
+    const int64_t row = rope_row(p.rope, h, tok0 + r, ntok);
+    if (row < 0) continue;
+    const float x0 = to_float(tile[r * LD + c0]), x1 = to_float(tile[r * LD + c1]);
+    const void* tab = p.rope.ptr;
+    const DType dt = p.rope.dt;
+    // sin in columns [0, d), cos in [d, 2 d)
+    tile[r * LD + c0] = from_float<T>(rope_rotate(x0, -x1, load_as_float(tab, dt, row + c0),
+                                                  load_as_float(tab, dt, row + p.d + c0)));
+    tile[r * LD + c1] = from_float<T>(rope_rotate(x1, x0, load_as_float(tab, dt, row + c1),
+                                                  load_as_float(tab, dt, row + p.d + c1)));
+  }
+}
+
 template <typename T, int DP>
 __global__ void __launch_bounds__(kThreads) attn_fwd_tc(const AttnParams p) {
   using L = Smem<DP>;
@@ -129,6 +188,10 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_tc(const AttnParams p) {
 
   load_tile<T, DP, L::LD>(Qs, q + m0 * p.qs[2], p.qs[2], kBlockM, min(kBlockM, p.N - m0), p.d, p.vec);
   for (int i = threadIdx.x; i < kBlockM * DP; i += kThreads) Os[(i / DP) * L::LDO + i % DP] = 0.f;
+  if (p.rope.ptr != nullptr) {
+    __syncthreads();  // the Q tile is complete (a pair may have been loaded by two threads)
+    rope_tile<T, L::LD>(Qs, p, h, m0, min(kBlockM, p.N - m0), p.N);
+  }
 
   // Softmax state: lanes 2r and 2r+1 own row r of this warp's 16 rows, 32 score columns each;
   // both keep identical copies of the row max m_i and the row sum l_i.
@@ -145,6 +208,10 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_tc(const AttnParams p) {
     load_tile<T, DP, L::LD>(Ks, k + n0 * p.ks[2], p.ks[2], kBlockN, kv_rows, p.d, p.vec);
     load_tile<T, DP, L::LD>(Vs, v + n0 * p.vs[2], p.vs[2], kBlockN, kv_rows, p.d, p.vec);
     __syncthreads();
+    if (p.rope.ptr != nullptr) {
+      rope_tile<T, L::LD>(Ks, p, h, n0, kv_rows, p.Nkv);
+      __syncthreads();
+    }
 
     // S (16 x kBlockN per warp) = Q K^T. K is stored (key, d) row-major = K^T column-major.
 #pragma unroll
@@ -163,22 +230,43 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_tc(const AttnParams p) {
     }
     __syncwarp();
 
-    // Online softmax on this lane's 32 columns. Every tile holds at least one valid key, so m_new
-    // is finite; columns past Nkv get probability 0.
+    // The warp's 16 score rows become log2-domain logits in place: S * scale * log2(e), plus
+    // bias * log2(e). Row by row across the lanes, so each bias read is one coalesced row segment;
+    // rows past N and columns past N_kv read no bias (the former are never written out, the latter
+    // are masked below).
+#pragma unroll 1
+    for (int i = 0; i < 16; ++i) {
+      float* s = Ss + (warp * 16 + i) * L::LDS;
+      const int qi = m0 + warp * 16 + i;  // query row
+      const bool bias_row = p.bias.ptr != nullptr && qi < p.N;
+      const int64_t brow = b * p.bias.strides[0] + h * p.bias.strides[1] + qi * p.bias.strides[2] + n0;
+#pragma unroll
+      for (int c = lane; c < kBlockN; c += 32) {
+        float t = s[c] * p.scale_log2;
+        if (bias_row && c < kv_rows) t = fmaf(load_as_float(p.bias.ptr, p.bias.dt, brow + c), kLog2e, t);
+        s[c] = t;
+      }
+    }
+    __syncwarp();
+
+    // Online softmax on this lane's 32 columns; columns past Nkv get probability 0. m_new is
+    // -inf only while every logit so far is -inf (a bias may mask keys): exponents are then taken
+    // against 0, so such keys and the empty accumulator get weight 0 instead of exp2(-inf + inf).
     const int valid = kv_rows - half * 32;
     float mx = -INFINITY;
 #pragma unroll 8
     for (int c = 0; c < 32; ++c)
-      if (c < valid) mx = fmaxf(mx, srow[c] * p.scale_log2);
+      if (c < valid) mx = fmaxf(mx, srow[c]);
     mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
     const float m_new = fmaxf(m_i, mx);
-    const float alpha = exp2f(m_i - m_new);  // 0 on the first tile (m_i = -inf)
+    const float m_ref = m_new == -INFINITY ? 0.f : m_new;
+    const float alpha = exp2f(m_i - m_ref);  // 0 on the first tile (m_i = -inf)
     float sum = 0.f;
 #pragma unroll 8
     for (int c = 0; c < 32; ++c) {
       // P is rounded to the 16-bit type for the tensor-core product; the row sum uses the rounded
       // values so the final normalisation matches what was multiplied.
-      const T pt = from_float<T>(c < valid ? exp2f(srow[c] * p.scale_log2 - m_new) : 0.f);
+      const T pt = from_float<T>(c < valid ? exp2f(srow[c] - m_ref) : 0.f);
       prow[c] = pt;
       sum += to_float(pt);
     }
@@ -215,9 +303,29 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_tc(const AttnParams p) {
 
 constexpr int kF32Warps = kAttnBlockMF32;
 
+// The RoPE partner column of column c and whether c is the first of its pair (whose partner term
+// is negated): (2 i, 2 i + 1), or (i, i + d / 2) with `half`.
+__device__ __forceinline__ int rope_partner(int c, int d, bool half, bool* first) {
+  if (half) {
+    *first = c < d / 2;
+    return *first ? c + d / 2 : c - d / 2;
+  }
+  *first = (c & 1) == 0;
+  return c ^ 1;
+}
+
+// Column c of the rotated row x (float32) with table row offset `row` (>= 0).
+__device__ __forceinline__ float rope_at(const float* x, int c, int64_t row, const AttnParams& p) {
+  bool first;
+  const int pc = rope_partner(c, p.d, p.rope.half, &first);
+  return rope_rotate(x[c], first ? -x[pc] : x[pc], load_as_float(p.rope.ptr, p.rope.dt, row + c),
+                     load_as_float(p.rope.ptr, p.rope.dt, row + p.d + c));
+}
+
 // fp32: one warp per query row. Each lane scores one key of a 32-key chunk against q (kept in
-// shared memory, pre-scaled), then the chunk's probabilities are broadcast lane by lane and every
-// lane accumulates its d / 32 output columns.
+// shared memory, rotated and pre-scaled), then the chunk's probabilities are broadcast lane by lane
+// and every lane accumulates its d / 32 output columns. A rotated key is rotated inside the lane's
+// dot product (recomputed per query row: this is the simple fp32 path).
 __global__ void __launch_bounds__(kF32Warps * 32) attn_fwd_f32(const AttnParams p) {
   __shared__ float qsh[kF32Warps][kMaxHeadDim];
   constexpr int kPerLane = kMaxHeadDim / 32;
@@ -229,8 +337,10 @@ __global__ void __launch_bounds__(kF32Warps * 32) attn_fwd_f32(const AttnParams 
   const float* q = static_cast<const float*>(p.q) + b * p.qs[0] + h * p.qs[1] + row * p.qs[2];
   const float* k = static_cast<const float*>(p.k) + b * p.ks[0] + h * p.ks[1];
   const float* v = static_cast<const float*>(p.v) + b * p.vs[0] + h * p.vs[1];
-  for (int c = lane; c < p.d; c += 32) qsh[warp][c] = q[c] * p.scale_log2;
+  const int64_t q_rope = p.rope.ptr != nullptr ? rope_row(p.rope, h, row, p.N) : -1;
+  for (int c = lane; c < p.d; c += 32) qsh[warp][c] = (q_rope < 0 ? q[c] : rope_at(q, c, q_rope, p)) * p.scale_log2;
   __syncwarp();
+  const int64_t brow = b * p.bias.strides[0] + h * p.bias.strides[1] + row * p.bias.strides[2];
 
   float acc[kPerLane];
 #pragma unroll
@@ -241,12 +351,21 @@ __global__ void __launch_bounds__(kF32Warps * 32) attn_fwd_f32(const AttnParams 
     float s = -INFINITY;
     if (key < p.Nkv) {
       const float* kr = k + key * p.ks[2];
+      const int64_t k_rope = p.rope.ptr != nullptr ? rope_row(p.rope, h, key, p.Nkv) : -1;
       s = 0.f;
-      for (int c = 0; c < p.d; ++c) s = fmaf(qsh[warp][c], kr[c], s);
+      if (k_rope < 0) {
+        for (int c = 0; c < p.d; ++c) s = fmaf(qsh[warp][c], kr[c], s);
+      } else {
+        for (int c = 0; c < p.d; ++c) s = fmaf(qsh[warp][c], rope_at(kr, c, k_rope, p), s);
+      }
+      if (p.bias.ptr != nullptr) s = fmaf(load_as_float(p.bias.ptr, p.bias.dt, brow + key), kLog2e, s);
     }
-    const float m_new = fmaxf(m_i, warp_max(s));  // finite: key n0 is always valid
-    const float alpha = exp2f(m_i - m_new);
-    const float pr = key < p.Nkv ? exp2f(s - m_new) : 0.f;
+    // -inf only while every logit so far is -inf (masked by the bias): exponents against 0 then,
+    // as in the tensor-core kernel
+    const float m_new = fmaxf(m_i, warp_max(s));
+    const float m_ref = m_new == -INFINITY ? 0.f : m_new;
+    const float alpha = exp2f(m_i - m_ref);
+    const float pr = key < p.Nkv ? exp2f(s - m_ref) : 0.f;
     l_i = l_i * alpha + warp_sum(pr);
     m_i = m_new;
 #pragma unroll
@@ -302,13 +421,18 @@ int dispatch_dp(const AttnParams& p, unsigned blocks, cudaStream_t stream) {
 
 int attention_fwd(DType dt, const void* q, const void* k, const void* v, void* out, int B, int H, int N, int Nkv,
                   int d, const int64_t* q_strides, const int64_t* k_strides, const int64_t* v_strides, float scale,
-                  cudaStream_t stream) {
+                  const AttnBias& bias, const AttnRope& rope, cudaStream_t stream) {
   if (d < 1 || d > kMaxHeadDim || N < 1 || Nkv < 1 || B < 1 || H < 1) return cudaErrorInvalidValue;
+  if (rope.ptr != nullptr && (d % 2 != 0 || rope.n_rot < 1 || rope.n_rot > N || rope.n_rot > Nkv))
+    return cudaErrorInvalidValue;
   // gridDim.x limit; bindings.cpp reports it with the shape before getting here.
   const int64_t blocks = attention_grid_blocks(dt, B, H, N);
   if (blocks > kMaxGridX) return cudaErrorInvalidConfiguration;
   const int block_m = attention_block_m(dt);
-  AttnParams p{q, k, v, out, H, N, Nkv, d, (N + block_m - 1) / block_m, {}, {}, {}, scale * kLog2e, false};
+  AttnParams p{q, k, v, out, H, N, Nkv, d, (N + block_m - 1) / block_m, {}, {}, {}, scale * kLog2e, false, bias, rope};
+  // absent terms: zero strides, so the kernels' (unused) offsets stay in range
+  if (bias.ptr == nullptr) p.bias = AttnBias{nullptr, kFloat32, {0, 0, 0}};
+  if (rope.ptr == nullptr) p.rope = AttnRope{nullptr, kFloat32, {0, 0}, 0, false};
   bool vec = d % 8 == 0;
   for (int i = 0; i < 3; ++i) {
     p.qs[i] = q_strides[i];

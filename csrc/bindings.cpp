@@ -18,6 +18,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <cublasLt.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstdlib>
 #include <map>
@@ -240,11 +241,15 @@ Tensor linear(const Tensor& x, const Tensor& weight, const OptTensor& bias, int6
   check_last_dim(x, "x");
   check_dim(weight, "weight", 2);
   check_like(weight, "weight", x, "x");
-  const int64_t N = weight.size(0), K = weight.size(1);
-  TORCH_CHECK(x.size(-1) == K, "x: expected last dim ", K, " (= weight.shape[1]), got shape ", x.sizes());
   TORCH_CHECK(act >= fastvit::kActNone && act <= fastvit::kActLast,
-              "act: expected 0 (none), 1 (gelu), 2 (gelu_tanh) or 3 (quick_gelu), got ", act);
-  check_opt(bias, "bias", x, "x", {N});
+              "act: expected 0 (none), 1 (gelu), 2 (gelu_tanh), 3 (quick_gelu) or 4 (swiglu), got ", act);
+  // Nw weight rows = GEMM columns; a gated activation halves them (gate rows, then value rows).
+  const bool gated = act == fastvit::kActSwiglu;
+  const int64_t Nw = weight.size(0), K = weight.size(1), N = gated ? Nw / 2 : Nw;
+  TORCH_CHECK(!gated || Nw % 2 == 0, "weight: expected an even number of rows with act 4 (swiglu: gate rows, then "
+              "value rows), got shape ", weight.sizes());
+  TORCH_CHECK(x.size(-1) == K, "x: expected last dim ", K, " (= weight.shape[1]), got shape ", x.sizes());
+  check_opt(bias, "bias", x, "x", {Nw});
   check_opt(gamma, "gamma", x, "x", {N});
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
   out_shape.back() = N;
@@ -272,7 +277,7 @@ Tensor linear(const Tensor& x, const Tensor& weight, const OptTensor& bias, int6
                  "layer_norm (linear prologue)");
     x2 = xn;
   }
-  const Tensor w = as_matrix(weight, N, K);
+  const Tensor w = as_matrix(weight, Nw, K);
   const OptTensor b = contig(bias), g = contig(gamma);
   OptTensor r;
   if (residual.has_value()) {
@@ -286,6 +291,26 @@ Tensor linear(const Tensor& x, const Tensor& weight, const OptTensor& bias, int6
   auto attempt = [&](const fastvit::GemmArgs& a, bool has_plainer) {
     return has_plainer && forced != 0 ? forced : fastvit::lt_gemm(a, stream);
   };
+
+  if (gated) {
+    // SwiGLU: the GEMM (+ the (2 N,) bias in cuBLASLt's epilogue) writes both halves to a temporary
+    // (M, 2 N); swiglu_fwd reads gate and value and writes silu(g) * v * gamma + residual.
+    Tensor h = at::empty({M, Nw}, x.options());
+    fastvit::GemmArgs ga{dt, M, Nw, K, 1, x2.data_ptr(), ld_of(x2), 0, w.data_ptr(), ld_of(w), h.data_ptr(), Nw, 0,
+                         nullptr, ptr(b), false, nullptr, ws.data_ptr(), fastvit::kWorkspaceBytes};
+    int st = attempt(ga, ga.bias != nullptr);
+    bool bias_done = true;
+    if (ga.bias != nullptr && falls_back(st, "linear (swiglu)", ga)) {
+      ga.bias = nullptr;  // plain GEMM, the bias added by swiglu_fwd
+      bias_done = false;
+      st = fastvit::lt_gemm(ga, stream);
+    }
+    check_lt(st, "linear (swiglu)", ga);
+    check_launch(fastvit::swiglu_fwd(dt, h.data_ptr(), Nw, out.data_ptr(), N, M, N, bias_done ? nullptr : ptr(b),
+                                     ptr(g), ptr(r), N, stream),
+                 "linear swiglu epilogue");
+    return out.view(out_shape);
+  }
 
   // Without an activation, the whole op is one cuBLASLt call: gamma * (x W^T + b) + r =
   // alpha_vec * (x W^T) + 1 * C + (gamma * b) with alpha_vec = gamma, C = r.
@@ -334,8 +359,12 @@ Tensor mlp(const Tensor& x, const Tensor& fc1_weight, const OptTensor& fc1_bias,
            const OptTensor& ln_weight, const OptTensor& ln_bias, double ln_eps) {
   check_dim(fc2_weight, "fc2_weight", 2);
   check_dim(fc1_weight, "fc1_weight", 2);
-  TORCH_CHECK(fc2_weight.size(1) == fc1_weight.size(0), "fc2_weight: expected shape (D_out, ", fc1_weight.size(0),
-              "), got shape ", fc2_weight.sizes());
+  const bool gated = act == fastvit::kActSwiglu;
+  TORCH_CHECK(!gated || fc1_weight.size(0) % 2 == 0, "fc1_weight: expected an even number of rows with act 4 (swiglu: "
+              "gate rows, then value rows), got shape ", fc1_weight.sizes());
+  const int64_t hidden = gated ? fc1_weight.size(0) / 2 : fc1_weight.size(0);
+  TORCH_CHECK(fc2_weight.size(1) == hidden, "fc2_weight: expected shape (D_out, ", hidden, "), got shape ",
+              fc2_weight.sizes());
   // The hidden activation is materialised in x's dtype, as the unfused composition rounds it.
   const Tensor h = linear(x, fc1_weight, fc1_bias, act, std::nullopt, std::nullopt, ln_weight, ln_bias, ln_eps);
   return linear(h, fc2_weight, fc2_bias, fastvit::kActNone, gamma, residual, std::nullopt, std::nullopt, 0.0);
@@ -343,7 +372,10 @@ Tensor mlp(const Tensor& x, const Tensor& fc1_weight, const OptTensor& fc1_bias,
 
 // Returns (B, H, N, d): the transposed view of a contiguous (B, N, H, d) buffer, the layout every
 // backend returns, so the output projection reads it as [B, N, H * d] with no copy.
-Tensor attention(const Tensor& q, const Tensor& k, const Tensor& v, double scale) {
+// bias: (H, N, N_kv) or (1 | B, H, N, N_kv), any float dtype, unit last stride, read in place.
+// rope: (N_r, 2 d) or (H, N_r, 2 d) = cat([sin, cos], -1), any float dtype, unit last stride.
+Tensor attention(const Tensor& q, const Tensor& k, const Tensor& v, double scale, const OptTensor& bias,
+                 const OptTensor& rope, bool rope_half) {
   const auto dt = dtype_of(q, "q");
   check_dim(q, "q", 4);
   check_dim(k, "k", 4);
@@ -361,6 +393,37 @@ Tensor attention(const Tensor& q, const Tensor& k, const Tensor& v, double scale
               d);
   TORCH_CHECK(Nkv >= 1 || N == 0, "k: expected at least one key (N_kv >= 1), got shape ", k.sizes());
   TORCH_CHECK(N <= 0x7fffffff, "q: expected N below 2^31, got shape ", q.sizes());
+  fastvit::AttnBias ab{nullptr, fastvit::kFloat32, {0, 0, 0}};
+  if (bias.has_value()) {
+    const Tensor& t = *bias;
+    ab.dt = dtype_of(t, "bias");
+    const bool ok = (t.dim() == 3 && t.sizes() == at::IntArrayRef({H, N, Nkv})) ||
+                    (t.dim() == 4 && (t.size(0) == 1 || t.size(0) == B) && t.sizes().slice(1) == at::IntArrayRef({H, N, Nkv}));
+    TORCH_CHECK(ok, "bias: expected shape (", H, ", ", N, ", ", Nkv, ") or (", B, ", ", H, ", ", N, ", ", Nkv,
+                ") (H, N, N_kv of q / k), got shape ", t.sizes());
+    check_last_dim(t, "bias");
+    TORCH_CHECK(t.device() == q.device(), "bias: expected device ", q.device(), " (as q), got device ", t.device());
+    const int o = t.dim() - 3;  // (H, N, N_kv) strides; a batch of 1 (or none) is broadcast with stride 0
+    ab.strides[0] = (t.dim() == 4 && t.size(0) > 1) ? t.stride(0) : 0;
+    ab.strides[1] = t.stride(o);
+    ab.strides[2] = t.stride(o + 1);
+  }
+  fastvit::AttnRope ar{nullptr, fastvit::kFloat32, {0, 0}, 0, rope_half};
+  if (rope.has_value()) {
+    const Tensor& t = *rope;
+    ar.dt = dtype_of(t, "rope");
+    TORCH_CHECK(d % 2 == 0, "q: expected an even head dim with rope, got head dim ", d);
+    const bool ok = (t.dim() == 2 || (t.dim() == 3 && t.size(0) == H)) && t.size(-1) == 2 * d && t.size(-2) >= 1 &&
+                    t.size(-2) <= std::min(N, Nkv);
+    TORCH_CHECK(ok, "rope: expected shape (N_r, ", 2 * d, ") or (", H, ", N_r, ", 2 * d,
+                ") (cat([sin, cos], -1) with 0 < N_r <= min(N, N_kv) = ", std::min(N, Nkv), "), got shape ",
+                t.sizes());
+    check_last_dim(t, "rope");
+    TORCH_CHECK(t.device() == q.device(), "rope: expected device ", q.device(), " (as q), got device ", t.device());
+    ar.strides[0] = t.dim() == 3 ? t.stride(0) : 0;
+    ar.strides[1] = t.stride(-2);
+    ar.n_rot = static_cast<int>(t.size(-2));
+  }
   // One block per (batch, head, block of query rows) on gridDim.x (attention.cu: launch order).
   const int64_t blocks = fastvit::attention_grid_blocks(dt, B, H, N);
   TORCH_CHECK(blocks <= fastvit::kMaxGridX, "q: expected B * H * ceil(N / ", fastvit::attention_block_m(dt), ") <= ",
@@ -373,10 +436,12 @@ Tensor attention(const Tensor& q, const Tensor& k, const Tensor& v, double scale
   const int64_t qs[3] = {q.stride(0), q.stride(1), q.stride(2)};
   const int64_t ks[3] = {k.stride(0), k.stride(1), k.stride(2)};
   const int64_t vs[3] = {v.stride(0), v.stride(1), v.stride(2)};
+  if (bias.has_value()) ab.ptr = bias->data_ptr();
+  if (rope.has_value()) ar.ptr = rope->data_ptr();
   check_launch(fastvit::attention_fwd(dt, q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(),
                                       static_cast<int>(B), static_cast<int>(H), static_cast<int>(N),
                                       static_cast<int>(Nkv), static_cast<int>(d), qs, ks, vs,
-                                      static_cast<float>(scale), c10::cuda::getCurrentCUDAStream()),
+                                      static_cast<float>(scale), ab, ar, c10::cuda::getCurrentCUDAStream()),
                "attention");
   return out.transpose(1, 2);
 }
@@ -475,11 +540,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "-> (B, T + L, D)", py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("pos_embed"), py::arg("prefix"),
         py::arg("pad"));
   m.def("attention", &attention,
-        "q (B,H,N,d), k, v (B,H,Nkv,d), scale -> (B,H,N,d): a transposed view of a contiguous (B,N,H,d) buffer",
-        py::arg("q"), py::arg("k"), py::arg("v"), py::arg("scale"));
+        "softmax(R(q) R(k)^T * scale + bias) v: q (B,H,N,d), k, v (B,H,Nkv,d), scale, bias (H,N,Nkv) / (B,H,N,Nkv)?, "
+        "rope (N_r,2d) / (H,N_r,2d) = cat([sin, cos], -1)?, rope_half -> (B,H,N,d): a transposed view of a "
+        "contiguous (B,N,H,d) buffer",
+        py::arg("q"), py::arg("k"), py::arg("v"), py::arg("scale"), py::arg("bias") = py::none(),
+        py::arg("rope") = py::none(), py::arg("rope_half") = false);
   m.def("layer_norm", &layer_norm, "x (..., D), weight (D,)?, bias (D,)?, eps -> (..., D)", py::arg("x"),
         py::arg("weight"), py::arg("bias"), py::arg("eps"));
-  m.def("linear", &linear, "act(LN?(x) @ W^T + b) * gamma + residual; act 0 none / 1 gelu / 2 gelu_tanh / 3 quick_gelu",
+  m.def("linear", &linear, "act(LN?(x) @ W^T + b) * gamma + residual; act 0 none / 1 gelu / 2 gelu_tanh / 3 quick_gelu / 4 swiglu "
+        "(weight (2N, K), gate rows first)",
         py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("act"), py::arg("gamma"), py::arg("residual"),
         py::arg("ln_weight"), py::arg("ln_bias"), py::arg("ln_eps"));
   m.def("mlp", &mlp, "residual + gamma * fc2(act(fc1(LN?(x))))", py::arg("x"), py::arg("fc1_weight"),

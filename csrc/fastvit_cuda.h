@@ -19,11 +19,11 @@ namespace fastvit {
 enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
 // Activations of the linear epilogue: the codes of fastvit.facts.ACT_CODES (tests/test_facts.py).
-// kActQuickGelu is OpenAI CLIP's x * sigmoid(1.702 x).
+// kActQuickGelu is OpenAI CLIP's x * sigmoid(1.702 x). kActSwiglu is gated: the GEMM has 2 N output
+// columns (gate rows of the weight first, then value rows) and swiglu_fwd writes silu(gate) * value.
 enum Act : int { kActNone = 0, kActGelu = 1, kActGeluTanh = 2, kActQuickGelu = 3, kActSwiglu = 4 };
-// The last elementwise activation: bindings.cpp accepts codes kActNone..kActLast. kActSwiglu is
-// gated (two weight row blocks) and is not implemented by this extension (fastvit.cuda's LIMITS.acts).
-constexpr Act kActLast = kActQuickGelu;
+// The last activation code: bindings.cpp accepts kActNone..kActLast.
+constexpr Act kActLast = kActSwiglu;
 
 // ------------------------------------------------------------------ attention.cu
 // q, k, v: (B, H, N | Nkv, d) with element strides (sb, sh, sn) and unit stride on d.
@@ -40,9 +40,29 @@ constexpr int attention_block_m(DType dt) { return dt == kFloat32 ? kAttnBlockMF
 constexpr int64_t attention_grid_blocks(DType dt, int64_t B, int64_t H, int64_t N) {
   return B * H * ((N + attention_block_m(dt) - 1) / attention_block_m(dt));
 }
+// Optional logit bias, added after the scale: bias[b, h, i, j] at
+//   ptr + b * strides[0] + h * strides[1] + i * strides[2] + j   (elements of dtype dt)
+// strides[0] = 0 broadcasts one (H, N, N_kv) bias over the batch. ptr null: no bias.
+struct AttnBias {
+  const void* ptr;
+  DType dt;
+  int64_t strides[3];
+};
+// Optional rotary embedding of q and k, table cat([sin, cos], -1): row t of head h at
+//   ptr + h * strides[0] + t * strides[1]   (strides[0] = 0: one table for every head)
+// holds sin in columns [0, d) and cos in [d, 2 d). The last n_rot tokens of q (of k) are rotated
+// with table rows 0..n_rot-1; pairs (2 i, 2 i + 1), or (i, i + d / 2) with `half`. The rotation is
+// float32 (no fused multiply-add, as the reference) and rounded to the input dtype. ptr null: none.
+struct AttnRope {
+  const void* ptr;
+  DType dt;
+  int64_t strides[2];
+  int n_rot;
+  bool half;
+};
 int attention_fwd(DType dt, const void* q, const void* k, const void* v, void* out, int B, int H, int N, int Nkv,
                   int d, const int64_t* q_strides, const int64_t* k_strides, const int64_t* v_strides, float scale,
-                  cudaStream_t stream);
+                  const AttnBias& bias, const AttnRope& rope, cudaStream_t stream);
 
 // ------------------------------------------------------------------ layer_norm.cu
 // x: (M, D) with row stride ldx (elements) and unit column stride; y: (M, D) contiguous.
@@ -64,6 +84,13 @@ struct RowMap {
 // N <= 2^31 - 1 (columns are 32-bit in the kernel), else cudaErrorInvalidValue.
 int epilogue_fwd(DType dt, void* y, int64_t ldy, RowMap map, int64_t rows, int64_t N, const void* bias, Act act,
                  const void* gamma, const void* residual, int64_t ldr, cudaStream_t stream);
+
+// SwiGLU epilogue: y[m, n] = silu(h[m, n] + bias[n]) * (h[m, N + n] + bias[N + n]) * gamma[n]
+// + residual[m, n] for n < N: h (rows, 2 N) row-major with row stride ldh (the GEMM's output, gate
+// columns first), y (rows, N) with row stride ldy, residual with row stride ldr; bias (2 N,),
+// gamma (N,) and residual optional (null). Float32 math. N <= 2^30 - 1, else cudaErrorInvalidValue.
+int swiglu_fwd(DType dt, const void* h, int64_t ldh, void* y, int64_t ldy, int64_t rows, int64_t N, const void* bias,
+               const void* gamma, const void* residual, int64_t ldr, cudaStream_t stream);
 
 // One cuBLASLt call: for b in [0, batch):  Y_b = epi(alpha * X_b @ W^T + beta * C_b + bias)
 //   X_b: (M, K) row-major, row stride ldx, batch stride stride_x.  W: (N, K) row-major, ldw,

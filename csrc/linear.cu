@@ -2,6 +2,8 @@
 // cuBLASLt's BIAS / GELU_BIAS epilogues and a residual added through beta = 1 on the C operand.
 // What cuBLASLt has no epilogue for (tanh GELU, QuickGELU, LayerScale gamma after the activation, a
 // residual after an activation) is done by one small elementwise pass, `epilogue_fwd`, in place on y.
+// SwiGLU is gated: the GEMM writes its 2 N columns (gate, value) to a temporary and `swiglu_fwd`
+// reads both halves and writes the N output columns.
 //
 // cuBLASLt is column-major: a row-major (M, N) matrix is a column-major (N, M) one, so
 // Y^T = W X^T is computed with A = W (row-major (N, K) = col-major (K, N), op T) and B = X
@@ -138,6 +140,50 @@ __global__ void __launch_bounds__(kEpiThreads) epilogue_kernel(T* __restrict__ y
   }
 }
 
+// SwiGLU epilogue, out of place: the same 2-D grid-stride mapping as epilogue_kernel without the row
+// map (rows of y are packed). Columns are 32-bit: N <= 2^30 - 1 keeps N + n (the value column) and
+// n + n_step below 2^32.
+template <typename T>
+__global__ void __launch_bounds__(kEpiThreads) swiglu_kernel(const T* __restrict__ h, int64_t ldh, T* __restrict__ y,
+                                                             int64_t ldy, int64_t rows, unsigned N,
+                                                             const T* __restrict__ bias, const T* __restrict__ gamma,
+                                                             const T* __restrict__ residual, int64_t ldr) {
+  const unsigned n0 = blockIdx.x * blockDim.x + threadIdx.x, n_step = gridDim.x * blockDim.x;
+  const unsigned m0 = blockIdx.y * blockDim.y + threadIdx.y, m_step = gridDim.y * blockDim.y;
+  for (int64_t m = m0; m < rows; m += m_step) {
+    const T* hrow = h + m * ldh;
+    T* yrow = y + m * ldy;
+    const T* rrow = residual != nullptr ? residual + m * ldr : nullptr;
+    for (unsigned n = n0; n < N; n += n_step) {
+      float g = to_float(hrow[n]), v = to_float(hrow[N + n]);
+      if (bias != nullptr) {
+        g += to_float(bias[n]);
+        v += to_float(bias[N + n]);
+      }
+      // silu(g) = g / (1 + exp(-g)): for large negative g expf overflows to inf and the quotient is
+      // -0 (never inf / inf or 0 * inf)
+      float o = g / (1.f + expf(-g)) * v;
+      if (gamma != nullptr) o *= to_float(gamma[n]);
+      if (rrow != nullptr) o += to_float(rrow[n]);
+      yrow[n] = from_float<T>(o);
+    }
+  }
+}
+
+// (block, grid) of the elementwise epilogues for rows x N outputs: column threads the smallest power
+// of two >= N in [32, kEpiThreads], the rest of the block on rows, so narrow outputs do not leave
+// most of each block idle; about as many blocks as fill any current GPU several times (the loops
+// cover the rest).
+void epilogue_shape(int64_t rows, int64_t N, dim3* block, dim3* grid) {
+  int tx = 32;
+  while (tx < kEpiThreads && tx < N) tx *= 2;
+  const int ty = kEpiThreads / tx;
+  const unsigned gx = grid_for(N, tx, 1024);
+  const unsigned gy = grid_for(rows, ty, std::max<int64_t>(1, 65535 / gx));
+  *block = dim3(tx, ty);
+  *grid = dim3(gx, gy);
+}
+
 }  // namespace
 
 const char* lt_status_name(int status) {
@@ -232,17 +278,23 @@ int lt_gemm(const GemmArgs& g, cudaStream_t stream) {
 int epilogue_fwd(DType dt, void* y, int64_t ldy, RowMap map, int64_t rows, int64_t N, const void* bias, Act act,
                  const void* gamma, const void* residual, int64_t ldr, cudaStream_t stream) {
   if (rows < 1 || N < 1 || N > INT32_MAX || map.rows_per_batch < 1) return cudaErrorInvalidValue;
-  // Column threads: the smallest power of two >= N in [32, kEpiThreads], the rest of the block on
-  // rows, so narrow outputs do not leave most of each block idle.
-  int tx = 32;
-  while (tx < kEpiThreads && tx < N) tx *= 2;
-  const int ty = kEpiThreads / tx;
-  // About as many blocks as fill any current GPU several times; the loops cover the rest.
-  const unsigned gx = grid_for(N, tx, 1024);
-  const unsigned gy = grid_for(rows, ty, std::max<int64_t>(1, 65535 / gx));
-  FASTVIT_DISPATCH(dt, epilogue_kernel<T><<<dim3(gx, gy), dim3(tx, ty), 0, stream>>>(
+  dim3 block, grid;
+  epilogue_shape(rows, N, &block, &grid);
+  FASTVIT_DISPATCH(dt, epilogue_kernel<T><<<grid, block, 0, stream>>>(
                            static_cast<T*>(y), ldy, map, rows, static_cast<unsigned>(N), static_cast<const T*>(bias),
                            act, static_cast<const T*>(gamma), static_cast<const T*>(residual), ldr));
+  return cudaGetLastError();
+}
+
+int swiglu_fwd(DType dt, const void* h, int64_t ldh, void* y, int64_t ldy, int64_t rows, int64_t N, const void* bias,
+               const void* gamma, const void* residual, int64_t ldr, cudaStream_t stream) {
+  if (rows < 1 || N < 1 || N > (INT32_MAX >> 1)) return cudaErrorInvalidValue;
+  dim3 block, grid;
+  epilogue_shape(rows, N, &block, &grid);
+  FASTVIT_DISPATCH(dt, swiglu_kernel<T><<<grid, block, 0, stream>>>(
+                           static_cast<const T*>(h), ldh, static_cast<T*>(y), ldy, rows, static_cast<unsigned>(N),
+                           static_cast<const T*>(bias), static_cast<const T*>(gamma),
+                           static_cast<const T*>(residual), ldr));
   return cudaGetLastError();
 }
 
