@@ -28,10 +28,16 @@ import torch
 
 from fastvit.facts import interpret_mode
 
-__all__ = ["Config", "Tunable", "autotune_enabled", "cache_path", "in_capture", "clear_memory_cache", "smem_limit",
+__all__ = ["Config", "Tunable", "cdiv", "autotune_enabled", "cache_path", "in_capture", "clear_memory_cache", "smem_limit",
            "set_target", "target_arch", "SMEM_LIMITS", "NotWarmedUp"]
 
 _lock = threading.RLock()
+
+
+def cdiv(a: int, b: int) -> int:
+    """Ceiling division of Python ints, for launch grids (``triton.cdiv`` goes through Triton's
+    constexpr-function wrapper: several times the cost on the launch path)."""
+    return -(-a // b)
 
 
 @dataclass(frozen=True)
@@ -41,6 +47,14 @@ class Config:
     meta: Tuple[Tuple[str, int], ...]
     num_warps: int = 4
     num_stages: int = 2
+    # built once (a launch reads them on every call): the meta dict and the launch keywords
+    _meta: Dict[str, int] = field(init=False, repr=False, compare=False, hash=False)
+    _launch: Dict[str, int] = field(init=False, repr=False, compare=False, hash=False)
+
+    def __post_init__(self):
+        meta = dict(self.meta)
+        object.__setattr__(self, "_meta", meta)
+        object.__setattr__(self, "_launch", {**meta, "num_warps": self.num_warps, "num_stages": self.num_stages})
 
     @staticmethod
     def make(num_warps: int = 4, num_stages: int = 2, **meta: int) -> "Config":
@@ -48,14 +62,14 @@ class Config:
 
     @property
     def kwargs(self) -> Dict[str, int]:
-        return dict(self.meta)
+        return dict(self._meta)
 
     def __getitem__(self, name: str) -> int:
-        return dict(self.meta)[name]
+        return self._meta[name]
 
     def launch_kwargs(self) -> Dict[str, int]:
-        """Keyword arguments for ``kernel[grid](..., **cfg.launch_kwargs())``."""
-        return {**dict(self.meta), "num_warps": self.num_warps, "num_stages": self.num_stages}
+        """Keyword arguments for ``kernel[grid](..., **cfg.launch_kwargs())`` (shared: do not mutate)."""
+        return self._launch
 
     def to_json(self) -> Dict[str, Any]:
         return {"meta": dict(self.meta), "num_warps": self.num_warps, "num_stages": self.num_stages}

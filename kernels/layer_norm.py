@@ -24,7 +24,7 @@ import triton.language as tl
 
 from fastvit.facts import dtype_name
 
-from .autotune import Config, Tunable, next_pow2
+from .autotune import Config, Tunable, cdiv, next_pow2
 
 
 @triton.jit
@@ -134,7 +134,7 @@ def layer_norm_fwd(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Option
         return out
 
     def run(cfg: Config):
-        _ln_fwd[(triton.cdiv(M, cfg["BLOCK_M"]),)](
+        _ln_fwd[(cdiv(M, cfg["BLOCK_M"]),)](
             x2, weight if weight is not None else x2, bias if bias is not None else x2, y2, x2, x2,
             x2.stride(0), y2.stride(0), M, D, float(eps),
             HAS_W=weight is not None, HAS_B=bias is not None, WRITE_Y=True, WRITE_STATS=False,
@@ -154,7 +154,7 @@ def row_stats(x2: torch.Tensor, eps: float, config: Optional[Config] = None) -> 
         return mean, rstd
 
     def run(cfg: Config):
-        _ln_fwd[(triton.cdiv(M, cfg["BLOCK_M"]),)](
+        _ln_fwd[(cdiv(M, cfg["BLOCK_M"]),)](
             x2, x2, x2, x2, mean, rstd, x2.stride(0), 0, M, D, float(eps),
             HAS_W=False, HAS_B=False, WRITE_Y=False, WRITE_STATS=True, **cfg.launch_kwargs(),
         )

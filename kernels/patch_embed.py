@@ -23,7 +23,7 @@ import triton.language as tl
 
 from fastvit.facts import dtype_name, patch_grid
 
-from .autotune import Config, Tunable, next_pow2, smem_limit
+from .autotune import Config, Tunable, cdiv, next_pow2, smem_limit
 
 
 @triton.jit
@@ -156,8 +156,8 @@ def patch_embed_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
 
     def run(cfg: Config):
         bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
-        n_prefix = triton.cdiv(B * T, bm)
-        grid = ((n_prefix + triton.cdiv(M, bm)) * triton.cdiv(D, bn),)
+        n_prefix = cdiv(B * T, bm)
+        grid = ((n_prefix + cdiv(M, bm)) * cdiv(D, bn),)
         _patch_embed_fwd[grid](
             x, w2, bias if bias is not None else w2, pos_embed if pos_embed is not None else w2,
             prefix if prefix is not None else w2, out,
