@@ -23,8 +23,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import backends, ops
-from .facts import ACTIVATIONS, patch_grid
+from .facts import ACTIVATIONS, GATED_ACTS, patch_grid
 from .reference import resample_pos_embed
+from .rope import build_rope
 
 __all__ = ["VisionTransformer", "Block", "Attention", "Mlp", "PatchEmbed", "HybridEmbed", "LayerScale", "LayerNorm",
            "AttentionPoolLatent"]
@@ -158,22 +159,28 @@ class HybridEmbed(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention parameters: ``qkv`` (dim -> 3 dim) and ``proj``.
+    """Multi-head self-attention parameters: ``qkv`` (dim -> 3 dim), optional ``norm`` and ``proj``.
 
     The block runs it through the fused ops; calling this module alone computes
-    ``proj(attention(qkv(x)))`` without norm or residual.
+    ``proj(norm(attention(qkv(x))))`` without the block's norm or residual.
+
+    Args:
+        rope_half: RoPE pairs dims (i, i + d / 2) (DINOv3) instead of (2 i, 2 i + 1).
+        inner_norm: a LayerNorm of the attention output before ``proj`` (timm ``scale_attn_inner``,
+            EVA-02 CLIP's ``attn.norm``), fused as proj's prologue.
     """
 
     def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = False, proj_bias: bool = True,
-                 rope_half: bool = False):
+                 rope_half: bool = False, inner_norm: bool = False, norm_eps: float = 1e-6):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"num_heads: expected a divisor of dim={dim}, got {num_heads}")
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.scale = self.head_dim ** -0.5
-        self.rope_half = rope_half  # RoPE pairs dims (i, i + d / 2) (DINOv3) instead of (2 i, 2 i + 1)
+        self.rope_half = rope_half
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.norm = LayerNorm(dim, eps=norm_eps) if inner_norm else None
         self.proj = nn.Linear(dim, dim, bias=proj_bias)
 
     def attend(self, qkv: torch.Tensor, backend=None, probs: bool = False, rope: Optional[torch.Tensor] = None,
@@ -199,36 +206,63 @@ class Attention(nn.Module):
                 bias: Optional[torch.Tensor] = None) -> torch.Tensor:
         qkv = ops.linear(x, self.qkv.weight, self.qkv.bias, backend=backend)
         o, _ = self.attend(qkv, backend, rope=rope, bias=bias)
-        return ops.linear(o, self.proj.weight, self.proj.bias, backend=backend)
+        n = self.norm
+        if n is None:
+            return ops.linear(o, self.proj.weight, self.proj.bias, backend=backend)
+        return ops.linear(o, self.proj.weight, self.proj.bias, ln_weight=n.weight, ln_bias=n.bias, ln_eps=n.eps,
+                          backend=backend)
 
 
 class Mlp(nn.Module):
-    """``fc1`` -> activation (GELU erf / tanh, QuickGELU) -> ``fc2`` parameters (timm's Mlp names)."""
+    """``fc1`` -> activation -> optional ``norm`` -> ``fc2`` parameters (timm's Mlp names).
 
-    def __init__(self, in_features: int, hidden_features: int, act: str = "gelu", bias: bool = True):
+    With act='swiglu' ``fc1`` holds 2 * hidden_features rows, gate rows then value rows (timm
+    ``GluMlp(gate_last=False)``'s packed fc1, or ``SwiGLU``'s fc1_g over fc1_x), and the
+    activation ``silu(gate) * value`` has hidden_features columns.
+
+    Args:
+        norm: a LayerNorm of the hidden activation before ``fc2`` (timm ``scale_mlp``, EVA-02's
+            sub-LN), fused as fc2's prologue.
+    """
+
+    def __init__(self, in_features: int, hidden_features: int, act: str = "gelu", bias: bool = True,
+                 norm: bool = False, norm_eps: float = 1e-6):
         super().__init__()
         if act not in _ACTS:
             raise ValueError(f"act: expected one of {_ACTS}, got {act!r}")
         self.act = act
-        self.fc1 = nn.Linear(in_features, hidden_features, bias=bias)
+        self.fc1 = nn.Linear(in_features, hidden_features * (2 if act in GATED_ACTS else 1), bias=bias)
+        self.norm = LayerNorm(hidden_features, eps=norm_eps) if norm else None
         self.fc2 = nn.Linear(hidden_features, in_features, bias=bias)
 
     def forward(self, x: torch.Tensor, backend: Optional[str] = None) -> torch.Tensor:
-        return ops.mlp(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias, self.act, backend=backend)
+        n = self.norm
+        if n is None:
+            return ops.mlp(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias, self.act,
+                           backend=backend)
+        return ops.mlp(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias, self.act,
+                       hidden_ln_weight=n.weight, hidden_ln_bias=n.bias, hidden_ln_eps=n.eps, backend=backend)
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block: ``x + ls1(attn(norm1(x)))``, then ``x + ls2(mlp(norm2(x)))``."""
+    """Pre-norm transformer block: ``x + ls1(attn(norm1(x)))``, then ``x + ls2(mlp(norm2(x)))``.
+
+    EVA-family options: ``rope_half`` (the RoPE layout, see :class:`Attention`),
+    ``scale_attn_inner`` (``attn.norm``) and ``scale_mlp`` (``mlp.norm``), each a LayerNorm fused
+    as the prologue of the next GEMM; act='swiglu' gives the gated MLP.
+    """
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
                  proj_bias: bool = True, init_values: Optional[float] = None, act: str = "gelu",
-                 norm_eps: float = 1e-6):
+                 norm_eps: float = 1e-6, rope_half: bool = False, scale_attn_inner: bool = False,
+                 scale_mlp: bool = False):
         super().__init__()
         self.norm1 = LayerNorm(dim, eps=norm_eps)
-        self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, proj_bias=proj_bias)
+        self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, proj_bias=proj_bias, rope_half=rope_half,
+                              inner_norm=scale_attn_inner, norm_eps=norm_eps)
         self.ls1 = LayerScale(dim, init_values) if init_values else nn.Identity()
         self.norm2 = LayerNorm(dim, eps=norm_eps)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), act=act, bias=proj_bias)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act=act, bias=proj_bias, norm=scale_mlp, norm_eps=norm_eps)
         self.ls2 = LayerScale(dim, init_values) if init_values else nn.Identity()
 
     def _gamma(self, ls) -> Optional[torch.Tensor]:
@@ -243,11 +277,22 @@ class Block(nn.Module):
         qkv = ops.linear(x, self.attn.qkv.weight, self.attn.qkv.bias, ln_weight=n1.weight, ln_bias=n1.bias,
                          ln_eps=n1.eps, backend=backend)  # (B, N, 3D)
         o, probs = self.attn.attend(qkv, backend, probs=return_attn, rope=rope, bias=attn_bias)  # (B, N, D)
-        x = ops.linear(o, self.attn.proj.weight, self.attn.proj.bias, gamma=self._gamma(self.ls1), residual=x,
-                       backend=backend)
+        an = self.attn.norm
+        if an is None:
+            x = ops.linear(o, self.attn.proj.weight, self.attn.proj.bias, gamma=self._gamma(self.ls1), residual=x,
+                           backend=backend)
+        else:
+            x = ops.linear(o, self.attn.proj.weight, self.attn.proj.bias, gamma=self._gamma(self.ls1), residual=x,
+                           ln_weight=an.weight, ln_bias=an.bias, ln_eps=an.eps, backend=backend)
         m = self.mlp
-        x = ops.mlp(x, m.fc1.weight, m.fc1.bias, m.fc2.weight, m.fc2.bias, m.act, gamma=self._gamma(self.ls2),
-                    residual=x, ln_weight=n2.weight, ln_bias=n2.bias, ln_eps=n2.eps, backend=backend)
+        hn = m.norm
+        if hn is None:
+            x = ops.mlp(x, m.fc1.weight, m.fc1.bias, m.fc2.weight, m.fc2.bias, m.act, gamma=self._gamma(self.ls2),
+                        residual=x, ln_weight=n2.weight, ln_bias=n2.bias, ln_eps=n2.eps, backend=backend)
+        else:
+            x = ops.mlp(x, m.fc1.weight, m.fc1.bias, m.fc2.weight, m.fc2.bias, m.act, gamma=self._gamma(self.ls2),
+                        residual=x, ln_weight=n2.weight, ln_bias=n2.bias, ln_eps=n2.eps, hidden_ln_weight=hn.weight,
+                        hidden_ln_bias=hn.bias, hidden_ln_eps=hn.eps, backend=backend)
         return (x, probs) if return_attn else x
 
 
@@ -330,6 +375,17 @@ class VisionTransformer(nn.Module):
             CLIP's ``visual_projection``).
         attn_pool_latent_len, attn_pool_type: latent rows and pooling of the MAP head
             (timm's AttentionPoolLatent ``latent_len`` / ``pool_type``; 1 / 'token' in every timm preset).
+        rope_type: rotary position embedding of the patch tokens in every block (timm ``Eva``'s
+            ``use_rot_pos_emb`` + ``rope_type``): None, 'cat' (EVA-02, timm / naver RoPE ViTs),
+            'mixed' (learnt per-block, per-head frequencies ``rope.freqs``) or 'dinov3'; see
+            :mod:`fastvit.rope`. The prefix tokens are not rotated.
+        rope_temperature, rope_grid_indexing, rope_grid_offset, ref_feat_shape: timm ``Eva``'s RoPE
+            settings (temperature None: the kind's default).
+        rope_rotate_half: pair dims (i, i + d / 2) instead of (2 i, 2 i + 1); None: True for
+            'dinov3', else False.
+        rope_hf: compute the 'dinov3' table as Hugging Face's DINOv3ViTModel rounds it.
+        scale_attn_inner: LayerNorm of the attention output before ``proj`` (``attn.norm``).
+        scale_mlp: LayerNorm of the MLP hidden activation before ``fc2`` (``mlp.norm``, EVA-02).
         distilled: DeiT distillation token + ``head_dist`` (timm's VisionTransformerDistilled).
         pos_embed_antialias: resample position embeddings with antialias (timm True, HF False).
         embed_layer: a pre-built patch-embedding module (e.g. :class:`HybridEmbed`), or None.
@@ -366,6 +422,15 @@ class VisionTransformer(nn.Module):
         head_bias: bool = True,
         attn_pool_latent_len: int = 1,
         attn_pool_type: str = "token",
+        rope_type: Optional[str] = None,
+        rope_temperature: Optional[float] = None,
+        rope_grid_indexing: str = "ij",
+        rope_grid_offset: float = 0.0,
+        rope_rotate_half: Optional[bool] = None,
+        ref_feat_shape: Optional[Union[int, Tuple[int, int]]] = None,
+        rope_hf: bool = False,
+        scale_attn_inner: bool = False,
+        scale_mlp: bool = False,
         embed_layer: Optional[nn.Module] = None,
         drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
@@ -411,8 +476,12 @@ class VisionTransformer(nn.Module):
         embed_len = num_patches if no_embed_class else num_patches + self.num_prefix_tokens
         self.pos_embed = None if pos_embed in ("", "none") else nn.Parameter(torch.randn(1, embed_len, embed_dim) * 0.02)
         self.norm_pre = LayerNorm(embed_dim, eps=norm_eps) if pre_norm else nn.Identity()
+        if rope_rotate_half is None:
+            rope_rotate_half = rope_type == "dinov3"
         self.blocks = nn.Sequential(*[
-            Block(embed_dim, num_heads, mlp_ratio, qkv_bias, proj_bias, init_values, act, norm_eps)
+            Block(embed_dim, num_heads, mlp_ratio, qkv_bias, proj_bias, init_values, act, norm_eps,
+                  rope_half=bool(rope_type) and rope_rotate_half, scale_attn_inner=scale_attn_inner,
+                  scale_mlp=scale_mlp)
             for _ in range(depth)
         ])
         self.norm = LayerNorm(embed_dim, eps=norm_eps) if final_norm and not use_fc_norm else nn.Identity()
@@ -424,7 +493,11 @@ class VisionTransformer(nn.Module):
         self.head = nn.Linear(embed_dim, num_classes, bias=head_bias) if num_classes > 0 else nn.Identity()
         self.head_dist = (nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()) if distilled else None
         self._embed_cache: Dict[Any, Tuple[Any, Tuple[torch.Tensor, Optional[torch.Tensor]]]] = {}
-        self.rope = None  # a RoPE module (fastvit.rope) giving each block's table, for the families that use one
+        # a RoPE module (fastvit.rope) giving each block's table, for the families that use one
+        self.rope = build_rope(rope_type, embed_dim // num_heads, depth, num_heads, rope_temperature,
+                               rope_grid_indexing, rope_grid_offset,
+                               None if ref_feat_shape is None else _pair(ref_feat_shape), rope_rotate_half,
+                               hf=rope_hf)
         self._pos_cache: Dict[Any, Tuple[Any, Any]] = {}
         self._init_weights()
 
