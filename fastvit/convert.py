@@ -19,6 +19,7 @@ from .checkpoint import CheckpointError
 from .facts import ACTIVATIONS
 from .model import HybridEmbed, LayerNorm, LayerScale, PatchEmbed, VisionTransformer
 from .reference import resample_pos_embed
+from .relpos import RelativePositionBias, resize_table
 
 __all__ = [
     "convert_timm_state_dict",
@@ -44,8 +45,16 @@ def convert_timm_state_dict(state_dict: Mapping[str, torch.Tensor],
     ``pos_embed`` (1, T + gh * gw, D) is resampled (bicubic, antialiased) to the model's grid and
     ``patch_embed.proj.weight`` (D, C, ph, pw) to its patch size (FlexiViT pseudo-inverse), both as
     timm does; every other tensor is passed through. Keys are not checked here (loading is strict).
+
+    A timm ``Eva`` state dict (EVA-02, DINOv3, RoPE ViTs) takes fastvit's names (see
+    :func:`_timm_eva_names`). A timm ``Beit`` state dict takes fastvit's names (see :func:`_timm_beit_names`), and a relative
+    position bias table stored for another grid is fitted to the model's (timm's
+    ``resize_rel_pos_bias_table``, as its ``checkpoint_filter_fn``).
     """
-    sd = dict(state_dict)
+    if model.rope is not None or any(_EVA_KEY.match(k) for k in state_dict):
+        state_dict = _timm_eva_names(state_dict)  # before BEiT's: the names both families share go here
+    sd = _timm_beit_names(state_dict) if any(_BEIT_KEY.match(k) for k in state_dict) else dict(state_dict)
+    _fit_rel_pos_tables(sd, model)
     w = sd.get("patch_embed.proj.weight")
     mw = model.patch_embed.proj.weight
     if w is not None and w.dim() == 4 and w.shape[:2] == mw.shape[:2] and w.shape[2:] != mw.shape[2:]:
@@ -61,6 +70,98 @@ def convert_timm_state_dict(state_dict: Mapping[str, torch.Tensor],
         patch = resample_pos_embed(pe[0, n:], model.patch_embed.grid_size, (side, side), antialias=True)
         sd["pos_embed"] = torch.cat([pe[0, :n], patch], 0).unsqueeze(0)
     return sd
+
+
+# keys only a timm Eva checkpoint has (a model with RoPE is converted whatever its keys)
+_EVA_KEY = re.compile(r"^(blocks\.\d+\.(attn\.[qkv]_proj|mlp\.fc1_[gx])\.(weight|bias)|rope\.freqs)$")
+
+
+def _timm_eva_names(state_dict: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """timm ``Eva`` keys -> fastvit's, into the fused GEMMs: ``attn.q_proj`` / ``k_proj`` /
+    ``v_proj`` (qkv_fused=False) -> ``attn.qkv`` (3D, D) (a missing k bias is zeros); ``attn.q_bias``
+    / ``v_bias`` (k has none) -> ``attn.qkv.bias``; ``mlp.fc1_g`` over ``mlp.fc1_x`` (timm SwiGLU) ->
+    ``mlp.fc1`` (2 Hd, D), gate rows first; ``gamma_1`` / ``gamma_2`` -> ``ls1.gamma`` /
+    ``ls2.gamma``. ``rope.freqs`` (mixed RoPE), ``attn.norm`` and ``mlp.norm`` keep their names;
+    so does everything else (fastvit names pass through)."""
+    out: Dict[str, torch.Tensor] = {}
+    parts: Dict[Tuple[str, str], Dict[str, torch.Tensor]] = {}  # (prefix, leaf) -> {'q': .., 'k': .., 'v': ..}
+    for k, v in state_dict.items():
+        m = re.match(r"^(blocks\.\d+\.)(.+)$", k)
+        rest = m.group(2) if m else None
+        if rest is None:
+            out[k] = v
+        elif rest in ("attn.q_bias", "attn.k_bias", "attn.v_bias"):
+            parts.setdefault((m.group(1) + "attn.qkv", "bias"), {})[rest[5]] = v
+        elif re.match(r"^attn\.[qkv]_proj\.(weight|bias)$", rest):
+            parts.setdefault((m.group(1) + "attn.qkv", rest.rpartition(".")[2]), {})[rest[5]] = v
+        elif re.match(r"^mlp\.fc1_[gx]\.(weight|bias)$", rest):
+            parts.setdefault((m.group(1) + "mlp.fc1", rest.rpartition(".")[2]), {})[rest[8]] = v
+        elif rest in ("gamma_1", "gamma_2"):
+            out[f"{m.group(1)}ls{rest[-1]}.gamma"] = v
+        else:
+            out[k] = v
+    for (name, leaf), p in parts.items():
+        order = "gx" if name.endswith("fc1") else "qkv"
+        if leaf == "bias" and order == "qkv" and "k" not in p and "q" in p:
+            p["k"] = torch.zeros_like(p["q"])  # EVA's key projection has no bias
+        if any(c not in p for c in order):
+            raise CheckpointError(f"state_dict: {name} has the {leaf} of {sorted(p)} only, expected all of "
+                                  f"{list(order)}")
+        out[f"{name}.{leaf}"] = torch.cat([p[c] for c in order], 0)
+    return out
+
+
+# keys only a timm Beit checkpoint has
+_BEIT_KEY = re.compile(r"^blocks\.\d+\.(gamma_[12]|attn\.(q_bias|v_bias|relative_position_bias_table))$")
+
+
+def _timm_beit_names(state_dict: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """timm ``Beit`` keys -> fastvit's: ``attn.q_bias`` / ``attn.v_bias`` (+ a zero k bias) ->
+    ``attn.qkv.bias`` (3D,); ``gamma_1`` / ``gamma_2`` -> ``ls1.gamma`` / ``ls2.gamma``; a block's
+    ``attn.relative_position_bias_table`` -> ``attn.rel_pos_bias.relative_position_bias_table``
+    (the shared ``rel_pos_bias.relative_position_bias_table`` keeps its name); the index buffers
+    older checkpoints saved are dropped (timm's filter drops them too)."""
+    out: Dict[str, torch.Tensor] = {}
+    qv: Dict[str, Dict[str, torch.Tensor]] = {}
+    for k, v in state_dict.items():
+        if k.endswith("relative_position_index"):
+            continue
+        m = re.match(r"^(blocks\.\d+\.)(.+)$", k)
+        rest = m.group(2) if m else None
+        if rest in ("attn.q_bias", "attn.k_bias", "attn.v_bias"):
+            qv.setdefault(m.group(1), {})[rest[5]] = v
+        elif rest in ("gamma_1", "gamma_2"):
+            out[f"{m.group(1)}ls{rest[-1]}.gamma"] = v
+        elif rest == "attn.relative_position_bias_table":
+            out[f"{m.group(1)}attn.rel_pos_bias.relative_position_bias_table"] = v
+        else:
+            out[k] = v
+    for blk, parts in qv.items():
+        if "q" not in parts or "v" not in parts:
+            raise CheckpointError(f"state_dict: {blk}attn has {sorted(parts)} of the q / v biases, expected both")
+        q = parts["q"]
+        out[f"{blk}attn.qkv.bias"] = torch.cat([q, parts.get("k", torch.zeros_like(q)), parts["v"]])
+    return out
+
+
+def _fit_rel_pos_tables(sd: Dict[str, torch.Tensor], model: nn.Module) -> None:
+    """Fit every relative position bias table of ``sd`` whose shape is not the model's to the
+    model's grid, in place (timm ``checkpoint_filter_fn``: the stored grid is assumed square)."""
+    for name, mod in model.named_modules():
+        if not isinstance(mod, RelativePositionBias):
+            continue
+        key = f"{name}.relative_position_bias_table"
+        t = sd.get(key)
+        if t is None or t.shape == mod.relative_position_bias_table.shape:
+            continue
+        if t.dim() != 2 or t.shape[1] != mod.num_heads:
+            raise CheckpointError(f"{key}: checkpoint {tuple(t.shape)} cannot be fitted to "
+                                  f"{tuple(mod.relative_position_bias_table.shape)} (a table per head expected)")
+        try:
+            sd[key] = resize_table(t, mod.window_size, None, "timm")
+        except ValueError as e:
+            raise CheckpointError(f"{key}: checkpoint {tuple(t.shape)} cannot be fitted to grid "
+                                  f"{mod.window_size}: {e}") from None
 
 
 def _resample_patch_weight(w: torch.Tensor, new: Tuple[int, int]) -> torch.Tensor:
@@ -92,6 +193,14 @@ def timm_model_kwargs(timm_model: nn.Module) -> dict:
     m = timm_model
     if not hasattr(m, "blocks") or not hasattr(m, "patch_embed"):
         raise TypeError(f"timm_model: expected a timm VisionTransformer, got {type(m).__name__}")
+    arch = str((getattr(m, "pretrained_cfg", None) or {}).get("architecture") or "")
+    if arch.startswith("beit3"):
+        _unsupported(f"BEiT-3 ({arch}: sub-LayerNorms inside the attention and the MLP, scale_attn_norm / "
+                     "scale_mlp_norm)")
+    if type(m).__name__ == "Beit":
+        return _timm_beit_kwargs(m)
+    if type(m).__name__ == "Eva":
+        return _timm_eva_kwargs(m)
     pool = getattr(m, "attn_pool", None)
     if pool is not None and type(pool).__name__ != "AttentionPoolLatent":
         _unsupported(f"global_pool={m.global_pool!r} ({type(pool).__name__})")
@@ -142,6 +251,171 @@ def timm_model_kwargs(timm_model: nn.Module) -> dict:
         act=act, norm_eps=norm1.eps, distilled=getattr(m, "dist_token", None) is not None, embed_layer=embed_layer,
         head_bias=not isinstance(head, nn.Linear) or head.bias is not None, **pool_args,
     )
+
+
+def _timm_beit_kwargs(m: nn.Module) -> dict:
+    """VisionTransformer keyword arguments of a timm ``Beit`` (beit_* / beitv2_*): one class token,
+    absolute position embedding on or off, relative position bias per block and / or shared,
+    q / v biases (fused into ``qkv.bias`` at conversion), LayerScale ``gamma_1`` / ``gamma_2``,
+    mean pooling + ``fc_norm`` (or the class token + ``norm``). SwiGLU / scaled MLPs and a head
+    dim other than embed_dim / num_heads raise a ValueError naming them."""
+    blk = m.blocks[0]
+    attn, mlp = blk.attn, blk.mlp
+    dim = m.embed_dim
+    if type(mlp).__name__ != "Mlp" or not hasattr(mlp, "fc1"):
+        _unsupported(f"BEiT swiglu_mlp=True ({type(mlp).__name__})")
+    if not isinstance(getattr(mlp, "norm", nn.Identity()), nn.Identity):
+        _unsupported("BEiT scale_mlp=True (a LayerNorm inside the MLP)")
+    if attn.qkv.out_features != 3 * dim:
+        _unsupported(f"BEiT attn_head_dim={attn.qkv.out_features // 3 // attn.num_heads} (not embed_dim / "
+                     f"num_heads = {dim // attn.num_heads})")
+    norm1 = blk.norm1
+    if not isinstance(norm1, nn.LayerNorm):
+        _unsupported(f"norm layer {type(norm1).__name__}")
+    act = _timm_act(mlp.act)
+    pe = m.patch_embed
+    if getattr(pe, "norm", None) is not None and not isinstance(pe.norm, nn.Identity):
+        _unsupported("patch_embed norm")
+    use_fc_norm = isinstance(m.fc_norm, nn.LayerNorm)
+    head = m.head
+    return dict(
+        img_size=pe.img_size, patch_size=pe.patch_size, in_chans=pe.proj.in_channels, num_classes=m.num_classes,
+        global_pool=m.global_pool, embed_dim=dim, depth=len(m.blocks), num_heads=attn.num_heads,
+        mlp_ratio=_mlp_ratio(dim, mlp.fc1.out_features), qkv_bias=attn.q_bias is not None,
+        proj_bias=attn.proj.bias is not None, init_values=1.0 if blk.gamma_1 is not None else None,
+        class_token=True, pos_embed="none" if m.pos_embed is None else "learn",
+        final_norm=isinstance(m.norm, nn.LayerNorm) or use_fc_norm, fc_norm=use_fc_norm,
+        dynamic_img_pad=getattr(pe, "dynamic_img_pad", False), act=act, norm_eps=norm1.eps,
+        use_rel_pos_bias=attn.relative_position_bias_table is not None,
+        use_shared_rel_pos_bias=m.rel_pos_bias is not None,
+        head_bias=not isinstance(head, nn.Linear) or head.bias is not None,
+    )
+
+
+def _timm_eva_kwargs(m: nn.Module) -> dict:
+    """VisionTransformer keyword arguments of a timm ``Eva`` (EVA-02, DINOv3, timm / naver RoPE
+    ViTs): RoPE ('cat', 'mixed', 'dinov3'), q / v or separate q / k / v projections (fused into
+    ``qkv`` at conversion), SwiGLU (packed or split), sub-LN (``scale_mlp``), ``scale_attn_inner``,
+    LayerScale, register tokens, no absolute position embedding.
+
+    What fastvit does not build raises a ValueError naming it: post-norm blocks, q / k norm, gated
+    attention, grouped-query attention, a head dim other than embed_dim / num_heads, LayerScale on
+    the attention only, RMSNorm, MRoPE / pixel-frequency RoPE, the MAP head, fc_norm with a final norm.
+    """
+    dim = m.embed_dim
+    for i, blk in enumerate(m.blocks):
+        name = type(blk).__name__
+        if name == "EvaBlockPostNorm":
+            _unsupported("Eva use_post_norm=True (post-norm blocks, EvaBlockPostNorm)")
+        if name != "EvaBlock":
+            _unsupported(f"Eva block type {name}")
+        attn = blk.attn
+        H = attn.num_heads
+        if getattr(attn, "num_kv_heads", H) != H:
+            _unsupported(f"Eva grouped-query attention (num_kv_heads={attn.num_kv_heads} of {H} heads, block {i})")
+        if getattr(attn, "gate", None) is not None:
+            _unsupported("Eva gated attention (gated_attn=True: a sigmoid gate on the attention output)")
+        if not (isinstance(attn.q_norm, nn.Identity) and isinstance(attn.k_norm, nn.Identity)):
+            _unsupported("Eva qk_norm=True (q / k normalised per head before the attention)")
+        if attn.head_dim * H != dim:
+            _unsupported(f"Eva attn_head_dim={attn.head_dim} (not embed_dim / num_heads = {dim // H})")
+        if (blk.gamma_1 is None) != (blk.gamma_2 is None):
+            _unsupported("Eva attn_only_layer_scale=True (LayerScale on the attention branch only)")
+    blk = m.blocks[0]
+    attn, mlp = blk.attn, blk.mlp
+    norm1 = blk.norm1
+    if type(norm1) is not nn.LayerNorm and not (isinstance(norm1, nn.LayerNorm) and type(norm1).__name__ == "LayerNorm"):
+        _unsupported(f"Eva norm layer {type(norm1).__name__} (LayerNorm only)")
+    eps = norm1.eps
+    inner = attn.norm
+    if not isinstance(inner, nn.Identity) and not (isinstance(inner, nn.LayerNorm) and inner.eps == eps):
+        _unsupported(f"Eva scale_attn_inner with {inner} (a LayerNorm(eps={eps}) expected)")
+    qkv = attn.qkv if attn.qkv is not None else attn.q_proj
+    qkv_bias = getattr(attn, "q_bias", None) is not None or qkv.bias is not None
+    act, hidden, mlp_norm = _timm_eva_mlp(mlp, eps)
+    rope = _timm_eva_rope_kwargs(m, attn)
+    pe = m.patch_embed
+    if getattr(pe, "norm", None) is not None and not isinstance(pe.norm, nn.Identity):
+        _unsupported("patch_embed norm")
+    if getattr(m, "attn_pool", None) is not None:
+        _unsupported("Eva global_pool='map' (attention-pool head)")
+    use_fc_norm = isinstance(m.fc_norm, nn.LayerNorm)
+    post_norm = isinstance(m.norm, nn.LayerNorm)
+    if use_fc_norm and post_norm:
+        _unsupported("Eva with both a final norm and fc_norm (use_post_transformer_norm and use_fc_norm)")
+    for n, what in ((m.norm, "norm"), (m.fc_norm, "fc_norm"), (m.norm_pre, "norm_pre")):
+        if not isinstance(n, nn.Identity) and not (isinstance(n, nn.LayerNorm) and n.eps == eps):
+            _unsupported(f"Eva {what} {n} (a LayerNorm(eps={eps}) expected)")
+    head = m.head
+    return dict(
+        img_size=pe.img_size, patch_size=pe.patch_size, in_chans=pe.proj.in_channels, num_classes=m.num_classes,
+        global_pool=m.global_pool, embed_dim=dim, depth=len(m.blocks), num_heads=attn.num_heads,
+        mlp_ratio=_mlp_ratio(dim, hidden), qkv_bias=qkv_bias, proj_bias=attn.proj.bias is not None,
+        init_values=1.0 if blk.gamma_1 is not None else None,  # the values come with the weights
+        class_token=m.cls_token is not None, pos_embed="none" if m.pos_embed is None else "learn",
+        no_embed_class=m.no_embed_class, reg_tokens=m.reg_token.shape[1] if m.reg_token is not None else 0,
+        pre_norm=isinstance(m.norm_pre, nn.LayerNorm), final_norm=post_norm or use_fc_norm, fc_norm=use_fc_norm,
+        dynamic_img_size=m.dynamic_img_size, dynamic_img_pad=getattr(pe, "dynamic_img_pad", False), act=act,
+        norm_eps=eps, scale_mlp=mlp_norm, scale_attn_inner=isinstance(inner, nn.LayerNorm),
+        head_bias=not isinstance(head, nn.Linear) or head.bias is not None, **rope,
+    )
+
+
+def _timm_eva_mlp(mlp: nn.Module, eps: float) -> Tuple[str, int, bool]:
+    """(act, hidden width, sub-LN) of an Eva block's MLP: timm ``Mlp``, ``GluMlp`` (SwiGLU packed,
+    gate first) or ``SwiGLU`` (fc1_g / fc1_x)."""
+    name = type(mlp).__name__
+    if name == "Mlp":
+        act, hidden, fc1 = _timm_act(mlp.act), mlp.fc1.out_features, mlp.fc1
+    elif name in ("GluMlp", "SwiGLU"):
+        if not isinstance(mlp.act, nn.SiLU):
+            _unsupported(f"Eva gated MLP with {type(mlp.act).__name__} (SwiGLU: SiLU)")
+        if name == "GluMlp" and (mlp.gate_last or getattr(mlp, "chunk_dim", -1) != -1):
+            _unsupported("Eva GluMlp(gate_last=True) (gate in the second half)")
+        fc1 = mlp.fc1 if name == "GluMlp" else mlp.fc1_g
+        act, hidden = "swiglu", fc1.out_features // (2 if name == "GluMlp" else 1)
+    else:
+        _unsupported(f"Eva MLP {name}")
+    if (fc1.bias is None) != (mlp.fc2.bias is None):
+        _unsupported("Eva MLP with a bias on only one of fc1 / fc2")
+    norm = mlp.norm
+    if not isinstance(norm, nn.Identity) and not (isinstance(norm, nn.LayerNorm) and norm.eps == eps):
+        _unsupported(f"Eva scale_mlp with {norm} (a LayerNorm(eps={eps}) expected)")
+    return act, hidden, isinstance(norm, nn.LayerNorm)
+
+
+def _timm_eva_rope_kwargs(m: nn.Module, attn: nn.Module) -> dict:
+    """The RoPE arguments of timm ``Eva`` ``m`` ({} without RoPE); other RoPE kinds raise."""
+    rope = m.rope
+    if rope is None:
+        return {}
+    name = type(rope).__name__
+    half = bool(getattr(attn, "rotate_half", False))
+    head_dim = m.embed_dim // attn.num_heads
+    if name == "RotaryEmbeddingCat":
+        if rope.in_pixels or rope.grid_type != "index":
+            _unsupported(f"Eva RoPE with pixel frequencies (in_pixels=True, grid_type={rope.grid_type!r})")
+        if rope.dim != head_dim or rope.rotate_half != half:
+            _unsupported(f"Eva RoPE of dim {rope.dim} / rotate_half={rope.rotate_half} (attention: head dim "
+                         f"{head_dim}, rotate_half={half})")
+        return dict(rope_type="cat", rope_temperature=float(rope.temperature), rope_grid_indexing=rope.grid_indexing,
+                    rope_grid_offset=float(rope.grid_offset), rope_rotate_half=half,
+                    ref_feat_shape=None if rope.ref_feat_shape is None else tuple(rope.ref_feat_shape))
+    if name == "RotaryEmbeddingMixed":
+        if half or rope.depth != len(m.blocks) or rope.num_heads != attn.num_heads:
+            _unsupported("Eva mixed RoPE with rotate_half or a depth / heads other than the model's")
+        return dict(rope_type="mixed", rope_temperature=float(rope.temperature), rope_grid_indexing=rope.grid_indexing)
+    if name == "RotaryEmbeddingDinoV3":
+        if rope.dim != head_dim or not rope.rotate_half or not half:
+            _unsupported("Eva DINOv3 RoPE without rotate_half or of another head dim")
+        if rope.min_period is not None and rope.max_period is not None:
+            _unsupported("Eva DINOv3 RoPE with min_period / max_period (fastvit builds the temperature schedule)")
+        if rope.normalize_coords != "separate":
+            _unsupported(f"Eva DINOv3 RoPE normalize_coords={rope.normalize_coords!r}")
+        return dict(rope_type="dinov3", rope_temperature=float(rope.temperature),
+                    rope_grid_indexing=rope.grid_indexing, rope_grid_offset=float(rope.grid_offset),
+                    rope_rotate_half=True)
+    _unsupported(f"Eva RoPE {name} (rope_type 'mrope' / 'base')")
 
 
 def _timm_act(act_mod: nn.Module) -> str:
@@ -269,7 +543,8 @@ _HF_ACTS = {"gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_
 
 
 # key starts no timm checkpoint has ('model.' is left out: training checkpoints use it too)
-_HF_MARKERS = ("embeddings.", "encoder.", "vit.", "deit.", "dinov2.", "dinov2_with_registers.", "vision_model.")
+_HF_MARKERS = ("embeddings.", "encoder.", "vit.", "deit.", "dinov2.", "dinov2_with_registers.", "vision_model.",
+               "beit.")
 
 
 def is_hf_state_dict(state_dict: Mapping[str, torch.Tensor]) -> bool:
@@ -287,6 +562,8 @@ def convert_hf_state_dict(sd: Mapping[str, torch.Tensor], config) -> Dict[str, t
     ``head.*`` -> ``attn_pool.*`` with ``in_proj`` (3D, D) split into ``q`` (D, D) and ``kv`` (2D, D).
     Raises :class:`~fastvit.checkpoint.CheckpointError` listing every key it does not know.
     """
+    if _get(config, "model_type", "") == "beit":
+        return _convert_hf_beit(sd)
     family = _HF_TOWERS.get(_get(config, "model_type", ""))
     two_tower = _get(config, "model_type", "") in ("clip", "siglip")
     top = dict(_HF_TOWER_TOP, **{f"post_layernorm.{w}": f"{_HF_POST_NORM[family]}.{w}" for w in ("weight", "bias")}) \
@@ -353,6 +630,126 @@ def convert_hf_state_dict(sd: Mapping[str, torch.Tensor], config) -> Dict[str, t
     return out
 
 
+# Hugging Face BEiT (transformers >= 5 names, then the older ones) -> fastvit
+_HF_BEIT_TOP = {
+    "embeddings.cls_token": "cls_token",
+    "embeddings.position_embeddings": "pos_embed",
+    "embeddings.patch_embeddings.projection.weight": "patch_embed.proj.weight",
+    "embeddings.patch_embeddings.projection.bias": "patch_embed.proj.bias",
+    "shared_position_bias.relative_position_bias_table": "rel_pos_bias.relative_position_bias_table",
+    "encoder.relative_position_bias.relative_position_bias_table": "rel_pos_bias.relative_position_bias_table",
+    "layernorm.weight": "norm.weight", "layernorm.bias": "norm.bias",
+    "pooler.layernorm.weight": "fc_norm.weight", "pooler.layernorm.bias": "fc_norm.bias",  # use_mean_pooling
+    "classifier.weight": "head.weight", "classifier.bias": "head.bias",
+}
+_HF_BEIT_BLOCK = {
+    "attention.q_proj": "q", "attention.attention.query": "q",
+    "attention.k_proj": "k", "attention.attention.key": "k",
+    "attention.v_proj": "v", "attention.attention.value": "v",
+    "attention.o_proj": "attn.proj", "attention.output.dense": "attn.proj",
+    "layernorm_before": "norm1", "layernorm_after": "norm2",
+    "mlp.fc1": "mlp.fc1", "intermediate.dense": "mlp.fc1",
+    "mlp.fc2": "mlp.fc2", "output.dense": "mlp.fc2",
+    "relative_position_bias": "attn.rel_pos_bias", "attention.attention.relative_position_bias": "attn.rel_pos_bias",
+}
+_HF_BEIT_DROP = re.compile(r"^(embeddings\.mask_token|.*relative_position_index)$")
+
+
+def _convert_hf_beit(sd: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Hugging Face ``BeitModel`` / ``BeitForImageClassification`` state dict -> fastvit names.
+
+    Per layer q / k / v become ``attn.qkv`` (the key has no bias: zeros fill its third of
+    ``qkv.bias``), ``lambda_1`` / ``lambda_2`` the LayerScale gammas, the layer's relative position
+    table ``attn.rel_pos_bias``; the shared table is ``rel_pos_bias``; the mean-pooling pooler's
+    LayerNorm is ``fc_norm``, ``layernorm`` (class-token pooling) ``norm``. The mask token and index
+    buffers are dropped; any other key raises a :class:`~fastvit.checkpoint.CheckpointError`.
+    """
+    out: Dict[str, torch.Tensor] = {}
+    qkv: Dict[Tuple[int, str, str], torch.Tensor] = {}
+    unknown = []
+    for key, t in sd.items():
+        k = key[len("beit."):] if key.startswith("beit.") else key
+        if _HF_BEIT_DROP.match(k):
+            continue
+        if k in _HF_BEIT_TOP:
+            out[_HF_BEIT_TOP[k]] = t
+            continue
+        m = _HF_LAYER.match(k)
+        if m:
+            i, rest = int(m.group(1)), m.group(2)
+            if rest in ("lambda_1", "lambda_2"):
+                out[f"blocks.{i}.ls{rest[-1]}.gamma"] = t
+                continue
+            part, _, leaf = rest.rpartition(".")
+            new = _HF_BEIT_BLOCK.get(part)
+            if new in ("q", "k", "v"):
+                qkv[(i, new, leaf)] = t
+                continue
+            if new is not None:
+                out[f"blocks.{i}.{new}.{leaf}"] = t
+                continue
+        unknown.append(key)
+    if unknown:
+        raise CheckpointError(f"state_dict: unexpected Hugging Face BEiT keys ({len(unknown)}): {sorted(unknown)}")
+    for i, leaf in sorted({(i, leaf) for (i, _, leaf) in qkv}):
+        q, k, v = (qkv.get((i, n, leaf)) for n in ("q", "k", "v"))
+        if leaf == "bias" and k is None and q is not None:
+            k = torch.zeros_like(q)  # BEiT's key projection has no bias
+        if q is None or k is None or v is None:
+            raise CheckpointError(f"state_dict: layer {i} has an incomplete query/key/value {leaf}")
+        out[f"blocks.{i}.attn.qkv.{leaf}"] = torch.cat([q, k, v], 0)
+    return out
+
+
+# BeitConfig's constructor defaults, for config.json files that omit them
+_HF_BEIT_DEFAULTS = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
+                         hidden_act="gelu", layer_norm_eps=1e-12, image_size=224, patch_size=16, num_channels=3,
+                         use_absolute_position_embeddings=False, use_relative_position_bias=False,
+                         use_shared_relative_position_bias=False, layer_scale_init_value=0.1, use_mean_pooling=True)
+# what the other BEiT classes add on top of the encoder, for the refusals
+_HF_BEIT_REFUSED = {
+    "BeitForMaskedImageModeling": "a masked-image-modelling head (lm_head over visual tokens, mask token)",
+    "BeitForSemanticSegmentation": "a UperNet / FCN segmentation decoder over multi-level features",
+    "BeitBackbone": "multi-level feature maps through an FPN neck (out_indices)",
+}
+
+
+def _hf_beit_kwargs(config, arch: str) -> dict:
+    """Keyword arguments of a Hugging Face ``BeitModel`` / ``BeitForImageClassification`` (see
+    :func:`hf_config_to_kwargs`). HF BEiT runs at any image size (the position embedding bicubic
+    without antialias, the relative position tables resized bilinearly, as HF does)."""
+    base = arch.split(".")[-1]
+    if base in _HF_BEIT_REFUSED:
+        raise ValueError(f"config: {base} ({_HF_BEIT_REFUSED[base]}) is not supported; load the encoder as "
+                         "BeitModel (or BeitForImageClassification)")
+    if base and base not in ("BeitModel", "BeitForImageClassification"):
+        raise ValueError(f"config: expected a BeitModel or BeitForImageClassification for model_type 'beit', "
+                         f"got {base!r}")
+
+    def get(name):
+        v = _get(config, name)
+        return _HF_BEIT_DEFAULTS[name] if v is None else v
+
+    hidden_act = get("hidden_act")
+    acts = {k: v for k, v in _HF_ACTS.items() if k != "quick_gelu"}
+    if hidden_act not in acts:
+        raise ValueError(f"config: hidden_act expected one of {sorted(acts)}, got {hidden_act!r}")
+    dim = get("hidden_size")
+    mean = bool(get("use_mean_pooling"))
+    classify = base == "BeitForImageClassification"
+    return dict(
+        img_size=get("image_size"), patch_size=get("patch_size"), in_chans=get("num_channels"), embed_dim=dim,
+        depth=get("num_hidden_layers"), num_heads=get("num_attention_heads"),
+        mlp_ratio=_mlp_ratio(dim, get("intermediate_size")), qkv_bias=True, act=acts[hidden_act],
+        norm_eps=get("layer_norm_eps"), pos_embed="learn" if get("use_absolute_position_embeddings") else "none",
+        pos_embed_antialias=False, init_values=1.0 if get("layer_scale_init_value") > 0 else None,
+        use_rel_pos_bias=bool(get("use_relative_position_bias")),
+        use_shared_rel_pos_bias=bool(get("use_shared_relative_position_bias")), rel_pos_resize="bilinear",
+        dynamic_img_size=True, global_pool="avg" if mean else "token", fc_norm=mean,
+        num_classes=len(_get(config, "id2label", {}) or {}) if classify else 0,
+    )
+
+
 def _get(config, name, default=None):
     return config.get(name, default) if isinstance(config, Mapping) else getattr(config, name, default)
 
@@ -371,8 +768,10 @@ def hf_config_to_kwargs(config, arch: Optional[str] = None) -> dict:
     arch = arch or (_get(config, "architectures") or [""])[0]
     if model_type in _HF_TOWERS:
         return _hf_tower_kwargs(config, model_type, arch)
+    if model_type == "beit":
+        return _hf_beit_kwargs(config, arch)
     if model_type not in ("vit", "deit", "dinov2", "dinov2_with_registers"):
-        raise ValueError(f"config: expected model_type 'vit', 'deit', 'dinov2', 'dinov2_with_registers', "
+        raise ValueError(f"config: expected model_type 'vit', 'deit', 'dinov2', 'dinov2_with_registers', 'beit', "
                          f"{', '.join(map(repr, _HF_TOWERS))}, got {model_type!r}")
     hidden_act = _get(config, "hidden_act", "gelu")
     acts = {k: v for k, v in _HF_ACTS.items() if k != "quick_gelu"}
@@ -469,6 +868,10 @@ def model_kwargs(model: VisionTransformer) -> dict:
     fc_norm = isinstance(model.fc_norm, LayerNorm)
     ap = model.attn_pool
     pool = dict(attn_pool_latent_len=ap.latent_len, attn_pool_type=ap.pool) if ap is not None else {}
+    tables = [m for m in model.modules() if isinstance(m, RelativePositionBias)]
+    if tables:  # BEiT
+        pool.update(use_rel_pos_bias=getattr(blk.attn, "rel_pos_bias", None) is not None,
+                    use_shared_rel_pos_bias=model.rel_pos_bias is not None, rel_pos_resize=tables[0].resize)
     return dict(
         img_size=list(pe.img_size), patch_size=list(pe.patch_size), in_chans=pe.proj.in_channels,
         num_classes=model.num_classes, global_pool=model.global_pool, embed_dim=dim, depth=len(model.blocks),

@@ -68,14 +68,15 @@ def load_checkpoint(model: VisionTransformer, path: str) -> VisionTransformer:
 
 
 def from_timm(timm_model: nn.Module, backend: Optional[str] = None) -> VisionTransformer:
-    """Same architecture and weights as a timm ``VisionTransformer`` / DeiT (config read from the object).
+    """Same architecture and weights as a timm ``VisionTransformer`` / DeiT / CLIP / SigLIP / ``Beit``
+    (config read from the object; BEiT's q / v biases, gammas and tables take fastvit's names).
 
     Returns a fastvit model on the timm model's device and dtype, in its train / eval mode.
     """
     model = VisionTransformer(backend=backend, **timm_model_kwargs(timm_model))
     p = next(timm_model.parameters())
     model.to(device=p.device, dtype=p.dtype)
-    load_state_dict(model, timm_model.state_dict(), source="timm_model")
+    load_state_dict(model, convert_timm_state_dict(timm_model.state_dict(), model), source="timm_model")
     if model.distilled:
         model.distilled_training = getattr(timm_model, "distilled_training", False)
     return model.train(timm_model.training)
@@ -88,8 +89,8 @@ def from_hf(hf_model_or_state_dict, config=None, backend: Optional[str] = None) 
         hf_model_or_state_dict: ``ViTModel``, ``ViTForImageClassification``, ``DeiTModel``,
             ``DeiTForImageClassification(WithTeacher)``, ``Dinov2Model``, ``Dinov2WithRegistersModel``,
             ``CLIPVisionModel``, ``CLIPVisionModelWithProjection``, ``SiglipVisionModel``, the vision
-            tower of ``CLIPModel`` / ``SiglipModel`` (text-tower weights are left out), or a state dict
-            of one of them (then ``config`` is required).
+            tower of ``CLIPModel`` / ``SiglipModel`` (text-tower weights are left out), ``BeitModel``,
+            ``BeitForImageClassification``, or a state dict of one of them (then ``config`` is required).
         config: the transformers config (or config.json as a dict); read from the model if omitted.
 
     ``forward_features`` equals HF's ``last_hidden_state``. ``forward`` returns: for ViT / DeiT /
@@ -97,7 +98,9 @@ def from_hf(hf_model_or_state_dict, config=None, backend: Optional[str] = None) 
     classifiers the logits; for ``CLIPVisionModel`` and ``SiglipVisionModel`` the ``pooler_output``
     (CLIP: post_layernorm of the class token; SigLIP: the MAP head); for
     ``CLIPVisionModelWithProjection`` / ``CLIPModel`` the ``image_embeds`` (visual_projection, no
-    bias). :func:`hf_outputs` gives them under HF's names. ``Siglip2VisionModel`` (NaFlex) is refused.
+    bias); for ``BeitModel`` the ``pooler_output`` (fc_norm of the mean patch token, or the class
+    token). :func:`hf_outputs` gives them under HF's names. ``Siglip2VisionModel`` (NaFlex),
+    ``BeitForMaskedImageModeling``, ``BeitForSemanticSegmentation`` and ``BeitBackbone`` are refused.
     """
     if isinstance(hf_model_or_state_dict, nn.Module):
         hf = hf_model_or_state_dict
@@ -118,6 +121,9 @@ def from_hf(hf_model_or_state_dict, config=None, backend: Optional[str] = None) 
     sd = convert_hf_state_dict(sd, config)
     if kwargs["num_classes"] == 0 and "head.weight" in sd:
         kwargs["num_classes"] = sd["head.weight"].shape[0]
+    if kwargs.get("fc_norm") and kwargs.get("global_pool") == "avg" and "fc_norm.weight" not in sd \
+            and "norm.weight" not in sd:  # HF BeitModel(add_pooling_layer=False): no pooler, pooler_output None
+        kwargs.update(global_pool="", fc_norm=False, final_norm=False)
     if "dist_token" in sd and kwargs.get("reg_tokens") == 1:
         sd["reg_token"] = sd.pop("dist_token")
     model = VisionTransformer(backend=backend, **kwargs)

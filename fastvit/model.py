@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from . import backends, ops
 from .facts import ACTIVATIONS, GATED_ACTS, patch_grid
 from .reference import resample_pos_embed
+from .relpos import RESIZE_MODES, RelativePositionBias
 from .rope import build_rope
 
 __all__ = ["VisionTransformer", "Block", "Attention", "Mlp", "PatchEmbed", "HybridEmbed", "LayerScale", "LayerNorm",
@@ -182,6 +183,9 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.norm = LayerNorm(dim, eps=norm_eps) if inner_norm else None
         self.proj = nn.Linear(dim, dim, bias=proj_bias)
+        # BEiT's per-block relative position table (VisionTransformer(use_rel_pos_bias=True) sets it);
+        # the model gathers it into the attention bias once per grid and passes that in
+        self.rel_pos_bias: Optional[RelativePositionBias] = None
 
     def attend(self, qkv: torch.Tensor, backend=None, probs: bool = False, rope: Optional[torch.Tensor] = None,
                bias: Optional[torch.Tensor] = None):
@@ -389,6 +393,13 @@ class VisionTransformer(nn.Module):
         distilled: DeiT distillation token + ``head_dist`` (timm's VisionTransformerDistilled).
         pos_embed_antialias: resample position embeddings with antialias (timm True, HF False).
         embed_layer: a pre-built patch-embedding module (e.g. :class:`HybridEmbed`), or None.
+        use_rel_pos_bias: BEiT's relative position bias table in every block
+            (``blocks.i.attn.rel_pos_bias``; timm ``Beit(use_rel_pos_bias=True)``).
+        use_shared_rel_pos_bias: one table for all blocks (``rel_pos_bias``; timm
+            ``use_shared_rel_pos_bias``); added to the per-block ones when both are on. Either
+            needs exactly one prefix token, the class token, and a patch grid.
+        rel_pos_resize: how the tables are fitted to another grid with ``dynamic_img_size``:
+            'timm' (``resize_rel_pos_bias_table``, as ``Beit.set_input_size``) or 'bilinear' (HF BEiT).
         backend: per-model backend ('triton', 'cuda', 'torch') or None for the global choice.
     """
 
@@ -432,6 +443,9 @@ class VisionTransformer(nn.Module):
         scale_attn_inner: bool = False,
         scale_mlp: bool = False,
         embed_layer: Optional[nn.Module] = None,
+        use_rel_pos_bias: bool = False,
+        use_shared_rel_pos_bias: bool = False,
+        rel_pos_resize: str = "timm",
         drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
         backend: Optional[str] = None,
@@ -484,6 +498,7 @@ class VisionTransformer(nn.Module):
                   scale_mlp=scale_mlp)
             for _ in range(depth)
         ])
+        self.rel_pos_bias = self._rel_pos_tables(use_rel_pos_bias, use_shared_rel_pos_bias, rel_pos_resize)
         self.norm = LayerNorm(embed_dim, eps=norm_eps) if final_norm and not use_fc_norm else nn.Identity()
         self.attn_pool = AttentionPoolLatent(
             embed_dim, num_heads, mlp_ratio, latent_len=attn_pool_latent_len, pool_type=attn_pool_type, act=act,
@@ -511,6 +526,26 @@ class VisionTransformer(nn.Module):
         for t in (self.cls_token, self.reg_token, self.dist_token):
             if t is not None:
                 nn.init.normal_(t, std=1e-6)
+
+    def _rel_pos_tables(self, per_block: bool, shared: bool, resize: str) -> Optional[RelativePositionBias]:
+        """BEiT's relative position tables, for the training grid: one per block's attention when
+        ``per_block``; the shared one is returned (None without)."""
+        if not (per_block or shared):
+            return None
+        what = "use_rel_pos_bias" if per_block else "use_shared_rel_pos_bias"
+        if resize not in RESIZE_MODES:
+            raise ValueError(f"rel_pos_resize: expected one of {RESIZE_MODES}, got {resize!r}")
+        if self.cls_token is None or self.num_prefix_tokens != 1:
+            raise ValueError(f"{what}: BEiT's table has rows for exactly one prefix token, the class token; got "
+                             f"class_token={self.cls_token is not None}, reg_tokens={self.num_reg_tokens}, "
+                             f"distilled={self.distilled}")
+        if not isinstance(self.patch_embed, PatchEmbed):
+            raise ValueError(f"{what}: expected a PatchEmbed patch grid, got {type(self.patch_embed).__name__}")
+        grid = self.patch_embed.grid_size
+        if per_block:
+            for blk in self.blocks:
+                blk.attn.rel_pos_bias = RelativePositionBias(grid, self.num_heads, resize)
+        return RelativePositionBias(grid, self.num_heads, resize) if shared else None
 
     def set_backend(self, backend: Optional[str]) -> "VisionTransformer":
         """Per-model backend: 'triton', 'cuda', 'torch', or None / 'auto' to follow the global choice."""
@@ -580,7 +615,8 @@ class VisionTransformer(nn.Module):
     def _pos_input_params(self) -> Optional[List[torch.Tensor]]:
         """The tensors the per-block position inputs are computed from (the cache stamp), or None
         when the model has no per-block position inputs."""
-        srcs = [m for m in (self.rope,) if m is not None]
+        srcs = [m for m in (self.rope, self.rel_pos_bias, *(b.attn.rel_pos_bias for b in self.blocks))
+                if m is not None]
         if not srcs:
             return None
         return [t for m in srcs for t in (*m.parameters(), *m.buffers())]
@@ -589,7 +625,15 @@ class VisionTransformer(nn.Module):
         depth = len(self.blocks)
         rope = self.rope(grid) if self.rope is not None else None  # one table for all blocks, or one per block
         ropes = rope if isinstance(rope, (list, tuple)) else [rope] * depth
-        return [(r, None) for r in ropes]
+        # BEiT: (H, 1 + N, 1 + N) per block, the shared table's added (one tensor for all blocks when
+        # only that one is on)
+        shared = self.rel_pos_bias(grid) if self.rel_pos_bias is not None else None
+        biases = []
+        for blk in self.blocks:
+            own = blk.attn.rel_pos_bias
+            bias = own(grid) if own is not None else None
+            biases.append(shared if bias is None else bias if shared is None else bias + shared)
+        return list(zip(ropes, biases))
 
     def _compute_embed_inputs(self, grid):
         prefix = self._prefix_params()

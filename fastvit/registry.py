@@ -2,8 +2,8 @@
 
 Names follow timm so a timm user finds the same model under the same name (a few carry timm's
 pretrained tag, ``vit_base_patch16_clip_224.openai``, where the tag changes the architecture: the
-projection width of a CLIP tower). The preset arguments are the architecture only; CLIP and
-SigLIP presets also name their preprocessing as a timm-style data config. Building a preset with
+projection width of a CLIP tower). The preset arguments are the architecture only; CLIP, SigLIP
+and BEiT presets also name their preprocessing as a timm-style data config. Building a preset with
 its weights is :func:`fastvit.factory.create_model`; this table imports no loading code.
 """
 
@@ -120,6 +120,25 @@ for _size, _patch, _img, _act in _SIGLIP:
     if (_size, _patch, _img) in (("base", 16, 224), ("so400m", 14, 224)):  # patch-token average instead of MAP
         _add(f"vit_{_size}_patch{_patch}_siglip_gap_{_img}", preprocess=_siglip_pre(_img), global_pool="avg",
              fc_norm=False, **_siglip)
+
+
+# BEiT / BEiT v2 (timm names): no absolute position embedding, a relative position bias table in
+# every block, LayerScale (0.1 for BEiT base, 1e-5 otherwise), mean-pooled patch tokens + fc_norm.
+# Preprocessing is timm's pretrained_cfg: bicubic, center crop (0.9 at 224, 1.0 at 384 / 512,
+# 0.95 for beitv2_large), mean = std = 0.5 for BEiT, the ImageNet statistics for BEiT v2.
+def _beit_pre(img: int, crop_pct: float, v2: bool) -> dict:
+    mean, std = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)) if v2 else ((0.5,) * 3, (0.5,) * 3)
+    return dict(input_size=(3, img, img), interpolation="bicubic", crop_pct=crop_pct, crop_mode="center",
+                mean=mean, std=std)
+
+
+_BEIT = [("beit", "base", 224, 0.1, 0.9), ("beit", "base", 384, 0.1, 1.0), ("beit", "large", 224, 1e-5, 0.9),
+         ("beit", "large", 384, 1e-5, 1.0), ("beit", "large", 512, 1e-5, 1.0), ("beitv2", "base", 224, 1e-5, 0.9),
+         ("beitv2", "large", 224, 1e-5, 0.95)]
+for _fam, _size, _img, _init, _crop in _BEIT:
+    _add(f"{_fam}_{_size}_patch16_{_img}", preprocess=_beit_pre(_img, _crop, _fam == "beitv2"), img_size=_img,
+         patch_size=16, global_pool="avg", pos_embed="none", use_rel_pos_bias=True, init_values=_init,
+         **_SIZES[_size])
 
 
 def model_config(name: str) -> dict:
