@@ -20,6 +20,7 @@ workspace made once per stream (and none made during a CUDA graph capture).
 import importlib
 import importlib.util
 import json
+import math
 import os
 import re
 import subprocess
@@ -32,7 +33,7 @@ import torch
 
 from fastvit import cuda, ops, reference
 from fastvit.cuda import build as cuda_build
-from fastvit.facts import ACTIVATIONS, GATED_ACTS, OPS, not_supported_reasons
+from fastvit.facts import ACTIVATIONS, ATTENTION_FEATURES, GATED_ACTS, OPS, not_supported_reasons
 from tests.utils import assert_close_rule, realistic_init_
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -41,7 +42,8 @@ BUILD_PY = os.path.join(CSRC, "build.py")
 SETUP_PY = os.path.join(ROOT, "setup.py")
 ARCHS = ("sm_80", "sm_90")
 # Kernel families (substring of the mangled name) that must be in the build for every arch.
-KERNELS = ("attn_fwd_tc", "attn_fwd_f32", "layer_norm_kernel", "epilogue_kernel", "patch_embed_prep_kernel")
+KERNELS = ("attn_fwd_tc", "attn_fwd_f32", "layer_norm_kernel", "epilogue_kernel", "swiglu_kernel",
+           "patch_embed_prep_kernel")
 
 
 # ------------------------------------------------------------------------------ build (CPU CI)
@@ -207,8 +209,13 @@ def test_toolchain_lookup_finds_headers_and_cublaslt():
 
 
 # ------------------------------------------------------------------------------ bindings (CPU)
-def _t(*shape, dtype=torch.float32):
-    return torch.randn(*shape, dtype=dtype)
+def _t(*shape, dtype=torch.float32, device="cpu"):
+    return torch.randn(*shape, dtype=dtype, device=device)
+
+
+def _qkv(d=16):
+    """q (2, 3, 10, d), k and v (2, 3, 7, d) on the CPU: N = 10 and N_kv = 7 tell the checks apart."""
+    return _t(2, 3, 10, d), _t(2, 3, 7, d), _t(2, 3, 7, d)
 
 
 def _big(B, H, N, dtype, d=16):
@@ -228,8 +235,22 @@ VALIDATION_CASES = [
      r"bias: expected shape \[5\], got shape \[4\]"),
     ("linear", lambda: (_t(2, 8), _t(5, 8), None, 0, None, _t(2, 6), None, None, 1e-6), RuntimeError,
      r"residual: expected shape \[2, 5\], got shape \[2, 6\]"),
+    ("linear", lambda: (_t(2, 8), _t(5, 8), None, 5, None, None, None, None, 1e-6), RuntimeError,
+     r"act: expected 0 \(none\), 1 \(gelu\), 2 \(gelu_tanh\), 3 \(quick_gelu\) or 4 \(swiglu\), got 5"),
+    # swiglu: weight (2 N, K) with gate rows then value rows, bias (2 N,), gamma / residual of width N
     ("linear", lambda: (_t(2, 8), _t(5, 8), None, 4, None, None, None, None, 1e-6), RuntimeError,
-     r"act: expected 0 \(none\), 1 \(gelu\), 2 \(gelu_tanh\) or 3 \(quick_gelu\), got 4"),
+     r"weight: expected an even number of rows with act 4 \(swiglu: gate rows, then value rows\), got shape \[5, 8\]"),
+    ("linear", lambda: (_t(2, 8), _t(6, 8), _t(3), 4, None, None, None, None, 1e-6), RuntimeError,
+     r"bias: expected shape \[6\], got shape \[3\]"),
+    ("linear", lambda: (_t(2, 8), _t(6, 8), _t(6), 4, _t(6), None, None, None, 1e-6), RuntimeError,
+     r"gamma: expected shape \[3\], got shape \[6\]"),
+    ("linear", lambda: (_t(2, 8), _t(6, 8), _t(6), 4, None, _t(2, 6), None, None, 1e-6), RuntimeError,
+     r"residual: expected shape \[2, 3\], got shape \[2, 6\]"),
+    ("mlp", lambda: (_t(2, 8), _t(12, 8), None, _t(8, 12), None, 4, None, None, None, None, 1e-6), RuntimeError,
+     r"fc2_weight: expected shape \(D_out, 6\), got shape \[8, 12\]"),
+    ("mlp", lambda: (_t(2, 8), _t(11, 8), None, _t(8, 5), None, 4, None, None, None, None, 1e-6), RuntimeError,
+     r"fc1_weight: expected an even number of rows with act 4 \(swiglu: gate rows, then value rows\), got shape "
+     r"\[11, 8\]"),
     ("linear", lambda: (_t(2, 8), _t(5, 8), None, 0, None, None, None, _t(8), 1e-6), RuntimeError,
      r"ln_weight: expected a tensor when ln_bias is given, got None"),
     ("linear", lambda: (_t(8, 2).t(), _t(5, 8), None, 0, None, None, None, None, 1e-6), RuntimeError,
@@ -255,6 +276,35 @@ VALIDATION_CASES = [
     ("attention", lambda: (_big(1 << 16, 1 << 10, 1 << 9, torch.float32),) * 3 + (1.0,), RuntimeError,
      r"q: expected B \* H \* ceil\(N / 4\) <= 2147483647 \(the launch's gridDim.x limit\), got shape "
      r"\[65536, 1024, 512, 16\], i.e. 8589934592 blocks"),
+    # bias (H, N, N_kv) or (1 | B, H, N, N_kv), any float dtype, unit last stride, q's device
+    ("attention", lambda: _qkv() + (0.25, _t(3, 10, 8)), RuntimeError,
+     r"bias: expected shape \(3, 10, 7\) or \(2, 3, 10, 7\) \(H, N, N_kv of q / k\), got shape \[3, 10, 8\]"),
+    ("attention", lambda: _qkv() + (0.25, _t(3, 3, 10, 7)), RuntimeError,
+     r"bias: expected shape \(3, 10, 7\) or \(2, 3, 10, 7\) \(H, N, N_kv of q / k\), got shape \[3, 3, 10, 7\]"),
+    ("attention", lambda: _qkv() + (0.25, _t(10, 7)), RuntimeError,
+     r"bias: expected shape \(3, 10, 7\) or \(2, 3, 10, 7\) \(H, N, N_kv of q / k\), got shape \[10, 7\]"),
+    ("attention", lambda: _qkv() + (0.25, _t(3, 10, 7).int()), TypeError,
+     r"bias: expected dtype float32, float16 or bfloat16, got Int"),
+    ("attention", lambda: _qkv() + (0.25, _t(7, 10, 3).transpose(0, 2)), RuntimeError,
+     r"bias: expected a last dim with stride 1, got strides \[1, 3, 30\]"),
+    ("attention", lambda: _qkv() + (0.25, _t(3, 10, 7, device="meta")), RuntimeError,
+     r"bias: expected device cpu \(as q\), got device meta"),
+    # rope (N_r, 2 d) or (H, N_r, 2 d), 0 < N_r <= min(N, N_kv), even d, unit last stride
+    ("attention", lambda: _qkv() + (0.25, None, _t(8, 32)), RuntimeError,
+     r"rope: expected shape \(N_r, 32\) or \(3, N_r, 32\) \(cat\(\[sin, cos\], -1\) with 0 < N_r <= "
+     r"min\(N, N_kv\) = 7\), got shape \[8, 32\]"),
+    ("attention", lambda: _qkv() + (0.25, None, _t(5, 16)), RuntimeError,
+     r"rope: expected shape \(N_r, 32\) or \(3, N_r, 32\) .* got shape \[5, 16\]"),
+    ("attention", lambda: _qkv() + (0.25, None, _t(2, 5, 32), True), RuntimeError,
+     r"rope: expected shape \(N_r, 32\) or \(3, N_r, 32\) .* got shape \[2, 5, 32\]"),
+    ("attention", lambda: _qkv() + (0.25, None, _t(0, 32)), RuntimeError,
+     r"rope: expected shape \(N_r, 32\) or \(3, N_r, 32\) .* got shape \[0, 32\]"),
+    ("attention", lambda: _qkv(d=15) + (0.25, None, _t(5, 30)), RuntimeError,
+     r"q: expected an even head dim with rope, got head dim 15"),
+    ("attention", lambda: _qkv() + (0.25, None, _t(32, 5).t()), RuntimeError,
+     r"rope: expected a last dim with stride 1, got strides \[1, 5\]"),
+    ("attention", lambda: _qkv() + (0.25, None, _t(5, 32).bool()), TypeError,
+     r"rope: expected dtype float32, float16 or bfloat16, got Bool"),
     ("patch_embed", lambda: (_t(1, 3, 30, 32), _t(8, 3, 16, 16), None, None, None, False), RuntimeError,
      r"x: expected height and width multiples of the patch size \(16, 16\) \(or pad=True\), got image size \(30, 32\)"),
     ("patch_embed", lambda: (_t(1, 3, 30, 32), _t(8, 3, 16, 16), None, _t(3, 8), None, True), RuntimeError,
@@ -281,6 +331,11 @@ def test_binding_validation_names_argument_expected_actual(built, op, make_args,
     ("mlp", lambda: (_t(2, 8), _t(6, 8), _t(6), _t(8, 6), _t(8), 2, None, None, None, None, 1e-6)),
     ("layer_norm", lambda: (_t(3, 8), _t(8), _t(8), 1e-6)),
     ("attention", lambda: (_t(2, 3, 10, 16), _t(2, 3, 7, 16), _t(2, 3, 7, 16), 0.25)),
+    ("attention", lambda: _qkv() + (0.25, _t(3, 10, 7, dtype=torch.bfloat16), _t(3, 5, 32), True)),
+    ("attention", lambda: _qkv() + (0.25, _t(1, 3, 10, 7), _t(7, 32, dtype=torch.float16), False)),
+    ("attention", lambda: _qkv() + (0.25, _t(2, 3, 10, 9)[..., :7], None, False)),
+    ("linear", lambda: (_t(2, 8), _t(6, 8), _t(6), 4, _t(3), _t(2, 3), _t(8), _t(8), 1e-6)),
+    ("mlp", lambda: (_t(2, 8), _t(12, 8), _t(12), _t(8, 6), _t(8), 4, _t(8), _t(2, 8), None, None, 1e-6)),
     ("patch_embed", lambda: (_t(2, 3, 32, 48), _t(8, 3, 16, 16), _t(8), _t(6, 8), _t(1, 8), False)),
 ])
 def test_binding_rejects_cpu_tensors_after_validating_everything_else(built, op, args):
@@ -297,12 +352,16 @@ BACKEND_CALLS = [
     ("mlp", lambda: (_t(2, 8), _t(6, 8), _t(6), _t(8, 6), _t(8), "gelu_tanh", None, None, None, None, 1e-6)),
     ("layer_norm", lambda: (_t(3, 8), _t(8), _t(8), 1e-6)),
     ("attention", lambda: (_t(2, 3, 10, 16), _t(2, 3, 7, 16), _t(2, 3, 7, 16), 0.25)),
+    # bias and rope tell every position apart: a swapped one fails its shape check first
+    ("attention", lambda: _qkv() + (0.25, _t(2, 3, 10, 7), _t(3, 5, 32), True)),
+    ("linear", lambda: (_t(2, 8), _t(6, 8), _t(6), "swiglu", _t(3), _t(2, 3), _t(8), _t(8), 1e-6)),
+    ("mlp", lambda: (_t(2, 8), _t(12, 8), _t(12), _t(5, 6), _t(5), "swiglu", _t(5), _t(2, 5), _t(8), _t(8), 1e-6)),
     ("patch_embed", lambda: (_t(2, 3, 32, 48), _t(8, 3, 16, 16), _t(8), _t(6, 8), _t(1, 8), False)),
 ]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("op,args", BACKEND_CALLS, ids=[c[0] for c in BACKEND_CALLS])
+@pytest.mark.parametrize("op,args", BACKEND_CALLS, ids=[f"{c[0]}-{i}" for i, c in enumerate(BACKEND_CALLS)])
 def test_backend_functions_reach_the_binding_with_every_argument(built, monkeypatch, op, args):
     """fastvit.cuda's functions pass their arguments in the binding's order (a misplaced one would
     fail a shape / dtype check first), with the activation as its code."""
@@ -373,8 +432,9 @@ DIV64_MARKER = "I2F.U64.RP"
 
 @pytest.mark.slow
 def test_epilogue_and_attention_kernels_do_no_64bit_division(built, tmp_path):
-    """The epilogue maps rows once per row and columns / rows with 32-bit math; attention splits
-    blockIdx.x in 32 bits. The marker is first shown to catch a 64-bit division with this toolkit."""
+    """The epilogues map rows once per row and columns / rows with 32-bit math; attention splits
+    blockIdx.x in 32 bits (and its RoPE pass divides nothing). The marker is first shown to catch a
+    64-bit division with this toolkit."""
     mod, _ = built
     cuobjdump = _sass_tool("cuobjdump")
     if cuobjdump is None:
@@ -390,8 +450,9 @@ def test_epilogue_and_attention_kernels_do_no_64bit_division(built, tmp_path):
     assert DIV64_MARKER in "".join(_sass(cuobjdump, str(tmp_path / "div64.cubin"), "sm_90").values())
     for arch in ARCHS:
         kernels = _sass(cuobjdump, mod.__file__, arch)
-        checked = [k for k in kernels if "epilogue_kernel" in k or "attn_fwd" in k]
+        checked = [k for k in kernels if "epilogue_kernel" in k or "swiglu_kernel" in k or "attn_fwd" in k]
         assert sum("epilogue_kernel" in k for k in checked) == 3, sorted(kernels)  # fp32, fp16, bf16
+        assert sum("swiglu_kernel" in k for k in checked) == 3, sorted(kernels)
         assert sum("attn_fwd" in k for k in checked) == 17, sorted(kernels)  # 16 tensor-core + fp32
         for k in checked:
             assert DIV64_MARKER not in kernels[k], f"{k} on {arch}: 64-bit integer division in its SASS"
@@ -426,7 +487,8 @@ def test_cublas_status_names_and_fallback_policy(built):
 def test_face_is_limits_available_and_one_function_per_declared_op():
     lim = cuda.LIMITS
     assert lim.name == "cuda" and lim.ops == frozenset(OPS) - {"attention_probs"}
-    assert lim.devices == ("cuda",) and lim.min_capability == (8, 0) and lim.acts == tuple(a for a in ACTIVATIONS if a not in GATED_ACTS)
+    assert lim.devices == ("cuda",) and lim.min_capability == (8, 0) and lim.acts == ACTIVATIONS
+    assert lim.features == {"attention.bias", "attention.rope", "attention.rope_per_head"}
     assert set(cuda.__all__) == {"LIMITS", "available"} | set(lim.ops)
     for op in OPS:
         assert callable(getattr(cuda, op, None)) == (op in lim.ops), op
@@ -445,6 +507,13 @@ def test_reasons_derived_from_limits():
     assert not_supported_reasons(lim, "mlp", gpu, torch.float16, capability=(7, 5)) == [
         "cuda needs compute capability >= 8.0, device has 7.5"]
     assert "has no activation 'relu'" in not_supported_reasons(lim, "linear", gpu, act="relu", capability=h100)[0]
+    assert not_supported_reasons(lim, "mlp", gpu, torch.bfloat16, act="swiglu", capability=h100) == []
+    every = tuple(f"attention.{f}" for f in ATTENTION_FEATURES)
+    assert not_supported_reasons(lim, "attention", gpu, torch.float16, 64, features=every, capability=h100) == []
+    # attention_probs stays on the torch backend, with or without position terms
+    assert not_supported_reasons(lim, "attention_probs", gpu, torch.float16, 64, features=("attention_probs.bias",),
+                                 capability=h100) == ["cuda has no attention_probs kernel",
+                                                      "cuda does not support attention_probs.bias"]
 
 
 @pytest.fixture
@@ -561,6 +630,121 @@ def test_attention_matches_reference(dtype, N, Nkv, d):
            lambda: reference.attention(q, k, v), dtype, atol=1e-5 if dtype == torch.float32 else 0.0)
 
 
+def _attn_inputs(dtype, B, H, N, Nkv, d):
+    """q, k, v as the model passes them: views of one packed qkv buffer when N == N_kv, else
+    separate tensors (k transposed: a non-contiguous view)."""
+    if N == Nkv:
+        qkv = torch.randn(B, N, 3, H, d, device="cuda", dtype=dtype)
+        return qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    q = torch.randn(B, H, N, d, device="cuda", dtype=dtype)
+    k = torch.randn(B, Nkv, H, d, device="cuda", dtype=dtype).transpose(1, 2)
+    v = torch.randn(B, H, Nkv, d, device="cuda", dtype=dtype)
+    return q, k, v
+
+
+def _attn_bias(kind, B, H, N, Nkv, dtype):
+    """A BEiT-like logit bias of layout ``kind``: 'hnk' (H, N, N_kv) broadcast over the batch,
+    'bhnk' (B, H, N, N_kv), '1hnk' (1, H, N, N_kv), 'sliced' a (B, H, N, N_kv) view with padded rows."""
+    dev = "cuda"
+    if kind == "hnk":
+        return 2 * torch.randn(H, N, Nkv, device=dev, dtype=dtype)
+    if kind == "1hnk":
+        return 2 * torch.randn(1, H, N, Nkv, device=dev, dtype=dtype)
+    if kind == "sliced":
+        return (2 * torch.randn(B, H, N, Nkv + 5, device=dev, dtype=dtype))[..., :Nkv]
+    return 2 * torch.randn(B, H, N, Nkv, device=dev, dtype=dtype)
+
+
+def _rope_table(H, N_r, d, per_head, dtype=torch.float32):
+    """cat([sin, cos], -1) of random angles: (N_r, 2 d) or (H, N_r, 2 d). Every column has its own
+    angle (timm's tables repeat each one twice), so reading the wrong column of sin / cos fails."""
+    ang = torch.rand(*((H,) if per_head else ()), N_r, d, device="cuda") * (8 * math.pi)
+    return torch.cat([ang.sin(), ang.cos()], -1).to(dtype)
+
+
+def _check_attention(q, k, v, dtype, bias=None, rope=None, rope_half=False, name="out"):
+    B, H, N, d = q.shape
+    _poison_allocator()
+    out = cuda.attention(q, k, v, d ** -0.5, bias, rope, rope_half)
+    assert out.shape == (B, H, N, d) and out.transpose(1, 2).is_contiguous()
+    hi, up = _oracle(dtype)
+    _close(out, lambda: reference.attention(hi(q), hi(k), hi(v), bias=hi(bias), rope=rope, rope_half=rope_half,
+                                            upcast=up),
+           lambda: reference.attention(q, k, v, bias=bias, rope=rope, rope_half=rope_half), dtype,
+           atol=1e-5 if dtype == torch.float32 else 0.0, name=name)
+    return out
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("N,Nkv", [(1, 1), (50, 50), (197, 197), (577, 577), (10, 130)])
+@pytest.mark.parametrize("d", [40, 64, 80, 128])
+@pytest.mark.parametrize("kind,bias_dtype", [("hnk", None), ("bhnk", torch.float32), ("1hnk", torch.bfloat16),
+                                             ("sliced", torch.float16)])
+def test_attention_bias_matches_reference(dtype, N, Nkv, d, kind, bias_dtype):
+    """The bias in any float dtype (read as it is), broadcast or per image, strided rows."""
+    q, k, v = _attn_inputs(dtype, 3, 2, N, Nkv, d)
+    bias = _attn_bias(kind, 3, 2, N, Nkv, bias_dtype or dtype)
+    _check_attention(q, k, v, dtype, bias=bias)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("Nkv,masked", [(130, 64), (130, 100), (70, 32), (200, 0)])
+def test_attention_bias_with_masked_keys(dtype, Nkv, masked):
+    """-inf bias entries (masked keys), including whole leading key tiles of the tensor-core (64 keys)
+    and fp32 (32 keys) kernels: the online softmax must not turn exp2(-inf - -inf) into NaN."""
+    B, H, N, d = 2, 3, 67, 64
+    q, k, v = _attn_inputs(dtype, B, H, N, Nkv, d)
+    bias = torch.randn(H, N, Nkv, device="cuda")
+    bias[..., :masked] = -math.inf
+    bias[:, ::3, masked + 7:] = -math.inf  # every third row keeps only keys masked .. masked + 6
+    _check_attention(q, k, v, dtype, bias=bias)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("N,Nkv,N_r", [(1, 1, 1), (50, 50, 49), (197, 197, 196), (257, 257, 256), (64, 64, 64),
+                                       (10, 130, 10), (130, 10, 5)])
+@pytest.mark.parametrize("d", [32, 40, 64, 80, 128])
+@pytest.mark.parametrize("rope_half", [False, True], ids=["pairs", "halves"])
+@pytest.mark.parametrize("per_head", [False, True], ids=["shared", "per_head"])
+def test_attention_rope_matches_reference(dtype, N, Nkv, N_r, d, rope_half, per_head):
+    """The last N_r tokens of q and of k rotated (the prefix before them not), interleaved pairs or
+    halves, one table or one per head; the per-head table in q's dtype, the shared one in float32."""
+    B, H = 3, 2
+    q, k, v = _attn_inputs(dtype, B, H, N, Nkv, d)
+    rope = _rope_table(H, N_r, d, per_head, dtype if per_head else torch.float32)
+    _check_attention(q, k, v, dtype, rope=rope, rope_half=rope_half)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rope_half", [False, True], ids=["pairs", "halves"])
+def test_attention_rope_and_bias_together(dtype, rope_half):
+    """An EVA-02 / BEiT-like block: class token + 196 rotated patch tokens, per-image bias."""
+    B, H, N, d = 2, 4, 197, 64
+    q, k, v = _attn_inputs(dtype, B, H, N, N, d)
+    _check_attention(q, k, v, dtype, bias=_attn_bias("bhnk", B, H, N, N, dtype),
+                     rope=_rope_table(H, N - 1, d, True), rope_half=rope_half)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("rope_half", [False, True], ids=["pairs", "halves"])
+def test_attention_rope_with_zero_angles_is_plain_attention(dtype, rope_half):
+    """A table of zero angles (sin 0, cos 1) rotates by nothing: x * 1 + partner * 0 is x exactly, so
+    the output equals the kernel without rope bit for bit (the rotation adds no rounding of its own);
+    a random table changes it."""
+    B, H, N, d = 2, 2, 70, 32
+    q, k, v = _attn_inputs(dtype, B, H, N, N, d)
+    zero = torch.cat([torch.zeros(H, N - 1, d, device="cuda"), torch.ones(H, N - 1, d, device="cuda")], -1)
+    plain = cuda.attention(q, k, v, d ** -0.5)
+    assert torch.equal(cuda.attention(q, k, v, d ** -0.5, None, zero, rope_half), plain)
+    out = _check_attention(q, k, v, dtype, rope=_rope_table(H, N - 1, d, True), rope_half=rope_half)
+    assert not torch.allclose(out, plain), "the rope table had no effect"
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape,sliced", [((3, 197, 768), False), ((5, 100), True), ((1, 33), False),
@@ -579,13 +763,16 @@ def test_layer_norm_matches_reference(dtype, shape, sliced, affine):
            lambda: reference.layer_norm(x, w, b, 1e-6), dtype, atol=1e-5 if dtype == torch.float32 else 0.0)
 
 
-def _linear_inputs(dtype, lead, K, N, bias, gamma, residual, ln):
+def _linear_inputs(dtype, lead, K, N, bias, gamma, residual, ln, act=None):
+    """x (*lead, K), weight (N, K) and the optional tensors; with a gated act the output (gamma,
+    residual) is N / 2 wide."""
     dev = "cuda"
+    Nout = N // 2 if act in GATED_ACTS else N
     x = torch.randn(*lead, K, device=dev, dtype=dtype)
     w = torch.randn(N, K, device=dev, dtype=dtype) / K ** 0.5
     kw = dict(bias=torch.randn(N, device=dev, dtype=dtype) if bias else None,
-              gamma=(0.5 + torch.rand(N, device=dev, dtype=dtype)) if gamma else None,
-              residual=torch.randn(*lead, N, device=dev, dtype=dtype) if residual else None)
+              gamma=(0.5 + torch.rand(Nout, device=dev, dtype=dtype)) if gamma else None,
+              residual=torch.randn(*lead, Nout, device=dev, dtype=dtype) if residual else None)
     if ln:
         kw.update(ln_weight=1 + 0.1 * torch.randn(K, device=dev, dtype=dtype),
                   ln_bias=0.1 * torch.randn(K, device=dev, dtype=dtype), ln_eps=1e-6)
@@ -638,6 +825,63 @@ def test_mlp_matches_reference(dtype, act, gamma, residual, ln):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("lead,K,N", [((2, 197), 192, 1536), ((1,), 100, 154), ((3, 5), 48, 82), ((7,), 768, 4096)])
+@pytest.mark.parametrize("bias,gamma,residual,ln", [(True, False, False, False), (False, False, False, False),
+                                                    (True, True, True, False), (False, True, False, True),
+                                                    (True, True, True, True)])
+def test_linear_swiglu_matches_reference(dtype, lead, K, N, bias, gamma, residual, ln):
+    """weight (N, K) = gate rows then value rows -> output N / 2 wide (odd N / 2 included)."""
+    x, w, kw = _linear_inputs(dtype, lead, K, N, bias, gamma, residual, ln, act="swiglu")
+    _poison_allocator()
+    out = cuda.linear(x, w, kw["bias"], "swiglu", *_linear_tail(kw))
+    assert out.shape == (*lead, N // 2)
+    hi, up = _oracle(dtype)
+    _close(out, lambda: reference.linear(hi(x), hi(w), act="swiglu", upcast=up, **_up(kw, hi)),
+           lambda: reference.linear(x, w, act="swiglu", **kw), dtype, atol=1e-5 if dtype == torch.float32 else 0.0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_linear_swiglu_saturating_gate(dtype):
+    """Gates far below zero (silu -> -0, exp(-g) overflows) and far above: finite, as the reference."""
+    x, w, kw = _linear_inputs(dtype, (4, 33), 64, 256, True, False, False, False, act="swiglu")
+    w[:128] *= 200  # gate rows: |g| up to ~1e3
+    out = cuda.linear(x, w, kw["bias"], "swiglu", None, None, None, None, 1e-6)
+    assert torch.isfinite(out).all()
+    hi, up = _oracle(dtype)
+    _close(out, lambda: reference.linear(hi(x), hi(w), hi(kw["bias"]), "swiglu", upcast=up),
+           lambda: reference.linear(x, w, kw["bias"], "swiglu"), dtype, atol=1e-5 if dtype == torch.float32 else 0.0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("act", ["swiglu", "gelu"])
+@pytest.mark.parametrize("hidden_ln", [False, True], ids=["plain", "sub_ln"])
+@pytest.mark.parametrize("gamma,residual,ln", [(False, False, False), (True, True, True)])
+def test_mlp_swiglu_and_sub_ln_match_reference(dtype, act, hidden_ln, gamma, residual, ln):
+    """EVA-02's MLP: SwiGLU (fc1 (2 Hd, D)) and / or the hidden LayerNorm before fc2 (two linears)."""
+    D, Hd = 96, 256
+    rows = 2 * Hd if act in GATED_ACTS else Hd
+    x, _, kw = _linear_inputs(dtype, (2, 50), D, D, False, gamma, residual, ln)
+    del kw["bias"]
+    dev = "cuda"
+    w1 = torch.randn(rows, D, device=dev, dtype=dtype) / D ** 0.5
+    b1 = torch.randn(rows, device=dev, dtype=dtype)
+    w2 = torch.randn(D, Hd, device=dev, dtype=dtype) / Hd ** 0.5
+    b2 = torch.randn(D, device=dev, dtype=dtype)
+    hkw = dict(hidden_ln_weight=1 + 0.1 * torch.randn(Hd, device=dev, dtype=dtype),
+               hidden_ln_bias=0.1 * torch.randn(Hd, device=dev, dtype=dtype), hidden_ln_eps=1e-5) if hidden_ln else {}
+    _poison_allocator()
+    out = cuda.mlp(x, w1, b1, w2, b2, act, *_linear_tail(kw), **hkw)
+    hi, up = _oracle(dtype)
+    _close(out, lambda: reference.mlp(hi(x), hi(w1), hi(b1), hi(w2), hi(b2), act, upcast=up, **_up(kw, hi),
+                                      **_up(hkw, hi)),
+           lambda: reference.mlp(x, w1, b1, w2, b2, act, **kw, **hkw), dtype,
+           atol=1e-5 if dtype == torch.float32 else 0.0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("B,C,H,W,patch,pad,T,pos,bias,x_dtype,channels_last", [
     (3, 3, 32, 48, (16, 16), False, 1, True, True, None, False),
     (1, 3, 30, 45, (16, 16), True, 0, False, False, None, False),
@@ -673,7 +917,10 @@ def test_plain_gemm_fallback_paths_match_reference(dtype, monkeypatch):
     for act in (None, "gelu", "gelu_tanh", "quick_gelu"):
         for flags in [(True, True, True, True), (True, False, True, False), (False, False, False, False)]:
             test_linear_matches_reference(dtype, (2, 197), 192, 576, act, *flags)
+    for flags in [(True, True, True, True), (True, False, False, False)]:
+        test_linear_swiglu_matches_reference(dtype, (2, 197), 192, 1536, *flags)
     test_mlp_matches_reference(dtype, "gelu", True, True, True)
+    test_mlp_swiglu_and_sub_ln_match_reference(dtype, "swiglu", True, True, True, True)
     test_patch_embed_matches_reference(dtype, 3, 3, 32, 48, (16, 16), False, 1, True, True, None, False)
     test_patch_embed_matches_reference(dtype, 2, 4, 20, 20, (5, 5), True, 2, False, True, torch.float16, False)
     test_patch_embed_matches_reference(dtype, 1, 3, 30, 45, (16, 16), True, 0, False, False, None, False)
@@ -688,6 +935,7 @@ def test_statuses_that_fall_back_take_the_plain_paths(status, monkeypatch):
     for act in (None, "gelu", "gelu_tanh", "quick_gelu"):
         for flags in [(True, True, True, True), (True, False, True, False), (False, True, False, False)]:
             test_linear_matches_reference(dtype, (2, 197), 192, 576, act, *flags)
+    test_linear_swiglu_matches_reference(dtype, (2, 197), 192, 1536, True, True, True, False)
     test_mlp_matches_reference(dtype, "gelu", True, True, True)
     test_patch_embed_matches_reference(dtype, 3, 3, 32, 48, (16, 16), False, 1, True, True, None, False)
     test_patch_embed_matches_reference(dtype, 1, 3, 30, 45, (16, 16), True, 0, False, False, None, False)
@@ -703,6 +951,8 @@ def test_other_statuses_raise_naming_op_status_and_shapes(status, name, monkeypa
            r"dtype float16, epilogue"
     with pytest.raises(RuntimeError, match=r"cuBLASLt matmul for linear " + tail + r" \+ bias \+ gelu"):
         cuda.linear(x, w, kw["bias"], "gelu", None, None, None, None, 1e-6)
+    with pytest.raises(RuntimeError, match=r"cuBLASLt matmul for linear \(swiglu\) " + tail + r" \+ bias"):
+        cuda.linear(x, w, kw["bias"], "swiglu", None, None, None, None, 1e-6)
     with pytest.raises(RuntimeError, match=r"cuBLASLt matmul for linear \(gamma folded into alpha\) " + tail +
                        r" \+ bias \+ vector alpha \+ C operand"):
         cuda.linear(x, w, kw["bias"], None, kw["gamma"], kw["residual"], None, None, 1e-6)
@@ -842,10 +1092,13 @@ def test_outputs_bit_identical_over_reruns():
     qkv = torch.randn(2, 197, 3, 12, 64, device="cuda", dtype=dtype)
     q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
     x, w, kw = _linear_inputs(dtype, (2, 197), 768, 768, True, True, True, True)
-    first = (cuda.attention(q, k, v, 0.125).clone(), cuda.linear(x, w, kw["bias"], None, *_linear_tail(kw)).clone())
+    bias, rope = _attn_bias("hnk", 2, 12, 197, 197, dtype), _rope_table(12, 196, 64, False)
+    first = (cuda.attention(q, k, v, 0.125).clone(), cuda.linear(x, w, kw["bias"], None, *_linear_tail(kw)).clone(),
+             cuda.attention(q, k, v, 0.125, bias, rope, True).clone())
     for _ in range(50):
         assert torch.equal(cuda.attention(q, k, v, 0.125), first[0])
         assert torch.equal(cuda.linear(x, w, kw["bias"], None, *_linear_tail(kw)), first[1])
+        assert torch.equal(cuda.attention(q, k, v, 0.125, bias, rope, True), first[2])
 
 
 @pytest.mark.gpu
@@ -877,10 +1130,15 @@ for dt in (torch.float32, torch.float16, torch.bfloat16):
     qkv = torch.randn(2, 67, 3, 3, 40, device=dev, dtype=dt)
     q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
     cuda.attention(q, k, v, 40 ** -0.5)
+    rope = torch.randn(3, 66, 80, device=dev, dtype=dt)
+    cuda.attention(q, k, v, 40 ** -0.5, torch.randn(3, 67, 67, device=dev), rope, False)
+    cuda.attention(q, k, v, 40 ** -0.5, torch.randn(2, 3, 67, 70, device=dev, dtype=dt)[..., :67], rope[0], True)
     x = torch.randn(2, 67, 120, device=dev, dtype=dt)
     w1, w2 = torch.randn(200, 120, device=dev, dtype=dt), torch.randn(120, 200, device=dev, dtype=dt)
     g, lw = torch.rand(120, device=dev, dtype=dt), torch.rand(120, device=dev, dtype=dt)
     cuda.mlp(x, w1, None, w2, None, "gelu_tanh", g, x, lw, None, 1e-6)
+    cuda.mlp(x, w1, torch.randn(200, device=dev, dtype=dt), w2[:, :100].contiguous(), None, "swiglu", g, x, None, None,
+             1e-6, torch.rand(100, device=dev, dtype=dt), None, 1e-6)
     cuda.linear(x, w2.t().contiguous(), None, "gelu", torch.rand(200, device=dev, dtype=dt), None, None, None, 1e-6)
     img = torch.randn(2, 3, 30, 45, device=dev)
     cuda.patch_embed(img, torch.randn(64, 3, 16, 16, device=dev, dtype=dt), torch.randn(64, device=dev, dtype=dt),
