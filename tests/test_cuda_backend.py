@@ -678,7 +678,7 @@ def _check_attention(q, k, v, dtype, bias=None, rope=None, rope_half=False, name
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("N,Nkv", [(1, 1), (50, 50), (197, 197), (577, 577), (10, 130)])
-@pytest.mark.parametrize("d", [40, 64, 80, 128])
+@pytest.mark.parametrize("d", [40, 64, 128])
 @pytest.mark.parametrize("kind,bias_dtype", [("hnk", None), ("bhnk", torch.float32), ("1hnk", torch.bfloat16),
                                              ("sliced", torch.float16)])
 def test_attention_bias_matches_reference(dtype, N, Nkv, d, kind, bias_dtype):
@@ -706,7 +706,7 @@ def test_attention_bias_with_masked_keys(dtype, Nkv, masked):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("N,Nkv,N_r", [(1, 1, 1), (50, 50, 49), (197, 197, 196), (257, 257, 256), (64, 64, 64),
                                        (10, 130, 10), (130, 10, 5)])
-@pytest.mark.parametrize("d", [32, 40, 64, 80, 128])
+@pytest.mark.parametrize("d", [40, 64, 128])
 @pytest.mark.parametrize("rope_half", [False, True], ids=["pairs", "halves"])
 @pytest.mark.parametrize("per_head", [False, True], ids=["shared", "per_head"])
 def test_attention_rope_matches_reference(dtype, N, Nkv, N_r, d, rope_half, per_head):
