@@ -397,7 +397,9 @@ class VisionTransformer(nn.Module):
             (``blocks.i.attn.rel_pos_bias``; timm ``Beit(use_rel_pos_bias=True)``).
         use_shared_rel_pos_bias: one table for all blocks (``rel_pos_bias``; timm
             ``use_shared_rel_pos_bias``); added to the per-block ones when both are on. Either
-            needs exactly one prefix token, the class token, and a patch grid.
+            needs exactly one prefix token, the class token, and a patch grid. The gathered
+            (H, 1 + N, 1 + N) biases are kept for the current grid, one per block with per-block
+            tables: depth x H x (1 + N)^2 elements (beit_large_patch16_512: 0.8 GB in bf16).
         rel_pos_resize: how the tables are fitted to another grid with ``dynamic_img_size``:
             'timm' (``resize_rel_pos_bias_table``, as ``Beit.set_input_size``) or 'bilinear' (HF BEiT).
         backend: per-model backend ('triton', 'cuda', 'torch') or None for the global choice.
