@@ -11,7 +11,8 @@ order (query blocks of one head adjacent), no 64-bit division in the epilogue / 
 (their SASS), and the cuBLASLt status names and fallback policy (through the built module).
 
 With a GPU (``@pytest.mark.gpu``): every backend function against the float32 reference with the
-DESIGN.md tolerance rule on awkward shapes in fp32 / fp16 / bf16, the whole ViT on backend
+DESIGN.md tolerance rule on awkward shapes in fp32 / fp16 / bf16 (attention also with a logit bias
+and RoPE, linear / mlp also with swiglu and the hidden LayerNorm), the whole ViT on backend
 ``cuda``, agreement with the triton backend, determinism, compute-sanitizer,
 ``torch.compile(fullgraph=True)``, the cuBLASLt fallbacks / errors under forced statuses, and the
 workspace made once per stream (and none made during a CUDA graph capture).
