@@ -22,7 +22,7 @@ from fastvit import VisionTransformer
 from fastvit.checkpoint import CheckpointError
 from fastvit.convert import convert_timm_state_dict, timm_model_kwargs
 from fastvit.factory import hf_outputs
-from fastvit.relpos import RelativePositionBias, relative_position_index
+from fastvit.relpos import relative_position_index
 from utils import DEV, assert_close_rule, skip_reason
 
 timm = pytest.importorskip("timm")
