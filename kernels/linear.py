@@ -17,6 +17,15 @@ normalised activations never touch memory.
 Epilogue math is float32 on the accumulator with one rounding at the store, so the fused op is
 at least as accurate as the unfused chain (which rounds after every step).
 
+SwiGLU (``act='swiglu'``, the EVA-02 / timm ``SwiGLU`` / ``GluMlp`` fc1) is gated: W is (2 N, K),
+rows [0, N) the gate and [N, 2 N) the value. A program computes an output tile of N columns
+with two accumulators, gate rows n and value rows n + N, two ``tl.dot`` per K step on the same
+(normalised) A tile, and stores ``silu(gate) * value`` (float32, one rounding): the (M, 2 N)
+product never reaches memory and there is no elementwise pass. Two accumulators per tile is
+twice the register file of a plain tile, so gated keys get half as wide tiles (``keep()``,
+``heuristic()``). The variant is a constexpr branch on ``ACT``: the other activations compile
+to the same code as before it existed.
+
 fp16 / bf16 use tensor cores with float32 accumulation; float32 inputs use exact fp32 products
 (``input_precision='ieee'``) unless ``torch.backends.cuda.matmul.allow_tf32`` is set (then tf32),
 mirroring what ``F.linear`` does.
@@ -34,10 +43,14 @@ import torch
 import triton
 import triton.language as tl
 
-from fastvit.facts import ACT_CODES, dtype_name
+from fastvit.facts import ACT_CODES, GATED_ACTS, dtype_name
 
 from .autotune import Config, Tunable, next_pow2, smem_limit
 from .layer_norm import row_stats
+
+
+# the gated activation's code (fastvit.facts.ACT_CODES): W holds gate rows, then value rows
+SWIGLU = tl.constexpr(ACT_CODES["swiglu"])
 
 
 @triton.jit
@@ -56,6 +69,13 @@ def _act(x, ACT: tl.constexpr):
         # giving x / inf = -0 (never inf / inf): exp(-1.702 x) = exp2(-1.702 * log2(e) x)
         x = x / (1.0 + tl.math.exp2(x * -2.4554669595930156))
     return x
+
+
+@triton.jit
+def _swiglu(gate, value):
+    """silu(gate) * value in float32; silu(g) = g / (1 + exp(-g)) with exp(-g) = exp2(-log2(e) g):
+    a large negative gate overflows exp2 to inf and gives -0 (never inf / inf)."""
+    return gate / (1.0 + tl.math.exp2(gate * -1.4426950408889634)) * value
 
 
 @triton.jit
@@ -88,21 +108,29 @@ def _linear_fwd(
     rows = tl.minimum(offs_m, M - 1)  # clamped: rows past M re-read row M-1, never stored
     cols = tl.minimum(offs_n, N - 1)
     A += row0.to(tl.int64) * stride_am
+    if ACT == SWIGLU:  # value rows n + N of the (2 N, K) weight; N is the output width
+        wv_ptrs = W + (col0 + N).to(tl.int64) * stride_wn + (cols - col0)[None, :] * stride_wn + offs_k[:, None]
     W += col0.to(tl.int64) * stride_wn
     a_ptrs = A + (rows - row0)[:, None] * stride_am + offs_k[None, :]
     w_ptrs = W + (cols - col0)[None, :] * stride_wn + offs_k[:, None]  # (BLOCK_K, BLOCK_N) = W^T tile
     if HAS_LN:
         mean = tl.load(Mean + rows)
         rstd = tl.load(Rstd + rows)
-    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)  # the gate's, when gated
+    if ACT == SWIGLU:
+        acc_v = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for k0 in range(0, K, BLOCK_K):
         if EVEN_K:
             a = tl.load(a_ptrs)
             w = tl.load(w_ptrs)
+            if ACT == SWIGLU:
+                wv = tl.load(wv_ptrs)
         else:
             kmask = (k0 + offs_k) < K
             a = tl.load(a_ptrs, mask=kmask[None, :], other=0.0)
             w = tl.load(w_ptrs, mask=kmask[:, None], other=0.0)
+            if ACT == SWIGLU:
+                wv = tl.load(wv_ptrs, mask=kmask[:, None], other=0.0)
         if HAS_LN:
             if EVEN_K:
                 lw = tl.load(LnW + k0 + offs_k).to(tl.float32)
@@ -117,13 +145,21 @@ def _linear_fwd(
                 an = an + lb[None, :]
             a = an.to(W.dtype.element_ty)  # masked K columns: lw = lb = 0 there, so a = 0
         acc = tl.dot(a, w, acc, input_precision=PRECISION)
+        if ACT == SWIGLU:  # the same A tile against the value rows
+            acc_v = tl.dot(a, wv, acc_v, input_precision=PRECISION)
+            wv_ptrs += BLOCK_K
         a_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
 
     mask_n = offs_n < N
     if HAS_BIAS:
         acc += tl.load(Bias + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    acc = _act(acc, ACT)
+        if ACT == SWIGLU:  # bias (2 N,): gate half, then value half
+            acc_v += tl.load(Bias + N + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    if ACT == SWIGLU:
+        acc = _swiglu(acc, acc_v)
+    else:
+        acc = _act(acc, ACT)
     if HAS_GAMMA:
         acc *= tl.load(Gamma + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     mask = (offs_m[:, None] < M) & mask_n[None, :]
@@ -143,18 +179,38 @@ def _configs():
         (64, 256, 32, 4, 4), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4), (64, 64, 64, 3, 4),
         (128, 32, 32, 4, 4), (64, 32, 32, 5, 2), (32, 64, 32, 5, 2), (16, 64, 64, 3, 4),
     ]
-    return [Config.make(w, s, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8) for bm, bn, bk, s, w in rows]
+    return [_config(*row) for row in rows + _GATED_ROWS]
 
 
-def smem_bytes(cfg: Config, elem: int) -> int:
-    return cfg.num_stages * (cfg["BLOCK_M"] + cfg["BLOCK_N"]) * cfg["BLOCK_K"] * elem
+def _config(bm: int, bn: int, bk: int, s: int, w: int) -> Config:
+    return Config.make(w, s, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8)
+
+
+# SwiGLU tiles only (keep() drops them for the other activations, whose candidates stay the
+# tutorial's): 128 x 128 x 64 / 8 warps / 3 stages at half width -- two 128 x 64 accumulators, the
+# same MMA work, W bytes and shared memory a K step as that plain tile (the gated heuristic)
+_GATED_ROWS = [(128, 64, 64, 3, 8)]
+_GATED_ONLY = frozenset(_config(*row) for row in _GATED_ROWS)
+
+
+def smem_bytes(cfg: Config, elem: int, gated: bool = False) -> int:
+    """Pipelined A and W tiles; a gated tile loads two W tiles (gate and value rows) per stage."""
+    return cfg.num_stages * (cfg["BLOCK_M"] + (2 if gated else 1) * cfg["BLOCK_N"]) * cfg["BLOCK_K"] * elem
+
+
+def _gated(flags: Tuple) -> bool:
+    return flags[1] == SWIGLU.value
 
 
 def keep(cfg: Config, key: Tuple) -> bool:
-    """key = (M bucket, N, K, dtype name, flags: (bias, act code, gamma, residual, ln, ln_bias))."""
+    """key = (M bucket, N, K, dtype name, flags: (bias, act code, gamma, residual, ln, ln_bias));
+    N is the output width (half the weight's rows when gated: act code SWIGLU)."""
     m_b, N, K, dt, flags = key
     elem = 4 if dt == "float32" else 2
-    if smem_bytes(cfg, elem) > smem_limit():
+    gated = _gated(flags)
+    if cfg in _GATED_ONLY and not gated:
+        return False
+    if smem_bytes(cfg, elem, gated) > smem_limit():
         return False
     if cfg["BLOCK_K"] < 16 or cfg["BLOCK_M"] < 16:  # tl.dot minimums
         return False
@@ -163,7 +219,14 @@ def keep(cfg: Config, key: Tuple) -> bool:
     # the LN prologue normalises A in registers: with 128 accumulator registers per thread on
     # top, 128 x 128 at 4 warps spills on sm_80 (AOT table)
     has_ln = bool(flags[4])
-    if has_ln and cfg["BLOCK_M"] * cfg["BLOCK_N"] // (32 * cfg.num_warps) > 64:
+    acc_regs = cfg["BLOCK_M"] * cfg["BLOCK_N"] // (32 * cfg.num_warps)  # float32 accumulator a thread
+    if has_ln and acc_regs > 64:
+        return False
+    # gated: two accumulators, at most 64 registers a thread for both (as a plain tile with the LN
+    # prologue). At 128 (128 x 128 x 64 / 8 warps, 128 x 64 x 32 / 4, 64 x 128 x 32 / 4) a bias-only
+    # epilogue fits on sm_90 (242 regs), but gamma + residual spill 24-56 B on sm_90, the LN
+    # prologue 56 B and BLOCK_K 64 3.9 KB on sm_80 (AOT table, triton 3.6 and 3.8)
+    if gated and 2 * acc_regs > 64:
         return False
     return True
 
@@ -171,14 +234,22 @@ def keep(cfg: Config, key: Tuple) -> bool:
 def heuristic(key: Tuple) -> Config:
     """128 x 128 x 64, 8 warps, 3 stages for 16-bit operands and large M (the tutorial's H100
     pick for K >= 512); 64 x 64 x 32 in 2 stages for float32 (twice the bytes per tile); narrower tiles
-    when M or N is small (classifier heads, tiny batches)."""
-    m_b, N, K, dt, _ = key
+    when M or N is small (classifier heads, tiny batches). Gated (SwiGLU): half as wide
+    (128 x 64 x 64; float32 64 x 32 x 16)."""
+    m_b, N, K, dt, flags = key
     if dt == "float32":
         # 2 stages: with 3 (at 4 or 8 warps) some epilogues spill 8 B under triton 3.6 or 3.8; this
         # config compiled spill-free for every flavour on sm_80 / sm_90 under both (AOT table)
         bm, bn, bk, w, s = 64, 64, 32, 4, 2
     else:
         bm, bn, bk, w, s = 128, 128, 64, 8, 3
+    if _gated(flags):
+        # two accumulators: half as many output columns, the same MMA work and W bytes a tile.
+        # float32 also halves BLOCK_K: 64 x 32 x 32 spills 16 B on sm_80 under triton 3.8, 64 x 32
+        # x 16 is spill-free for every gated flavour on sm_80 / sm_90 under 3.6 and 3.8 (AOT table)
+        bn //= 2
+        if dt == "float32":
+            bk = 16
     bm = max(16, min(bm, m_b))
     bn = max(16, min(bn, next_pow2(N)))
     bk = max(16, min(bk, next_pow2(K)))
@@ -216,8 +287,10 @@ def linear_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     """``act(LN?(x) @ weight.T + bias) * gamma + residual`` in one GEMM (+ a stats kernel with LN).
 
     Args:
-        x: (..., K), unit-stride last dim. weight: (N, K). bias, gamma: (N,) or None.
-        act: None, 'gelu', 'gelu_tanh' or 'quick_gelu'. residual: (..., N) or None.
+        x: (..., K), unit-stride last dim. weight: (N, K) ((2 N, K) for 'swiglu'). bias: (N,) or
+            None ((2 N,) for 'swiglu'). gamma: (N,) or None.
+        act: None, 'gelu', 'gelu_tanh', 'quick_gelu' or 'swiglu' (weight (2 N, K), gate rows then
+            value rows; output ``silu(gate) * value``). residual: (..., N) or None.
         ln_weight, ln_bias: (K,) -- LayerNorm x first (eps ``ln_eps``) when ln_weight is given.
         out: optional (..., N) output of x's dtype, (M, N)-viewable with unit last stride.
         config: force a launch config (tests / AOT).
@@ -226,7 +299,7 @@ def linear_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
         (..., N) in x's dtype.
     """
     K = x.shape[-1]
-    N = weight.shape[0]
+    N = weight.shape[0] // 2 if act in GATED_ACTS else weight.shape[0]  # output width
     x2 = _rows(x)
     M = x2.shape[0]
     if out is None:
@@ -283,9 +356,10 @@ def mlp_fwd(x: torch.Tensor, fc1_weight: torch.Tensor, fc1_bias: Optional[torch.
     it). A single-kernel MLP that keeps the hidden tile on chip is not built: the issue keeps it
     only if it beats this pair on a GPU, and no GPU has measured that yet.
 
-    Args: x (..., D); fc1_weight (Hd, D); fc1_bias (Hd,); fc2_weight (D_out, Hd); fc2_bias
-        (D_out,); act / gamma (D_out,) / residual (..., D_out) / ln_* (D,) as :func:`linear_fwd`;
-        hidden_ln_* (Hd,): the hidden LayerNorm (EVA-02 sub-LN), fc2's LN prologue.
+    Args: x (..., D); fc1_weight (Hd, D) ((2 Hd, D) for 'swiglu': gate rows, then value rows);
+        fc1_bias (Hd,) / (2 Hd,); fc2_weight (D_out, Hd); fc2_bias (D_out,); act / gamma (D_out,) /
+        residual (..., D_out) / ln_* (D,) as :func:`linear_fwd`; hidden_ln_* (Hd,): the hidden
+        LayerNorm (EVA-02 sub-LN), fc2's LN prologue.
 
     Returns:
         (..., D_out) in x's dtype.
