@@ -95,6 +95,23 @@ def _variants():
                 ptrs = {n: dt for n in ("A", "W", "Bias", "Gamma", "Res", "Y", "LnW", "LnB")}
                 ptrs.update(Mean="float32", Rstd="float32")
                 out.append(("linear", "_linear_fwd", f"{dt} {label}", cfg, const, ptrs, dt != "float32"))
+    # gated linear (SwiGLU, two accumulators a tile): EVA-02 B fc1 (K=768, N=2048 outputs of a
+    # (4096, 768) weight) with bias + gamma + residual and with the LN prologue; every candidate in
+    # fp16 and bf16, the heuristic in float32
+    gated = [("fc1+swiglu+gamma+res", dict(HAS_BIAS=True, ACT=4, HAS_GAMMA=True, HAS_RES=True, HAS_LN=False,
+                                           HAS_LN_B=False)),
+             ("fc1+ln+swiglu", dict(HAS_BIAS=True, ACT=4, HAS_GAMMA=False, HAS_RES=False, HAS_LN=True, HAS_LN_B=True))]
+    for dt in ("float16", "bfloat16", "float32"):
+        for label, flags in gated:
+            K, N = 768, 2048
+            key = (8192, N, K, dt, tuple(flags[f] for f in ("HAS_BIAS", "ACT", "HAS_GAMMA", "HAS_RES", "HAS_LN",
+                                                            "HAS_LN_B")))
+            for cfg in linear.TUNE.candidates(key) if dt != "float32" else [linear.heuristic(key)]:
+                const = dict(flags, EVEN_K=K % cfg["BLOCK_K"] == 0, PRECISION="ieee" if dt == "float32" else "tf32",
+                             **cfg.kwargs)
+                ptrs = {n: dt for n in ("A", "W", "Bias", "Gamma", "Res", "Y", "LnW", "LnB")}
+                ptrs.update(Mean="float32", Rstd="float32")
+                out.append(("linear", "_linear_fwd", f"{dt} {label}", cfg, const, ptrs, dt != "float32"))
     # layer_norm: every config for D=768 (both modes), heuristic for D in (384, 1024, 1280)
     for D in (384, 768, 1024, 1280):
         for mode in ("y", "stats"):
