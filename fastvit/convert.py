@@ -19,6 +19,7 @@ from .checkpoint import CheckpointError
 from .facts import ACTIVATIONS
 from .model import HybridEmbed, LayerNorm, LayerScale, PatchEmbed, VisionTransformer
 from .reference import resample_pos_embed
+from .rope import RopeCat, RopeDinoV3, RopeMixed
 from .relpos import RelativePositionBias, resize_table
 
 __all__ = [
@@ -324,7 +325,7 @@ def _timm_eva_kwargs(m: nn.Module) -> dict:
     blk = m.blocks[0]
     attn, mlp = blk.attn, blk.mlp
     norm1 = blk.norm1
-    if type(norm1) is not nn.LayerNorm and not (isinstance(norm1, nn.LayerNorm) and type(norm1).__name__ == "LayerNorm"):
+    if not isinstance(norm1, nn.LayerNorm):
         _unsupported(f"Eva norm layer {type(norm1).__name__} (LayerNorm only)")
     eps = norm1.eps
     inner = attn.norm
@@ -564,6 +565,8 @@ def convert_hf_state_dict(sd: Mapping[str, torch.Tensor], config) -> Dict[str, t
     """
     if _get(config, "model_type", "") == "beit":
         return _convert_hf_beit(sd)
+    if _get(config, "model_type", "") == "dinov3_vit":
+        return _convert_hf_dinov3(sd)
     family = _HF_TOWERS.get(_get(config, "model_type", ""))
     two_tower = _get(config, "model_type", "") in ("clip", "siglip")
     top = dict(_HF_TOWER_TOP, **{f"post_layernorm.{w}": f"{_HF_POST_NORM[family]}.{w}" for w in ("weight", "bias")}) \
@@ -750,6 +753,109 @@ def _hf_beit_kwargs(config, arch: str) -> dict:
     )
 
 
+# Hugging Face DINOv3ViTModel -> fastvit
+_HF_DINOV3_TOP = {
+    "embeddings.cls_token": "cls_token",
+    "embeddings.register_tokens": "reg_token",
+    "embeddings.patch_embeddings.weight": "patch_embed.proj.weight",
+    "embeddings.patch_embeddings.bias": "patch_embed.proj.bias",
+    "norm.weight": "norm.weight", "norm.bias": "norm.bias",
+}
+_HF_DINOV3_BLOCK = {
+    "norm1": "norm1", "norm2": "norm2", "attention.o_proj": "attn.proj",
+    "mlp.down_proj": "mlp.fc2", "layer_scale1.lambda1": "ls1.gamma", "layer_scale2.lambda1": "ls2.gamma",
+}
+_HF_DINOV3_LAYER = re.compile(r"^(?:model\.)?layer\.(\d+)\.(.+)$")  # saved folders drop 'model.'
+
+
+def _convert_hf_dinov3(sd: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Hugging Face ``DINOv3ViTModel`` state dict -> fastvit names.
+
+    Per layer ``attention.q_proj`` / ``k_proj`` / ``v_proj`` become ``attn.qkv`` (a projection
+    without bias, HF's default ``key_bias=False``, gives zeros in ``qkv.bias``); the MLP's
+    ``up_proj`` is ``mlp.fc1``, or with the gated MLP ``gate_proj`` over ``up_proj`` (gate rows
+    first, fastvit's 'swiglu'); ``layer_scale{1,2}.lambda1`` the LayerScale gammas. The mask token
+    (pretraining only) is dropped; any other unknown key raises a
+    :class:`~fastvit.checkpoint.CheckpointError`.
+    """
+    out: Dict[str, torch.Tensor] = {}
+    parts: Dict[Tuple[str, str], Dict[str, torch.Tensor]] = {}
+    unknown = []
+    for key, t in sd.items():
+        if key == "embeddings.mask_token" or (key == "embeddings.register_tokens" and t.shape[1] == 0):
+            continue  # the mask token is for pretraining; a (1, 0, D) register tensor holds nothing
+        if key in _HF_DINOV3_TOP:
+            out[_HF_DINOV3_TOP[key]] = t
+            continue
+        m = _HF_DINOV3_LAYER.match(key)
+        if m:
+            i, rest = int(m.group(1)), m.group(2)
+            part, _, leaf = rest.rpartition(".")
+            if rest in _HF_DINOV3_BLOCK:
+                out[f"blocks.{i}.{_HF_DINOV3_BLOCK[rest]}"] = t
+                continue
+            if part in _HF_DINOV3_BLOCK:
+                out[f"blocks.{i}.{_HF_DINOV3_BLOCK[part]}.{leaf}"] = t
+                continue
+            if part in ("attention.q_proj", "attention.k_proj", "attention.v_proj"):
+                parts.setdefault((f"blocks.{i}.attn.qkv", leaf), {})[part[10]] = t
+                continue
+            if part in ("mlp.gate_proj", "mlp.up_proj"):
+                parts.setdefault((f"blocks.{i}.mlp.fc1", leaf), {})[part[4]] = t
+                continue
+        unknown.append(key)
+    if unknown:
+        raise CheckpointError(f"state_dict: unexpected Hugging Face DINOv3 keys ({len(unknown)}): {sorted(unknown)}")
+    for (name, leaf), p in sorted(parts.items()):
+        order = "qkv" if name.endswith("qkv") else ("gu" if "g" in p else "u")
+        if leaf == "bias" and order == "qkv" and any(c in p for c in order):
+            ref = next(p[c] for c in order if c in p)
+            p = {c: p.get(c, torch.zeros_like(ref)) for c in order}  # projections without bias add zeros
+        if any(c not in p for c in order):
+            raise CheckpointError(f"state_dict: {name} has the {leaf} of {sorted(p)} only, expected {list(order)}")
+        out[f"{name}.{leaf}"] = torch.cat([p[c] for c in order], 0)
+    return out
+
+
+def _hf_dinov3_kwargs(config, arch: str) -> dict:
+    """Keyword arguments of a Hugging Face ``DINOv3ViTModel``: class + register tokens, no position
+    embedding, DINOv3 RoPE computed as HF rounds it (any image size), LayerScale, q / k / v
+    biases as configured (fused into ``qkv``), GELU MLP or the gated one (SwiGLU), final norm,
+    pooled output = the normalised class token."""
+    base = arch.split(".")[-1]
+    if base and base != "DINOv3ViTModel":
+        raise ValueError(f"config: {base} is not supported for model_type 'dinov3_vit'; load the encoder as "
+                         "DINOv3ViTModel (DINOv3ViTBackbone's multi-level feature maps are not built)")
+
+    def get(name):
+        v = _get(config, name)
+        if v is None:
+            raise ValueError(f"config: expected {name!r} in a DINOv3ViTConfig, got none")
+        return v
+
+    hidden_act, gated = get("hidden_act"), bool(_get(config, "use_gated_mlp", False))
+    if gated and hidden_act != "silu":
+        raise ValueError(f"config: use_gated_mlp with hidden_act={hidden_act!r} is not supported (SwiGLU: 'silu')")
+    acts = {k: v for k, v in _HF_ACTS.items() if k != "quick_gelu"}
+    if not gated and hidden_act not in acts:
+        raise ValueError(f"config: hidden_act expected one of {sorted(acts)} (or 'silu' with use_gated_mlp), "
+                         f"got {hidden_act!r}")
+    if bool(get("mlp_bias")) != bool(get("proj_bias")):
+        raise ValueError(f"config: mlp_bias={get('mlp_bias')} with proj_bias={get('proj_bias')} is not supported "
+                         "(fastvit's blocks bias the MLP and the output projection alike)")
+    dim = get("hidden_size")
+    return dict(
+        img_size=get("image_size"), patch_size=get("patch_size"), in_chans=get("num_channels"), embed_dim=dim,
+        depth=get("num_hidden_layers"), num_heads=get("num_attention_heads"),
+        mlp_ratio=_mlp_ratio(dim, get("intermediate_size")),
+        qkv_bias=bool(get("query_bias") or get("key_bias") or get("value_bias")), proj_bias=bool(get("proj_bias")),
+        act="swiglu" if gated else acts[hidden_act], norm_eps=get("layer_norm_eps"), init_values=1.0,
+        class_token=True, reg_tokens=int(get("num_register_tokens")), pos_embed="none", dynamic_img_size=True,
+        global_pool="token", fc_norm=False, num_classes=0, rope_type="dinov3",
+        rope_temperature=float(get("rope_theta")), rope_hf=True,
+    )
+
+
 def _get(config, name, default=None):
     return config.get(name, default) if isinstance(config, Mapping) else getattr(config, name, default)
 
@@ -770,6 +876,8 @@ def hf_config_to_kwargs(config, arch: Optional[str] = None) -> dict:
         return _hf_tower_kwargs(config, model_type, arch)
     if model_type == "beit":
         return _hf_beit_kwargs(config, arch)
+    if model_type == "dinov3_vit":
+        return _hf_dinov3_kwargs(config, arch)
     if model_type not in ("vit", "deit", "dinov2", "dinov2_with_registers"):
         raise ValueError(f"config: expected model_type 'vit', 'deit', 'dinov2', 'dinov2_with_registers', 'beit', "
                          f"{', '.join(map(repr, _HF_TOWERS))}, got {model_type!r}")
@@ -875,7 +983,7 @@ def model_kwargs(model: VisionTransformer) -> dict:
     return dict(
         img_size=list(pe.img_size), patch_size=list(pe.patch_size), in_chans=pe.proj.in_channels,
         num_classes=model.num_classes, global_pool=model.global_pool, embed_dim=dim, depth=len(model.blocks),
-        num_heads=blk.attn.num_heads, mlp_ratio=_mlp_ratio(dim, blk.mlp.fc1.out_features),
+        num_heads=blk.attn.num_heads, mlp_ratio=_mlp_ratio(dim, blk.mlp.fc2.in_features),
         qkv_bias=blk.attn.qkv.bias is not None, proj_bias=blk.attn.proj.bias is not None,
         init_values=1.0 if isinstance(blk.ls1, LayerScale) else None,  # the values come with the weights
         class_token=model.cls_token is not None, pos_embed="none" if model.pos_embed is None else "learn",
@@ -884,5 +992,29 @@ def model_kwargs(model: VisionTransformer) -> dict:
         final_norm=isinstance(model.norm, LayerNorm) or fc_norm, fc_norm=fc_norm,
         dynamic_img_size=model.dynamic_img_size, dynamic_img_pad=pe.dynamic_img_pad, act=blk.mlp.act,
         norm_eps=blk.norm1.eps, distilled=model.distilled, pos_embed_antialias=model.pos_embed_antialias,
-        head_bias=model.head_bias, **pool,
+        head_bias=model.head_bias, **pool, **_rope_model_kwargs(model),
     )
+
+
+def _rope_model_kwargs(model: VisionTransformer) -> dict:
+    """The EVA-family arguments of ``model`` (RoPE, sub-LNs); {} for a model without them."""
+    blk = model.blocks[0]
+    out = {}
+    if blk.attn.norm is not None:
+        out["scale_attn_inner"] = True
+    if blk.mlp.norm is not None:
+        out["scale_mlp"] = True
+    r = model.rope
+    if isinstance(r, RopeCat):
+        out.update(rope_type="cat", rope_temperature=r.temperature, rope_grid_indexing=r.grid_indexing,
+                   rope_grid_offset=r.grid_offset, rope_rotate_half=r.rotate_half,
+                   ref_feat_shape=None if r.ref_feat_shape is None else list(r.ref_feat_shape))
+    elif isinstance(r, RopeMixed):
+        out.update(rope_type="mixed", rope_temperature=r.temperature, rope_grid_indexing=r.grid_indexing)
+    elif isinstance(r, RopeDinoV3):
+        if r.min_period is not None or r.normalize_coords != "separate":
+            raise ValueError("model: a DINOv3 RoPE with min / max periods or normalize_coords other than "
+                             "'separate' cannot be described by constructor arguments")
+        out.update(rope_type="dinov3", rope_temperature=r.temperature, rope_grid_indexing=r.grid_indexing,
+                   rope_grid_offset=r.grid_offset, rope_hf=r.hf)
+    return out

@@ -141,6 +141,72 @@ for _fam, _size, _img, _init, _crop in _BEIT:
          **_SIZES[_size])
 
 
+# The EVA family (timm's Eva class): RoPE in every block, no bias on k (q / v biases fused into
+# qkv.bias at loading). Preprocessing is timm's pretrained_cfg of each name's default tag.
+_IMNET = dict(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+
+
+def _eva_pre(img: int, crop_pct: float, crop_mode: str = "center", mean=CLIP_MEAN, std=CLIP_STD) -> dict:
+    return dict(input_size=(3, img, img), interpolation="bicubic", crop_pct=crop_pct, crop_mode=crop_mode,
+                mean=tuple(mean), std=tuple(std))
+
+
+# EVA-02 (MIM pretrained at 224, no classifier; ImageNet fine-tunes at 336 / 448): SwiGLU MLP
+# (2/3 of 4x wide, sub-LN from base up), interleaved RoPE over a 16 x 16 reference grid, a learnt
+# position embedding, mean pooling + fc_norm. Sizes tiny / small / base / large.
+_EVA02_SIZES = dict(tiny=(192, 12, 3), small=(384, 12, 6), base=(768, 12, 12), large=(1024, 24, 16))
+for _size, (_dim, _depth, _heads) in _EVA02_SIZES.items():
+    _eva = dict(patch_size=14, embed_dim=_dim, depth=_depth, num_heads=_heads, act="swiglu",
+                mlp_ratio=2.666015625 if _size == "large" else 4 * 2 / 3, scale_mlp=_size in ("base", "large"),
+                global_pool="avg", fc_norm=True, rope_type="cat", ref_feat_shape=(16, 16))
+    _add(f"eva02_{_size}_patch14_224", preprocess=_eva_pre(224, 0.9), img_size=224, num_classes=0, **_eva)
+    _ft = 336 if _size in ("tiny", "small") else 448
+    _add(f"eva02_{_size}_patch14_{_ft}", preprocess=_eva_pre(_ft, 1.0, "center" if _ft == 336 else "squash"),
+         img_size=_ft, num_classes=1000, **_eva)
+
+# DINOv3 (timm names): 4 registers, LayerScale, no absolute position embedding, rotate_half RoPE
+# on centred coordinates (any image size), LayerNorm eps 1e-5, timm's default pooling (patch
+# mean, final norm); "_qkvb" variants carry q / v biases; "plus" sizes a SwiGLU MLP.
+_DINOV3 = [("small", 384, 12, 6, 4.0, "gelu", True), ("small_plus", 384, 12, 6, 4.0, "swiglu", True),
+           ("base", 768, 12, 12, 4.0, "gelu", True), ("large", 1024, 24, 16, 4.0, "gelu", True),
+           ("huge_plus", 1280, 32, 20, 4.0, "swiglu", True), ("7b", 4096, 40, 32, 2.0, "swiglu", False)]
+for _size, _dim, _depth, _heads, _ratio, _act, _qkvb in _DINOV3:
+    _dino = dict(img_size=256, patch_size=16, embed_dim=_dim, depth=_depth, num_heads=_heads, mlp_ratio=_ratio,
+                 act=_act, init_values=1e-5, reg_tokens=4, pos_embed="none", dynamic_img_size=True,
+                 global_pool="avg", fc_norm=False, num_classes=0, norm_eps=1e-5, rope_type="dinov3",
+                 rope_temperature=100.0)
+    _add(f"vit_{_size}_patch16_dinov3", preprocess=_eva_pre(256, 1.0, **_IMNET), qkv_bias=False, **_dino)
+    if _qkvb:
+        _add(f"vit_{_size}_patch16_dinov3_qkvb", preprocess=_eva_pre(256, 1.0, **_IMNET), qkv_bias=True, **_dino)
+
+# RoPE-ViT (naver, timm names): class token, no position embedding ('ape': a learnt one beside
+# the class token), LayerScale, 'xy' axial RoPE at temperature 100, or 'mixed' learnt per-block
+# per-head frequencies (rope.freqs).
+for _size in ("small", "base", "large"):
+    _rope = dict(img_size=224, patch_size=16, init_values=1e-5, global_pool="token", **_SIZES[_size])
+    _axial = dict(rope_type="cat", rope_temperature=100.0, rope_grid_indexing="xy")
+    _mixed = dict(rope_type="mixed", rope_temperature=10.0, rope_grid_indexing="xy")
+    _add(f"vit_{_size}_patch16_rope_224", preprocess=_eva_pre(224, 0.9, **_IMNET), pos_embed="none", **_axial,
+         **_rope)
+    _add(f"vit_{_size}_patch16_rope_mixed_224", preprocess=_eva_pre(224, 0.9, **_IMNET), pos_embed="none",
+         **_mixed, **_rope)
+    if _size != "large":
+        _add(f"vit_{_size}_patch16_rope_ape_224", preprocess=_eva_pre(224, 0.9, **_IMNET), no_embed_class=True,
+             **_axial, **_rope)
+        _add(f"vit_{_size}_patch16_rope_mixed_ape_224", preprocess=_eva_pre(224, 0.9, **_IMNET),
+             no_embed_class=True, **_mixed, **_rope)
+
+# timm SBB ViTs with RoPE at 256: register tokens, no class token or position embedding, LayerScale,
+# RoPE over a 16 x 16 reference grid, mean pooling + fc_norm.
+_SBB = [("medium", 512, 12, 8, 1, True, (0.5,) * 3, (0.5,) * 3), ("mediumd", 512, 20, 8, 1, False, (0.5,) * 3, (0.5,) * 3),
+        ("betwixt", 640, 12, 10, 4, True, CLIP_MEAN, CLIP_STD), ("base", 768, 12, 12, 1, True, (0.5,) * 3, (0.5,) * 3)]
+for _size, _dim, _depth, _heads, _reg, _bias, _mean, _std in _SBB:
+    _add(f"vit_{_size}_patch16_rope_reg{_reg}_gap_256", preprocess=_eva_pre(256, 0.95, mean=_mean, std=_std),
+         img_size=256, patch_size=16, embed_dim=_dim, depth=_depth, num_heads=_heads, qkv_bias=_bias,
+         init_values=1e-5, class_token=False, reg_tokens=_reg, pos_embed="none", global_pool="avg", fc_norm=True,
+         rope_type="cat", ref_feat_shape=(16, 16))
+
+
 def model_config(name: str) -> dict:
     """The constructor arguments of preset ``name`` (a copy)."""
     if name not in _PRESETS:
