@@ -78,6 +78,8 @@ class Preprocessor:
         crop_rounding: 'round' (torchvision CenterCrop) or 'floor' (Hugging Face) crop offset.
         fuse_rescale: normalise as ``(x - 255 mean) / (255 std)`` (Hugging Face) instead of
             ``(x / 255 - mean) / std`` (timm); they differ in the last float32 bit.
+        rescale_first: rescale to [0, 1] before the resize, which then runs on float32 pixels
+            (no rounding to uint8; Hugging Face's DINOv3ViTImageProcessor order); 'torch' backend.
         id2label: class index -> readable label, when the checkpoint has one.
     """
 
@@ -90,6 +92,7 @@ class Preprocessor:
     crop_rounding: str = "round"
     fuse_rescale: bool = False
     rescale_factor: float = 1 / 255
+    rescale_first: bool = False
     id2label: Optional[Dict[int, str]] = field(default=None, repr=False)
 
     def __post_init__(self):
@@ -99,6 +102,9 @@ class Preprocessor:
             raise ValueError(f"backend: expected 'pil' or 'torch', got {self.backend!r}")
         if self.backend == "torch" and self.resample not in _TORCH_MODES:
             raise ValueError(f"resample: backend 'torch' supports {tuple(_TORCH_MODES)}, got {self.resample!r}")
+        if self.rescale_first and (self.backend != "torch" or self.fuse_rescale):
+            raise ValueError("rescale_first: expected backend 'torch' without fuse_rescale (the resize runs on the "
+                             "rescaled float image)")
         if self.crop_rounding not in ("round", "floor"):
             raise ValueError(f"crop_rounding: expected 'round' or 'floor', got {self.crop_rounding!r}")
         if self.size is not None and not isinstance(self.size, int):
@@ -127,10 +133,13 @@ class Preprocessor:
             mean, std = (0.0,) * 3, (1.0,) * 3
         if not cfg.get("do_rescale", True):
             raise ValueError("preprocessor_config: do_rescale=False (inputs already in [0, 1]) is not supported")
-        pil = str(cfg.get("image_processor_type", "")).endswith("Pil")
+        kind = str(cfg.get("image_processor_type", ""))
+        pil = kind.endswith("Pil")
+        # DINOv3's processor rescales, then resizes the float image, then normalises (unfused)
+        first = not pil and kind.startswith("DINOv3ViTImageProcessor")
         return cls(size=size, crop_size=crop, resample=resample, mean=mean, std=std,
-                   backend="pil" if pil else "torch", crop_rounding="floor", fuse_rescale=not pil,
-                   rescale_factor=float(cfg.get("rescale_factor", 1 / 255)), id2label=id2label)
+                   backend="pil" if pil else "torch", crop_rounding="floor", fuse_rescale=not pil and not first,
+                   rescale_factor=float(cfg.get("rescale_factor", 1 / 255)), rescale_first=first, id2label=id2label)
 
     @classmethod
     def from_timm(cls, pretrained_cfg: Mapping[str, Any], id2label=None) -> "Preprocessor":
@@ -284,6 +293,13 @@ class Preprocessor:
 
     def process(self, image) -> torch.Tensor:
         """One image (PIL, path, uint8 numpy (H, W[, C]) or uint8 tensor (C, H, W)) -> float32 (3, H, W)."""
+        if self.rescale_first:
+            x = to_rgb(image, want_pil=False) * self.rescale_factor  # float32 (3, H, W)
+            nh, nw = self._resized_hw(*x.shape[-2:])
+            if (nh, nw) != tuple(x.shape[-2:]):
+                x = _resize_float(x, (nh, nw), self.resample)
+            x = self._crop(x)
+            return (x - torch.tensor(self.mean).view(3, 1, 1)) / torch.tensor(self.std).view(3, 1, 1)
         return self.normalize(self.geometry(image))
 
     def __call__(self, images) -> torch.Tensor:
@@ -334,6 +350,13 @@ def _resize_uint8(x: torch.Tensor, size: Tuple[int, int], resample: str) -> torc
     if mode == "bicubic":
         out = out.clamp_(0, 255)
     return out.round_().to(torch.uint8)[0]
+
+
+def _resize_float(x: torch.Tensor, size: Tuple[int, int], resample: str) -> torch.Tensor:
+    """float (3, H, W) -> (3, h, w) as torchvision's tensor resize with antialias (no clamp, no rounding)."""
+    mode = _TORCH_MODES[resample]
+    aa = mode in ("bilinear", "bicubic")
+    return F.interpolate(x.unsqueeze(0), size=size, mode=mode, align_corners=False if aa else None, antialias=aa)[0]
 
 
 def to_rgb(image, want_pil: bool):

@@ -270,6 +270,28 @@ def test_hf_dinov3_attentions_and_strict_keys(tmp_path):
         fastvit.from_pretrained(str(tmp_path))
 
 
+def test_hf_dinov3_folder_with_processor_loads_both(tmp_path):
+    """load_model on a DINOv3 folder: the model and a processor bit-exact with DINOv3ViTImageProcessor
+    (which rescales before resizing, so the resize runs on float pixels), through `fastvit convert` too."""
+    skdata = pytest.importorskip("skimage.data")
+    from PIL import Image
+
+    from fastvit.factory import convert, load_model
+
+    hf = _randomise(T.DINOv3ViTModel(_dinov3_cfg())).eval()
+    hf.save_pretrained(str(tmp_path / "hf"))
+    hp = T.DINOv3ViTImageProcessor(size={"height": 48, "width": 32}, resample=3)
+    hp.save_pretrained(str(tmp_path / "hf"))
+    convert(str(tmp_path / "hf"), str(tmp_path / "fv"))
+    for folder in ("hf", "fv"):
+        fast, pre = load_model(str(tmp_path / folder))
+        for photo in (Image.fromarray(skdata.chelsea()), Image.fromarray(skdata.astronaut())):
+            x = hp(photo, return_tensors="pt")["pixel_values"]
+            assert torch.equal(pre(photo), x), folder
+        with torch.no_grad():
+            _rel(fast(x), hf(pixel_values=x).pooler_output, f"DINOv3 {folder} folder pooler_output")
+
+
 # --------------------------------------------------------------------------- attention maps
 def _timm_probs(ref, x):
     """Per block softmax(R(q) R(k)^T * scale) from timm's own modules (its RoPE, its rotation)."""
