@@ -817,6 +817,13 @@ def _convert_hf_dinov3(sd: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor
     return out
 
 
+# DINOv3ViTConfig's constructor defaults, for config.json files that omit them
+_HF_DINOV3_DEFAULTS = dict(patch_size=16, hidden_size=384, intermediate_size=1536, num_hidden_layers=12,
+                           num_attention_heads=6, hidden_act="gelu", layer_norm_eps=1e-5, rope_theta=100.0,
+                           image_size=224, num_channels=3, query_bias=True, key_bias=False, value_bias=True,
+                           proj_bias=True, mlp_bias=True, use_gated_mlp=False, num_register_tokens=0)
+
+
 def _hf_dinov3_kwargs(config, arch: str) -> dict:
     """Keyword arguments of a Hugging Face ``DINOv3ViTModel``: class + register tokens, no position
     embedding, DINOv3 RoPE computed as HF rounds it (any image size), LayerScale, q / k / v
@@ -829,11 +836,9 @@ def _hf_dinov3_kwargs(config, arch: str) -> dict:
 
     def get(name):
         v = _get(config, name)
-        if v is None:
-            raise ValueError(f"config: expected {name!r} in a DINOv3ViTConfig, got none")
-        return v
+        return _HF_DINOV3_DEFAULTS[name] if v is None else v
 
-    hidden_act, gated = get("hidden_act"), bool(_get(config, "use_gated_mlp", False))
+    hidden_act, gated = get("hidden_act"), bool(get("use_gated_mlp"))
     if gated and hidden_act != "silu":
         raise ValueError(f"config: use_gated_mlp with hidden_act={hidden_act!r} is not supported (SwiGLU: 'silu')")
     acts = {k: v for k, v in _HF_ACTS.items() if k != "quick_gelu"}

@@ -249,6 +249,15 @@ def test_hf_dinov3_parity(case, source, tmp_path):
         _rel(got.pooler_output, want.pooler_output, f"{what} pooler_output {h}x{w}")
 
 
+def test_hf_dinov3_config_defaults_are_transformers():
+    """A config.json that omits a field means DINOv3ViTConfig's default."""
+    from fastvit.convert import _HF_DINOV3_DEFAULTS, hf_config_to_kwargs
+
+    cfg = T.DINOv3ViTConfig()
+    assert {k: getattr(cfg, k) for k in _HF_DINOV3_DEFAULTS} == _HF_DINOV3_DEFAULTS
+    assert hf_config_to_kwargs({"model_type": "dinov3_vit"}) == hf_config_to_kwargs(cfg)
+
+
 def test_hf_dinov3_attentions_and_strict_keys(tmp_path):
     from safetensors.torch import load_file, save_file
 
