@@ -48,9 +48,9 @@ def convert_timm_state_dict(state_dict: Mapping[str, torch.Tensor],
     timm does; every other tensor is passed through. Keys are not checked here (loading is strict).
 
     A timm ``Eva`` state dict (EVA-02, DINOv3, RoPE ViTs) takes fastvit's names (see
-    :func:`_timm_eva_names`). A timm ``Beit`` state dict takes fastvit's names (see :func:`_timm_beit_names`), and a relative
-    position bias table stored for another grid is fitted to the model's (timm's
-    ``resize_rel_pos_bias_table``, as its ``checkpoint_filter_fn``).
+    :func:`_timm_eva_names`). A timm ``Beit`` state dict takes fastvit's names (see
+    :func:`_timm_beit_names`), and a relative position bias table stored for another grid is fitted
+    to the model's (timm's ``resize_rel_pos_bias_table``, as its ``checkpoint_filter_fn``).
     """
     if model.rope is not None or any(_EVA_KEY.match(k) for k in state_dict):
         state_dict = _timm_eva_names(state_dict)  # before BEiT's: the names both families share go here

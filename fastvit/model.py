@@ -515,6 +515,10 @@ class VisionTransformer(nn.Module):
                                rope_grid_indexing, rope_grid_offset,
                                None if ref_feat_shape is None else _pair(ref_feat_shape), rope_rotate_half,
                                hf=rope_hf)
+        # the modules the blocks' position inputs come from, found once (not per forward: the
+        # plain ViT path then costs one attribute read)
+        self._pos_sources = tuple(m for m in (self.rope, self.rel_pos_bias,
+                                              *(b.attn.rel_pos_bias for b in self.blocks)) if m is not None)
         self._pos_cache: Dict[Any, Tuple[Any, Any]] = {}
         self._init_weights()
 
@@ -617,8 +621,7 @@ class VisionTransformer(nn.Module):
     def _pos_input_params(self) -> Optional[List[torch.Tensor]]:
         """The tensors the per-block position inputs are computed from (the cache stamp), or None
         when the model has no per-block position inputs."""
-        srcs = [m for m in (self.rope, self.rel_pos_bias, *(b.attn.rel_pos_bias for b in self.blocks))
-                if m is not None]
+        srcs = self._pos_sources
         if not srcs:
             return None
         return [t for m in srcs for t in (*m.parameters(), *m.buffers())]

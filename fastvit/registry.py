@@ -198,8 +198,9 @@ for _size in ("small", "base", "large"):
 
 # timm SBB ViTs with RoPE at 256: register tokens, no class token or position embedding, LayerScale,
 # RoPE over a 16 x 16 reference grid, mean pooling + fc_norm.
-_SBB = [("medium", 512, 12, 8, 1, True, (0.5,) * 3, (0.5,) * 3), ("mediumd", 512, 20, 8, 1, False, (0.5,) * 3, (0.5,) * 3),
-        ("betwixt", 640, 12, 10, 4, True, CLIP_MEAN, CLIP_STD), ("base", 768, 12, 12, 1, True, (0.5,) * 3, (0.5,) * 3)]
+_HALF = (0.5,) * 3
+_SBB = [("medium", 512, 12, 8, 1, True, _HALF, _HALF), ("mediumd", 512, 20, 8, 1, False, _HALF, _HALF),
+        ("betwixt", 640, 12, 10, 4, True, CLIP_MEAN, CLIP_STD), ("base", 768, 12, 12, 1, True, _HALF, _HALF)]
 for _size, _dim, _depth, _heads, _reg, _bias, _mean, _std in _SBB:
     _add(f"vit_{_size}_patch16_rope_reg{_reg}_gap_256", preprocess=_eva_pre(256, 0.95, mean=_mean, std=_std),
          img_size=256, patch_size=16, embed_dim=_dim, depth=_depth, num_heads=_heads, qkv_bias=_bias,

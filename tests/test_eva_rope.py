@@ -69,8 +69,10 @@ def test_rope_tables_are_timms_bit_for_bit(grid, indexing):
     for ref_shape in (None, (16, 16)):
         for temp in (10000.0, 100.0):
             for half in (False, True):
-                want = timm_rope.RotaryEmbeddingCat(dim=32, temperature=temp, in_pixels=False, ref_feat_shape=ref_shape,
-                                                    grid_indexing=indexing, rotate_half=half).get_embed(shape=list(grid))
+                timm_cat = timm_rope.RotaryEmbeddingCat(dim=32, temperature=temp, in_pixels=False,
+                                                        ref_feat_shape=ref_shape, grid_indexing=indexing,
+                                                        rotate_half=half)
+                want = timm_cat.get_embed(shape=list(grid))
                 got = RopeCat(32, temp, indexing, 0.0, ref_shape, half)(grid)
                 assert got.dtype == torch.float32 and torch.equal(got, want), (ref_shape, temp, half)
     mixed = timm_rope.RotaryEmbeddingMixed(dim=96, depth=3, num_heads=3, temperature=10.0, grid_indexing=indexing)
