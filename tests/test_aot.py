@@ -45,37 +45,56 @@ def _variants():
                                                   for m in ("attention", "layer_norm", "linear", "patch_embed"))
 
     out = []
+    plain = (False, 0, False)  # attention flags (HAS_BIAS, ROPE, ROPE_PER_HEAD): no bias, no RoPE
+
+    def attn(kernel, label, d, dt, cfg, flags, wgmma):
+        const = dict(HEAD_DIM=d, BLOCK_D=attention.block_d_of(d, flags[1]), PRECISION="ieee" if dt == "float32" else "tf32",
+                     HAS_BIAS=flags[0], ROPE=flags[1], ROPE_PER_HEAD=flags[2], **cfg.kwargs)
+        ptrs = {"Q": dt, "K": dt, "V": dt, "O": dt, "Bias": dt, "Rope": "float32"}
+        if kernel == "_attn_probs_fwd":
+            ptrs["P"] = "float32"
+        out.append(("attention", kernel, label, cfg, const, ptrs, wgmma))
+
     # attention: every config at d=64 and d=128 (N=197..256), heuristic configs for every head dim
     for dt in ("float16", "float32"):
         for d in (32, 48, 64, 72, 80, 96, 128):
-            key = (256, 256, d, dt, False, 1024)
-            prec = "ieee" if dt == "float32" else "tf32"
+            key = (256, 256, d, dt, False, 1024) + plain
             if dt == "float32" and d > attention.FP32_MAX_HEAD_DIM:
                 continue  # declined by unsupported() on GPUs: no spill-free fp32 config exists
             cfgs = attention.TUNE_FWD.candidates(key) if (d in (64, 128) and dt == "float16") else [attention.heuristic(key)]
             for cfg in cfgs:
-                const = dict(HEAD_DIM=d, BLOCK_D=next_pow2(d), PRECISION=prec, **cfg.kwargs)
-                out.append(("attention", "_attn_fwd", f"{dt} d={d}", cfg, const, {"Q": dt, "K": dt, "V": dt, "O": dt},
-                            dt != "float32"))
+                attn("_attn_fwd", f"{dt} d={d}", d, dt, cfg, plain, dt != "float32")
         # SigLIP's MAP head: one latent query (N bucket 16) against all tokens, head dims 64 and
         # 72 (so400m), every candidate config
         for d in (64, 72):
-            key = (16, 1024, d, dt, False, 1024)
+            key = (16, 1024, d, dt, False, 1024) + plain
             if dt == "float32" and d > attention.FP32_MAX_HEAD_DIM:
                 continue
             for cfg in attention.TUNE_FWD.candidates(key):
-                const = dict(HEAD_DIM=d, BLOCK_D=next_pow2(d), PRECISION="ieee" if dt == "float32" else "tf32",
-                             **cfg.kwargs)
-                out.append(("attention", "_attn_fwd", f"{dt} d={d} map", cfg, const,
-                            {"Q": dt, "K": dt, "V": dt, "O": dt}, dt != "float32"))
+                attn("_attn_fwd", f"{dt} d={d} map", d, dt, cfg, plain, dt != "float32")
         for d in (64, 80):
-            key = (256, 256, d, dt, True, 1024)
+            key = (256, 256, d, dt, True, 1024) + plain
             if dt == "float32" and d > attention.FP32_MAX_HEAD_DIM:
                 continue
-            cfg = attention.heuristic(key)
-            const = dict(HEAD_DIM=d, BLOCK_D=next_pow2(d), PRECISION="ieee" if dt == "float32" else "tf32", **cfg.kwargs)
-            out.append(("attention", "_attn_probs_fwd", f"{dt} d={d}", cfg, const,
-                        {"Q": dt, "K": dt, "V": dt, "O": dt, "P": "float32"}, False))
+            attn("_attn_probs_fwd", f"{dt} d={d}", d, dt, attention.heuristic(key), plain, False)
+    # attention with bias / RoPE (#13; the rotation holds two k halves and four float32 sin / cos
+    # tiles per kv tile): every candidate at d=64 float16 with a bias, with bias + interleaved
+    # RoPE and with per-head rotate_half RoPE (EVA-02 / DINOv3 at 197..256 tokens); heuristic
+    # configs for each flag set at head dims 48, 64, 80, 128 (bfloat16 and float32 at 64); probs
+    # with bias + RoPE
+    features = {"bias": (True, 0, False), "rope": (False, 1, False), "rope_half per-head": (False, 2, True),
+                "bias+rope": (True, 1, False)}
+    for dt, dims in (("float16", (48, 64, 80, 128)), ("bfloat16", (64,)), ("float32", (64,))):
+        for d in dims:
+            for name, flags in features.items():
+                key = (256, 256, d, dt, False, 1024) + flags
+                every = d == 64 and dt == "float16" and name != "rope"
+                for cfg in attention.TUNE_FWD.candidates(key) if every else [attention.heuristic(key)]:
+                    attn("_attn_fwd", f"{dt} d={d} {name}", d, dt, cfg, flags, dt != "float32")
+        for d in (64, 80) if dt == "float16" else (64,):
+            for name in ("bias+rope", "rope_half per-head"):
+                key = (256, 256, d, dt, True, 1024) + features[name]
+                attn("_attn_probs_fwd", f"{dt} d={d} {name}", d, dt, attention.heuristic(key), features[name], False)
     # linear: every config for ViT-B qkv with the LN prologue (K=768, N=2304), heuristics for the
     # other flag sets (fc1 + GELU / tanh GELU / QuickGELU, fc2 / proj + gamma + residual) and for float32
     flavours = [("qkv+ln", dict(HAS_BIAS=True, ACT=0, HAS_GAMMA=False, HAS_RES=False, HAS_LN=True, HAS_LN_B=True), 768, 2304),
