@@ -360,9 +360,9 @@ def keep(cfg: Config, key: Tuple) -> bool:
     block_d = block_d_of(d, rope)
     row = (cfg["BLOCK_M"], cfg["BLOCK_N"], cfg.num_warps, cfg.num_stages)
     if dt == "float32":
-        # AOT table: the forward is spill-free at 16 x 16, the probs kernel at 16 x 32 (with bias /
-        # RoPE too)
-        return block_d <= FP32_MAX_HEAD_DIM and row == (_CFG_FP32[1] if probs else _CFG_FP32[0])
+        # AOT table: the forward is spill-free at 16 x 16, the probs kernel at 16 x 32 (16 x 16
+        # with RoPE: 16 x 32 spills under triton 3.6)
+        return block_d <= FP32_MAX_HEAD_DIM and row == (_CFG_FP32[1] if probs and not rope else _CFG_FP32[0])
     if rope and probs:
         rows = _CFG_PROBS_ROPE
     elif rope:
@@ -387,9 +387,10 @@ def keep(cfg: Config, key: Tuple) -> bool:
     # reach 255 on sm_90 too
     if (target_arch() < 90 or has_bias) and cfg["BLOCK_M"] >= 128 and cfg.num_warps < 8:
         return False
-    # the bias tile next to a 128-key score tile spills on sm_80, and next to 128-wide heads
-    # in 128-row tiles (AOT table)
-    if has_bias and target_arch() < 90 and (cfg["BLOCK_N"] >= 128 or (block_d >= 128 and cfg["BLOCK_M"] >= 128)):
+    # the bias tile next to a 128-key score tile spills (both archs), next to 128-wide heads in
+    # 128-row tiles on sm_80, and 4 warps reach 255 registers from 64-key tiles (AOT table)
+    if has_bias and (cfg["BLOCK_N"] >= 128 or (cfg.num_warps < 8 and cfg["BLOCK_N"] >= 64)
+                     or (target_arch() < 90 and block_d >= 128 and cfg["BLOCK_M"] >= 128)):
         return False
     if cfg["BLOCK_M"] > 64 and n_b <= 64:  # tiny sequences: more programs beat bigger tiles
         return False
@@ -404,7 +405,7 @@ def heuristic(key: Tuple) -> Config:
     n_b, nkv_b, d, dt, probs, _, has_bias, rope, _ = key
     block_d = block_d_of(d, rope)
     if dt == "float32":
-        bm, bn, w, s = _CFG_FP32[1] if probs else _CFG_FP32[0]
+        bm, bn, w, s = _CFG_FP32[1] if probs and not rope else _CFG_FP32[0]
     elif probs:
         bm, bn, w, s = 64, 16 if rope else 32, 4 if block_d <= 64 else 8, 2
     elif rope:
