@@ -65,7 +65,10 @@ _ACT_FNS = {
 def swiglu(x: torch.Tensor) -> torch.Tensor:
     """``silu(x[..., :n]) * x[..., n:]`` with n = x.shape[-1] // 2 (gate first)."""
     gate, value = x.chunk(2, dim=-1)
-    return F.silu(gate) * value
+    if x.dtype == torch.float32:
+        return F.silu(gate) * value
+    # 16-bit: one rounding at the end, as the fused epilogues (not one after silu and one after the product)
+    return (F.silu(gate.float()) * value.float()).to(x.dtype)
 
 
 def gelu(x: torch.Tensor, act: Optional[str]) -> torch.Tensor:

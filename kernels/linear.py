@@ -45,7 +45,7 @@ import triton.language as tl
 
 from fastvit.facts import ACT_CODES, GATED_ACTS, dtype_name
 
-from .autotune import Config, Tunable, next_pow2, smem_limit
+from .autotune import Config, Tunable, cdiv, next_pow2, smem_limit
 from .layer_norm import row_stats
 
 
@@ -324,7 +324,7 @@ def linear_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
              ln_weight is not None, ln_bias is not None)
 
     def run(cfg: Config):
-        grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
+        grid = (cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"]),)
         _linear_fwd[grid](
             x2, weight,
             bias if bias is not None else dummy, gamma if gamma is not None else dummy,
