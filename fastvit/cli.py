@@ -42,7 +42,29 @@ def cmd_info(args) -> int:
     for dev in devices:
         for name, (ok, reason) in available_backends(torch.device(dev)).items():
             print(f"  {dev:<7} {name:<7} {'yes' if ok else 'no ':<4} {reason or ''}")
+    print("op features (attention bias / RoPE, gated activations):")
+    for name, line in feature_support().items():
+        print(f"  {name:<7} {line}")
     return 0
+
+
+def feature_support() -> dict:
+    """Backend name -> what it lacks of the optional op features and activations, from its LIMITS
+    (the words auto fallback uses: a call needing a missing one goes to the next backend)."""
+    from . import backends
+    from .facts import ACTIVATIONS, ATTENTION_FEATURES
+
+    out = {}
+    for name in backends.BACKENDS:
+        lim = backends.limits(name)
+        if lim is None:
+            out[name] = "not importable here"
+            continue
+        missing = [f"{op}.{f}" for op in ("attention", "attention_probs") if op in lim.ops
+                   for f in ATTENTION_FEATURES if f"{op}.{f}" not in lim.features]
+        missing += [f"act {a!r}" for a in ACTIVATIONS if a not in lim.acts]
+        out[name] = "all" if not missing else "lacks " + ", ".join(missing)
+    return out
 
 
 def _demo_photos():

@@ -136,6 +136,28 @@ def test_declared_limit_produces_the_reason(monkeypatch, field, value, props, re
     assert ops.attention(q, q, q, backend="torch").shape == q.shape  # the real limits again
 
 
+@pytest.mark.parametrize("feature,kwargs", [
+    ("attention.bias", lambda q: dict(bias=torch.zeros(2, 4, 4))),
+    ("attention.rope", lambda q: dict(rope=torch.zeros(4, 32))),
+    ("attention.rope_per_head", lambda q: dict(rope=torch.zeros(2, 4, 32))),
+])
+def test_undeclared_feature_is_the_reason(monkeypatch, feature, kwargs):
+    """An op call needing a feature the backend does not declare is refused with that reason (an
+    explicit backend), and the plain call on the same shapes still runs."""
+    q = torch.randn(1, 2, 4, 16)
+    declared = reference.LIMITS.features - {feature}
+    try:
+        with monkeypatch.context() as m:
+            m.setattr(reference, "LIMITS", dataclasses.replace(reference.LIMITS, features=declared))
+            backends.reset()
+            with pytest.raises(backends.BackendUnavailable, match=re.escape(f"torch does not support {feature}")):
+                ops.attention(q, q, q, backend="torch", **kwargs(q))
+            assert ops.attention(q, q, q, backend="torch").shape == q.shape
+    finally:
+        backends.reset()
+    assert ops.attention(q, q, q, backend="torch", **kwargs(q)).shape == q.shape
+
+
 def _run(code: str, env_extra=None):
     env = dict(os.environ, **(env_extra or {}))
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
@@ -169,3 +191,23 @@ def test_cli_info_lists_backends_and_reasons():
     # every backend's reason on the CPU, as fastvit.backends derives it from the limits
     for name, (ok, why) in fastvit.available_backends(torch.device("cpu")).items():
         assert ok or (why and why.split(";")[0] in r.stdout), (name, why, r.stdout)
+    # and what each backend lacks of the optional op features (here: nothing; derived from LIMITS)
+    assert "op features" in r.stdout
+    for name in fastvit.backends.BACKENDS:
+        assert f"  {name:<7} all" in r.stdout, r.stdout
+
+
+def test_feature_support_names_what_a_backend_lacks(monkeypatch):
+    """A backend declaring fewer features / activations is listed with exactly those missing."""
+    import dataclasses
+
+    from fastvit import backends, cli
+
+    real = backends.limits
+    fake = dataclasses.replace(real("torch"), features=frozenset({"attention.bias"}), acts=(None, "gelu"))
+    monkeypatch.setattr(backends, "limits", lambda n: fake if n == "torch" else real(n))
+    line = cli.feature_support()["torch"]
+    assert line.startswith("lacks ")
+    lacks = set(line[len("lacks "):].split(", "))
+    assert lacks == {"attention.rope", "attention.rope_per_head", "attention_probs.bias", "attention_probs.rope",
+                     "attention_probs.rope_per_head", "act 'gelu_tanh'", "act 'quick_gelu'", "act 'swiglu'"}
