@@ -43,7 +43,7 @@ import triton.language as tl
 
 from fastvit.facts import dtype_name
 
-from .autotune import Config, Tunable, n_bucket, next_pow2, smem_limit, target_arch
+from .autotune import Config, Tunable, cdiv, n_bucket, next_pow2, smem_limit, target_arch
 
 LOG2E = 1.4426950408889634
 LOG2E_C = tl.constexpr(LOG2E)  # the bias is added in the exp2 domain too
@@ -545,7 +545,7 @@ def _launch(kernel, tunable: Tunable, q, k, v, out, probs, scale: Optional[float
     const = dict(HEAD_DIM=d, BLOCK_D=block_d_of(d, flags["ROPE"]), PRECISION=_precision(q.dtype), **flags)
 
     def run(cfg: Config):
-        grid = (B * H * triton.cdiv(N, cfg["BLOCK_M"]),)
+        grid = (B * H * cdiv(N, cfg["BLOCK_M"]),)
         kernel[grid](q, k, v, out, *extra, *feat_tensors, float(scale) * LOG2E, *strides, *feat_strides,
                      H, N, k.shape[2], n_rot, **const, **cfg.launch_kwargs())
 
