@@ -61,6 +61,10 @@
 #     tests or cases ran on the CPU through the interpreter with every launch stubbed and
 #     Tunable.pick hooked to launch the heuristic config (and, for tuning, every candidate) once.
 #       gputests   2184 tests, 529 shape keys: 233 compiles (1112 were they tuned)
+#                  Since then (#13, counted only as tests: 3148 GPU tests at 60cc4d4) the bias /
+#                  RoPE attention and swiglu GEMM specialisations add, estimated from their AOT
+#                  variants, ~150 compiles: gputests ~110 s, still under its cap; recount with
+#                  the first GPU run's summary line.
 #       tests      2942 tests: 954 compiles, 884 of them not already compiled by gputests (the
 #                  random sweeps add 17); test_compile.py's inductor subprocess is not counted
 #       sanitize   sanitize_smoke, both dtypes: 16 keys, 16 compiles
