@@ -23,7 +23,7 @@ from fastvit.checkpoint import CheckpointError
 from fastvit.convert import convert_timm_state_dict, timm_model_kwargs
 from fastvit.factory import hf_outputs
 from fastvit.relpos import relative_position_index
-from utils import DEV, assert_close_rule, skip_reason
+from utils import DEV, assert_close_rule, assert_rel_close, randomise_params, skip_reason
 
 timm = pytest.importorskip("timm")
 T = pytest.importorskip("transformers")
@@ -38,21 +38,14 @@ def _offline(monkeypatch):
     monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
 
 
-def _randomise(model: nn.Module, std: float = 0.05) -> nn.Module:
-    """Move every parameter off its init (zero tables and biases, constant LayerScale); the
-    relative position tables get logits of order 1, so the bias shapes the attention."""
-    g = torch.Generator().manual_seed(123)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.add_(torch.randn(p.shape, generator=g) * (1.0 if "relative_position_bias_table" in name else std))
-    return model
+def _randomise(model: nn.Module) -> nn.Module:
+    """Every parameter off its init; the relative position tables get logits of order 1, so the
+    bias shapes the attention."""
+    return randomise_params(model, std_for={"relative_position_bias_table": 1.0})
 
 
 def _rel(out: torch.Tensor, ref: torch.Tensor, what: str) -> float:
-    assert out.shape == ref.shape, f"{what}: shape {tuple(out.shape)} vs reference {tuple(ref.shape)}"
-    err = (out.float() - ref.float()).abs().max().item() / max(ref.float().abs().max().item(), 1e-12)
-    assert err < REL_TOL, f"{what}: max relative error {err:.2e} >= {REL_TOL:.0e}"
-    return err
+    return assert_rel_close(out, ref, what, REL_TOL)
 
 
 def _timm_beit(name="beit_base_patch16_224", **kw):

@@ -19,7 +19,7 @@ from fastvit.checkpoint import CheckpointError
 from fastvit.factory import hf_outputs, load_model
 from fastvit.model import AttentionPoolLatent
 from fastvit.preprocess import Preprocessor
-from utils import DEV, DTYPES, assert_close_rule, skip_reason
+from utils import DEV, DTYPES, assert_close_rule, assert_rel_close, randomise_params, skip_reason
 
 timm = pytest.importorskip("timm")
 T = pytest.importorskip("transformers")
@@ -33,21 +33,11 @@ def _offline(monkeypatch):
     monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
 
 
-def _randomise(model: nn.Module, std: float = 0.05) -> nn.Module:
-    """Move every parameter off its init: LayerScale, biases (zero in both libraries' init), the
-    latent query, the position embedding; constants would hide a wrong mapping."""
-    g = torch.Generator().manual_seed(123)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * std)
-    return model
+_randomise = randomise_params
 
 
 def _rel(out: torch.Tensor, ref: torch.Tensor, what: str) -> float:
-    assert out.shape == ref.shape, f"{what}: shape {tuple(out.shape)} vs reference {tuple(ref.shape)}"
-    err = (out.float() - ref.float()).abs().max().item() / max(ref.float().abs().max().item(), 1e-12)
-    assert err < REL_TOL, f"{what}: max relative error {err:.2e} >= {REL_TOL:.0e}"
-    return err
+    return assert_rel_close(out, ref, what, REL_TOL)
 
 
 # --------------------------------------------------------------------------- timm

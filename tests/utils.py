@@ -481,3 +481,24 @@ def forced_triton_config(backend: str, op: str, u: float):
         raise
     finally:
         del tunable.pick
+
+
+# --------------------------------------------------------------------------- model parity helpers
+def randomise_params(model, std: float = 0.05, std_for=None):
+    """Move every parameter of ``model`` off its init (seeded): LayerScale, biases, tables and
+    latent queries are constants at init in timm / HF and would hide a wrong mapping.
+    ``std_for``: {substring of a parameter name: its std} for parameters that need another scale."""
+    g = torch.Generator().manual_seed(123)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            scale = next((v for k, v in (std_for or {}).items() if k in name), std)
+            p.add_(torch.randn(p.shape, generator=g) * scale)
+    return model
+
+
+def assert_rel_close(out: torch.Tensor, ref: torch.Tensor, what: str, tol: float) -> float:
+    """max |out - ref| / max |ref| < ``tol`` (shapes equal); returns the error."""
+    assert out.shape == ref.shape, f"{what}: shape {tuple(out.shape)} vs reference {tuple(ref.shape)}"
+    err = (out.float() - ref.float()).abs().max().item() / max(ref.float().abs().max().item(), 1e-12)
+    assert err < tol, f"{what}: max relative error {err:.2e} >= {tol:.0e}"
+    return err
