@@ -1,5 +1,11 @@
-"""setup.py: the pure-Python install comes from pyproject.toml; this file only adds the optional
-CUDA extension ``fastvit._C``, compiled from csrc/ (the cuda backend, installed as fastvit.cuda).
+"""setup.py: the pure-Python install comes from pyproject.toml; this file only adds two optional
+compiled modules:
+
+* ``fastvit._signature`` (fastvit/_signature.cpp, C++ for the CPU, ~30 s to compile here): the plan
+  key of an op call read in C++, the host fast path of fastvit.ops (fastvit/signature.py). Built
+  whenever torch and a C++ compiler are there; ``FASTVIT_BUILD_EXT=0`` skips it, ``=1`` fails the
+  install if it cannot be built (otherwise a failed build leaves the Python fallback and a note).
+* ``fastvit._C``, the CUDA extension compiled from csrc/ (the cuda backend, installed as fastvit.cuda).
 
 When: ``FASTVIT_BUILD_CUDA=1`` builds it (and fails the install if it cannot), ``=0`` skips it,
 unset builds it when a CUDA toolkit is found (nvcc on PATH or CUDA_HOME) and torch is a CUDA
@@ -60,16 +66,54 @@ def cuda_extension():
     return tool, ext
 
 
-def main():
-    found = cuda_extension()
-    if found is None:
-        setup()
-        return
+SIGNATURE_EXT = "fastvit._signature"
+
+
+def signature_extension():
+    """The setuptools extension of fastvit._signature, or None (no torch / FASTVIT_BUILD_EXT=0)."""
+    flag = os.environ.get("FASTVIT_BUILD_EXT")
+    if flag == "0":
+        return None
+    try:
+        from torch.utils.cpp_extension import CppExtension
+    except Exception as e:
+        if flag == "1":
+            raise
+        print(f"fastvit: not building {SIGNATURE_EXT} ({type(e).__name__}: {e}); ops use the Python signature",
+              file=sys.stderr)
+        return None
+    return CppExtension(SIGNATURE_EXT, [os.path.join("fastvit", "_signature.cpp")], extra_compile_args=["-O2", "-g0"])
+
+
+def build_ext_class():
+    """torch's BuildExtension, with fastvit._signature optional unless FASTVIT_BUILD_EXT=1."""
     from torch.utils.cpp_extension import BuildExtension
 
+    class Build(BuildExtension):
+        def build_extension(self, ext):
+            try:
+                super().build_extension(ext)
+            except Exception as e:
+                if ext.name != SIGNATURE_EXT or os.environ.get("FASTVIT_BUILD_EXT") == "1":
+                    raise
+                print(f"fastvit: building {SIGNATURE_EXT} failed ({type(e).__name__}: {e}); ops use the Python "
+                      "signature (slower host path)", file=sys.stderr)
+
+    return Build
+
+
+def main():
+    exts = [e for e in [signature_extension()] if e is not None]
+    found = cuda_extension()
+    if found is None:
+        if exts:
+            setup(ext_modules=exts, cmdclass={"build_ext": build_ext_class()})
+        else:
+            setup()
+        return
     tool, ext = found
     with tool.toolchain_env():  # BuildExtension finds nvcc through it while setup() compiles
-        setup(ext_modules=[ext], cmdclass={"build_ext": BuildExtension})
+        setup(ext_modules=exts + [ext], cmdclass={"build_ext": build_ext_class()})
 
 
 if __name__ == "__main__":

@@ -61,7 +61,7 @@ def _host_summary(tr) -> None:
     tr.section("fastvit host cost per call (min over interleaved repeats, this machine)")
     for r in HOST_RESULTS:
         tr.write_line(f"{r['case']:<40} {r['impl']:<38} {r['us']:9.2f} us  vs {r['baseline']} {r['baseline_us']:.2f} us"
-                      f"  = {r['ratio']:.2f}x")
+                      f"  = {r['ratio']:.2f}x  (signature: {r['signature']})")
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):

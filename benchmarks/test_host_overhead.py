@@ -5,7 +5,8 @@ each kernel launch. These cases measure it here, as ratios measured in the same 
 
 * ``host:<op>``: the op layer (:mod:`fastvit.ops`, torch backend, a repeated call signature, so
   the cached plan is used) against the bare ATen calls it wraps, on tiny tensors where the
-  arithmetic is negligible. Goal (issue: GPU readiness): <= 1.3x.
+  arithmetic is negligible. Goal (issue: GPU readiness): <= 1.3x. Each row records which
+  op-call signature ran (``fastvit.signature.IMPL``: the C++ one, or the slower Python fallback).
 * ``host:triton-launch:<op>``: the triton backend's launch path with the kernel launch itself
   stubbed out (validation cache, plan, launcher: keys, config lookup, allocation, grid), in
   microseconds (Triton's own launcher cost can only be measured on a GPU; not done yet).
@@ -31,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 import fastvit
-from fastvit import ops
+from fastvit import ops, signature
 
 HOST_RESULTS: List[Dict[str, object]] = []
 
@@ -62,7 +63,8 @@ def compare(candidate: Callable[[], object], baseline: Callable[[], object], num
 
 
 def _record(benchmark, case: str, what: str, baseline: str, res: Dict[str, float]) -> None:
-    row = dict(case=case, impl=what, baseline=baseline, **{k: round(v, 3) for k, v in res.items()})
+    row = dict(case=case, impl=what, baseline=baseline, **{k: round(v, 3) for k, v in res.items()},
+               signature=signature.IMPL.split(" ")[0])
     benchmark.extra_info.update(row)
     HOST_RESULTS.append(row)
 
@@ -95,7 +97,7 @@ def test_op_layer_host_overhead(benchmark, op):
     """fastvit.ops.<op> (torch backend) vs the ATen calls it makes, same tiny tensors."""
     candidate, baseline, base_name = _op_cases()[op]
     with torch.inference_mode():
-        res = compare(candidate, baseline, number=1000, repeats=5)
+        res = compare(candidate, baseline, number=2000, repeats=9)
         benchmark.pedantic(candidate, rounds=3, iterations=100)
     _record(benchmark, f"host:{op}", "fastvit.ops (torch)", base_name, res)
 

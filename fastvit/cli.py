@@ -37,6 +37,9 @@ def cmd_info(args) -> int:
         print(f"  cuda:{i}     {torch.cuda.get_device_name(i)} (sm_{cap[0]}{cap[1]})")
     print(f"FASTVIT_BACKEND={os.environ.get('FASTVIT_BACKEND', '')!r} TRITON_INTERPRET="
           f"{os.environ.get('TRITON_INTERPRET', '')!r}")
+    from .signature import IMPL
+
+    print(f"op signature {IMPL}")
     devices = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
     print("backends:")
     for dev in devices:

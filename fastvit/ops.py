@@ -14,8 +14,9 @@ The ``torch`` backend never needs the custom op: its functions are traceable and
 
 Validation happens here, before dispatch: errors are ``ValueError`` / ``TypeError`` naming the
 argument, what was expected and what was given. It runs the first time a call signature is seen
-(shapes, strides where checked, dtypes, devices, flags, backend choice); the result - the
-backend function to call - is cached as a *plan*, so a repeated call costs one dict lookup.
+(the tensor arguments' shapes, strides, dtypes and devices, see :mod:`fastvit.signature`, plus
+flags and the backend argument); the result - the backend function to call - is cached as a
+*plan*, so a repeated call costs one signature and one dict lookup.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import torch
 from torch import Tensor
 
 from . import backends, reference
+from .signature import signature as _signature
 from .facts import ACTIVATIONS, FLOAT_DTYPES, GATED_ACTS, MAX_HEAD_DIM, patch_grid
 
 __all__ = ["patch_embed", "attention", "attention_probs", "linear", "mlp", "layer_norm", "clear_plans"]
@@ -282,8 +284,11 @@ for _name, _op in CUSTOM_OPS.items():
 
 
 # --------------------------------------------------------------------------- ops
-# Each op: build the plan key inline from what its validation reads (the hot path of a repeated
-# call: attribute reads, one tuple, one dict lookup), validate + resolve only on a miss.
+# Each op: the plan key is the tensor arguments' signature (fastvit.signature: shapes, strides,
+# dtypes, devices, read in C++ when fastvit._signature is built) plus its non-tensor arguments;
+# the hot path of a repeated call is that signature, one tuple, one dict lookup. Validate and
+# resolve only on a miss. No signature (a tensor subclass, a non-tensor, torch.compile tracing):
+# validate every call.
 def patch_embed(
     x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, pos_embed: Optional[Tensor] = None,
     prefix: Optional[Tensor] = None, pad: bool = False, *, backend: Optional[str] = None,
@@ -304,14 +309,14 @@ def patch_embed(
         (B, T + gh * gw, D) contiguous, in ``weight.dtype``.
     """
     pad = bool(pad)
-    try:
-        key = ("patch_embed", backend, pad, x.shape, x.dtype, x.device, weight.shape, weight.dtype, weight.device,
-               None if bias is None else (bias.shape, bias.dtype, bias.device),
-               None if pos_embed is None else (pos_embed.shape, pos_embed.dtype, pos_embed.device),
-               None if prefix is None else (prefix.shape, prefix.dtype, prefix.device))
-        plan = None if _is_compiling() else _PLANS.get(key)
-    except (AttributeError, TypeError):  # not a tensor / unhashable: validation names the argument
-        key = plan = None
+    sig = None if _is_compiling() else _signature(x, weight, bias, pos_embed, prefix)
+    key = plan = None
+    if sig is not None:
+        key = ("patch_embed", backend, pad, sig)
+        try:
+            plan = _PLANS.get(key)
+        except TypeError:  # an unhashable argument: validation names it
+            key = None
     if plan is None:
         plan = _build("patch_embed", key, backend, _validate_patch_embed, x, weight, bias, pos_embed, prefix, pad)
     return plan(x, weight, bias, pos_embed, prefix, pad)
@@ -367,13 +372,14 @@ def attention(
         (B, H, N, d) in q's dtype, from every backend a transposed view of a (B, N, H, d)
         buffer, so ``out.transpose(1, 2).reshape(B, N, H * d)`` needs no copy.
     """
-    try:
-        key = ("attention", backend, q.shape, q.stride(), q.dtype, q.device, k.shape, k.stride(), k.dtype, k.device,
-               v.shape, v.stride(), v.dtype, v.device, scale.__class__,
-               None if bias is None and rope is None else _position_key(bias, rope, rope_half))
-        plan = None if _is_compiling() else _PLANS.get(key)
-    except (AttributeError, TypeError):
-        key = plan = None
+    sig = None if _is_compiling() else _signature(q, k, v, bias, rope)
+    key = plan = None
+    if sig is not None:
+        key = ("attention", backend, scale.__class__, rope_half.__class__, rope_half, sig)
+        try:
+            plan = _PLANS.get(key)
+        except TypeError:
+            key = None
     if plan is None:
         plan = _build("attention", key, backend, _validate_attention, "attention", q, k, v, scale, bias, rope,
                       rope_half)
@@ -392,24 +398,18 @@ def attention_probs(
         out (B, H, N, d) in q's dtype (layout as :func:`attention`) and probs (B, H, N, N_kv)
         in float32 (after the RoPE rotation and the bias).
     """
-    try:
-        key = ("attention_probs", backend, q.shape, q.stride(), q.dtype, q.device, k.shape, k.stride(), k.dtype,
-               k.device, v.shape, v.stride(), v.dtype, v.device, scale.__class__,
-               None if bias is None and rope is None else _position_key(bias, rope, rope_half))
-        plan = None if _is_compiling() else _PLANS.get(key)
-    except (AttributeError, TypeError):
-        key = plan = None
+    sig = None if _is_compiling() else _signature(q, k, v, bias, rope)
+    key = plan = None
+    if sig is not None:
+        key = ("attention_probs", backend, scale.__class__, rope_half.__class__, rope_half, sig)
+        try:
+            plan = _PLANS.get(key)
+        except TypeError:
+            key = None
     if plan is None:
         plan = _build("attention_probs", key, backend, _validate_attention, "attention_probs", q, k, v, scale, bias,
                       rope, rope_half)
     return plan(q, k, v, scale, bias, rope, rope_half)
-
-
-def _position_key(bias, rope, rope_half):
-    """The plan-key part of attention's optional bias / RoPE inputs."""
-    return (None if bias is None else (bias.shape, bias.stride(), bias.dtype, bias.device),
-            None if rope is None else (rope.shape, rope.stride(), rope.dtype, rope.device),
-            rope_half.__class__, rope_half)
 
 
 def _validate_attention(op, q, k, v, scale, bias=None, rope=None, rope_half=False):
@@ -464,13 +464,14 @@ def layer_norm(
     x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float = 1e-6, *, backend: Optional[str] = None,
 ) -> Tensor:
     """LayerNorm over the last dim. x: (..., D); weight, bias: (D,) or None. Returns (..., D)."""
-    try:
-        key = ("layer_norm", backend, x.shape, x.stride(), x.dtype, x.device,
-               None if weight is None else (weight.shape, weight.dtype, weight.device),
-               None if bias is None else (bias.shape, bias.dtype, bias.device))
-        plan = None if _is_compiling() else _PLANS.get(key)
-    except (AttributeError, TypeError):
-        key = plan = None
+    sig = None if _is_compiling() else _signature(x, weight, bias)
+    key = plan = None
+    if sig is not None:
+        key = ("layer_norm", backend, sig)
+        try:
+            plan = _PLANS.get(key)
+        except TypeError:
+            key = None
     if plan is None:
         plan = _build("layer_norm", key, backend, _validate_layer_norm, x, weight, bias)
     return plan(x, weight, bias, float(eps))
@@ -484,17 +485,6 @@ def _validate_layer_norm(x, weight, bias):
         _shape(t, name, x.shape[-1:])
     _same(x, "x", weight=weight, bias=bias)
     return x.device, dict(dtype=x.dtype)
-
-
-def _epilogue_key(gamma, residual, ln_weight, ln_bias):
-    """The plan-key part of linear / mlp's optional prologue and epilogue tensors (most often all
-    None: one cheap tuple)."""
-    if gamma is None and residual is None and ln_weight is None and ln_bias is None:
-        return None
-    return (None if gamma is None else (gamma.shape, gamma.dtype, gamma.device),
-            None if residual is None else (residual.shape, residual.stride(), residual.dtype, residual.device),
-            None if ln_weight is None else (ln_weight.shape, ln_weight.dtype, ln_weight.device),
-            None if ln_bias is None else (ln_bias.shape, ln_bias.dtype, ln_bias.device))
 
 
 def linear(
@@ -517,14 +507,14 @@ def linear(
     Returns:
         (..., N) in x's dtype.
     """
-    try:
-        key = ("linear", backend, act, x.shape, x.stride(), x.dtype, x.device, weight.shape, weight.dtype,
-               weight.device, None if bias is None else (bias.shape, bias.dtype, bias.device),
-               None if gamma is None and residual is None and ln_weight is None and ln_bias is None
-               else _epilogue_key(gamma, residual, ln_weight, ln_bias))
-        plan = None if _is_compiling() else _PLANS.get(key)
-    except (AttributeError, TypeError):
-        key = plan = None
+    sig = None if _is_compiling() else _signature(x, weight, bias, gamma, residual, ln_weight, ln_bias)
+    key = plan = None
+    if sig is not None:
+        key = ("linear", backend, act, sig)
+        try:
+            plan = _PLANS.get(key)
+        except TypeError:
+            key = None
     if plan is None:
         plan = _build("linear", key, backend, _validate_linear, x, weight, bias, act, gamma, residual, ln_weight,
                       ln_bias)
@@ -563,18 +553,15 @@ def mlp(
         (..., D_out) in x's dtype; the hidden activation is rounded to x's dtype between the
         two products, as the unfused composition rounds it.
     """
-    try:
-        key = ("mlp", backend, act, x.shape, x.stride(), x.dtype, x.device, fc1_weight.shape, fc1_weight.dtype,
-               fc1_weight.device, None if fc1_bias is None else (fc1_bias.shape, fc1_bias.dtype, fc1_bias.device),
-               fc2_weight.shape, fc2_weight.dtype, fc2_weight.device,
-               None if fc2_bias is None else (fc2_bias.shape, fc2_bias.dtype, fc2_bias.device),
-               None if gamma is None and residual is None and ln_weight is None and ln_bias is None
-               else _epilogue_key(gamma, residual, ln_weight, ln_bias),
-               None if hidden_ln_weight is None and hidden_ln_bias is None else _epilogue_key(
-                   None, None, hidden_ln_weight, hidden_ln_bias))
-        plan = None if _is_compiling() else _PLANS.get(key)
-    except (AttributeError, TypeError):
-        key = plan = None
+    sig = None if _is_compiling() else _signature(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, residual,
+                                                  ln_weight, ln_bias, hidden_ln_weight, hidden_ln_bias)
+    key = plan = None
+    if sig is not None:
+        key = ("mlp", backend, act, sig)
+        try:
+            plan = _PLANS.get(key)
+        except TypeError:
+            key = None
     if plan is None:
         plan = _build("mlp", key, backend, _validate_mlp, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, act, gamma,
                       residual, ln_weight, ln_bias, hidden_ln_weight, hidden_ln_bias)

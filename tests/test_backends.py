@@ -195,6 +195,8 @@ def test_cli_info_lists_backends_and_reasons():
     assert "op features" in r.stdout
     for name in fastvit.backends.BACKENDS:
         assert f"  {name:<7} all" in r.stdout, r.stdout
+    # which op-call signature the host fast path runs (C++ or the Python fallback, and why)
+    assert f"op signature {fastvit.signature.IMPL}" in r.stdout, r.stdout
 
 
 def test_feature_support_names_what_a_backend_lacks(monkeypatch):
