@@ -92,7 +92,11 @@ def _scale(scale, d: int) -> float:
 
 # --------------------------------------------------------------------------- plans
 _PLANS: Dict[tuple, Callable] = {}
-_is_compiling = torch.compiler.is_compiling  # bound once: the hot path's first call
+# The hot path's first call. torch.compile's tracer (dynamo) folds it to True, so a traced call never
+# reaches the C++ signature (a graph break) nor the plan cache; in eager it is a bare `return False`
+# (torch.compiler.is_compiling also reads torch.jit state: twice the cost). Tracing without dynamo
+# (non-strict export, make_fx) passes FakeTensors, which have no signature: validated every call.
+_is_compiling = getattr(torch.compiler, "is_dynamo_compiling", torch.compiler.is_compiling)
 _MAX_PLANS = 4096  # call signatures are few in a served model; this bounds a pathological caller
 
 
@@ -109,7 +113,13 @@ def _build(op: str, key, backend, validate: Callable, *args) -> Callable:
     backend choice; the resolved plan is remembered under ``key`` (None: not cacheable, e.g. an
     argument that is not a tensor, or torch.compile tracing, where dynamo traces this once)."""
     device, props = validate(*args)
-    plan = _plan(op, backends.resolve(op, device, backend, **props), CUSTOM_OPS[op], _TENSOR_ARGS[op])
+    mod = backends.resolve(op, device, backend, **props)
+    if mod is reference and op == "attention":  # specialised for q's shape (args: op name, q, k, v, ...)
+        plan = reference.attention_for(args[1].shape)
+    elif mod is reference and op == "layer_norm":  # for x's shape (args: x, weight, bias)
+        plan = reference.layer_norm_for(args[0].shape)
+    else:
+        plan = _plan(op, mod, CUSTOM_OPS[op], _TENSOR_ARGS[op])
     if key is not None and not torch.compiler.is_compiling():
         if len(_PLANS) >= _MAX_PLANS:
             _PLANS.clear()

@@ -14,7 +14,7 @@ semantics defined here are the ones every other backend must reproduce.
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +27,8 @@ __all__ = [
     "patch_embed",
     "attention",
     "attention_probs",
+    "attention_for",
+    "layer_norm_for",
     "linear",
     "mlp",
     "layer_norm",
@@ -194,6 +196,26 @@ def apply_rope(x: torch.Tensor, rope: torch.Tensor, half: bool = False) -> torch
     return xr if npt == 0 else torch.cat([x[:, :, :npt], xr], dim=2)
 
 
+def attention_for(shape) -> Callable:
+    """:func:`attention` for q of ``shape`` (B, H, N, d): the op layer's cached plan for one call
+    signature. Same arguments and result; the hot path (no bias, no RoPE) compares the output's
+    strides with the contract layout's, computed here once, instead of reading its shape per call."""
+    B, H, N, d = shape
+    want = (N * H * d, d, H * d, 1)  # (B, H, N, d) view of (B, N, H, d) memory
+    empty = B * H * N * d == 0
+
+    def run(q, k, v, scale=None, bias=None, rope=None, rope_half=False):
+        if bias is not None or rope is not None:
+            return attention(q, k, v, scale, bias, rope, rope_half)
+        out = F.scaled_dot_product_attention(q, k, v) if scale is None else \
+            F.scaled_dot_product_attention(q, k, v, scale=scale)
+        if empty or out.stride() == want:
+            return out
+        return out.transpose(1, 2).contiguous().transpose(1, 2)
+
+    return run
+
+
 def _contract_layout(out: torch.Tensor) -> torch.Tensor:
     """``out`` (B, H, N, d) as a view of (B, N, H, d) memory: the attention output layout of every
     backend. SDPA's flash paths already return it (no copy); other paths are copied once."""
@@ -244,6 +266,17 @@ def layer_norm(
     if upcast:
         return F.layer_norm(x.float(), x.shape[-1:], _up(weight, True), _up(bias, True), eps).to(x.dtype)
     return F.layer_norm(x, x.shape[-1:], weight, bias, eps)
+
+
+def layer_norm_for(shape) -> Callable:
+    """:func:`layer_norm` for x of ``shape`` (..., D): the op layer's cached plan for one call
+    signature (the normalised shape built once, not sliced from x per call)."""
+    normalized = tuple(shape[-1:])
+
+    def run(x, weight, bias, eps=1e-6):
+        return F.layer_norm(x, normalized, weight, bias, eps)
+
+    return run
 
 
 def linear(
