@@ -45,6 +45,8 @@ def _tensor(t, arg: str, ndim: Optional[int] = None, min_ndim: Optional[int] = N
         _fail(arg, "a torch.Tensor", "None", TypeError)
     if not isinstance(t, torch.Tensor):
         _fail(arg, "a torch.Tensor", type(t).__name__, TypeError)
+    if t.layout is not torch.strided or t.is_nested:
+        _fail(arg, "a dense (strided) tensor", f"layout {t.layout}{' (nested)' if t.is_nested else ''}", TypeError)
     if t.dtype not in FLOAT_DTYPES:
         _fail(arg, "dtype float32, float16 or bfloat16", t.dtype, TypeError)
     if ndim is not None and t.dim() != ndim:

@@ -26,19 +26,22 @@ import torch
 
 __all__ = ["signature", "python_signature", "IMPL", "load_native"]
 
-_PLAIN = (torch.Tensor, torch.nn.Parameter)
+_TENSOR, _PARAMETER, _STRIDED = torch.Tensor, torch.nn.Parameter, torch.strided
 
 
 def python_signature(*args) -> Optional[tuple]:
     """The Python implementation: per argument None or (shape, strides, dtype, device)."""
     out = []
-    for t in args:
-        if t is None:
-            out.append(None)
-        elif type(t) in _PLAIN and t.layout is torch.strided and not t.is_nested:
-            out.append((t.shape, t.stride(), t.dtype, t.device))
-        else:
-            return None
+    try:
+        for t in args:
+            if t is None:
+                out.append(None)
+            elif (t.__class__ is _TENSOR or t.__class__ is _PARAMETER) and t.layout is _STRIDED:
+                out.append((t.shape, t.stride(), t.dtype, t.device))  # stride(): raises for a nested tensor
+            else:
+                return None
+    except RuntimeError:
+        return None
     return tuple(out)
 
 

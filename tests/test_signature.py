@@ -149,6 +149,11 @@ def test_plans_are_reused_only_for_the_same_facts(monkeypatch, impl):
         ops.linear(torch.randn(2, 5, 32)[..., ::2], w, b, backend="torch")
     with pytest.raises(ValueError, match=r"bias: expected shape \(8,\)"):
         ops.linear(x, w, torch.randn(1), backend="torch")
+    # sparse (COO strides read (0, 0, 0), as an expanded dense tensor's) and nested tensors are refused
+    expanded = torch.randn(1, 1, 16).expand(2, 5, 16)
+    ops.linear(expanded, w, b, backend="torch")
+    with pytest.raises(TypeError, match=r"x: expected a dense \(strided\) tensor, got layout torch.sparse_coo"):
+        ops.linear(torch.zeros(2, 5, 16).to_sparse(), w, b, backend="torch")
     # a tensor subclass: never cached, validated each call
     n = len(calls)
     for _ in range(2):
