@@ -35,7 +35,7 @@ import torch
 from fastvit import cuda, ops, reference
 from fastvit.cuda import build as cuda_build
 from fastvit.facts import ACTIVATIONS, ATTENTION_FEATURES, GATED_ACTS, OPS, not_supported_reasons
-from tests.utils import assert_close_rule, realistic_init_
+from tests.utils import assert_close_rule, load_setup_py, realistic_init_
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CSRC = os.path.join(ROOT, "csrc")
@@ -166,15 +166,8 @@ def test_setup_py_extension_is_fastvit_C_from_csrc_for_sm80_sm90(tmp_path):
     assert nvcc == got["same_flags"]["extra_cuda_cflags"] and got["args"]["cxx"] == got["same_flags"]["extra_cflags"]
 
 
-def _load_setup_py():
-    spec = importlib.util.spec_from_file_location("_fastvit_setup", SETUP_PY)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_setup_py_skips_the_extension_when_told_or_without_toolkit(monkeypatch, tmp_path):
-    setup_py = _load_setup_py()
+    setup_py = load_setup_py()
     monkeypatch.setenv("FASTVIT_BUILD_CUDA", "0")
     assert setup_py.cuda_extension() is None
     monkeypatch.delenv("FASTVIT_BUILD_CUDA")

@@ -15,6 +15,7 @@ import torch
 
 import fastvit
 from fastvit import ops, signature
+from utils import load_setup_py
 
 IMPLS = {"python": signature.python_signature}
 if signature.load_native()[0] is not None:
@@ -187,20 +188,10 @@ def test_ops_agree_whichever_signature_runs(monkeypatch, impl):
     ops.clear_plans()
 
 
-def _setup_module():
-    import importlib.util
-
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "setup.py")
-    spec = importlib.util.spec_from_file_location("_fastvit_setup", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)  # defines the helpers; only running it as a script installs
-    return mod
-
-
 def test_setup_builds_the_signature_optionally(monkeypatch, capsys):
     from torch.utils.cpp_extension import BuildExtension
 
-    setup = _setup_module()
+    setup = load_setup_py()
     monkeypatch.setenv("FASTVIT_BUILD_EXT", "0")
     assert setup.signature_extension() is None
     monkeypatch.delenv("FASTVIT_BUILD_EXT")

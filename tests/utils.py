@@ -41,6 +41,19 @@ BACKENDS = backends.BACKENDS  # ('triton', 'cuda', 'torch'): every op test runs 
 
 
 # --------------------------------------------------------------------------- error reports
+def load_setup_py():
+    """The repository's setup.py as a module (importing it defines its helpers; only running it
+    as a script installs)."""
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "setup.py")
+    spec = importlib.util.spec_from_file_location("_fastvit_setup", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def error_report(out: torch.Tensor, ref: torch.Tensor) -> str:
     diff = (out.double() - ref.double()).abs()
     flat = int(torch.nan_to_num(diff, nan=float("inf")).argmax()) if diff.numel() else 0
