@@ -2,7 +2,10 @@
 
 A backend is a module with one face (DESIGN.md section 2): ``LIMITS`` (a
 :class:`fastvit.facts.BackendLimits`), ``available()`` (a runtime reason such as a failed
-import or extension build, or None) and one function per op with the op's signature. This file
+import or extension build, or None) and one function per op with the op's signature; optionally
+``<op>_for(*args)``, the op's function bound to the call signature of ``args`` (what the op layer
+caches per signature: reads strides, flags, configs once; the torch and triton backends have
+them for their hot ops). This file
 knows each backend only by its name and module path, in priority order; every reason comes from
 :func:`fastvit.facts.not_supported_reasons` over the backend's own data.
 

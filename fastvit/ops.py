@@ -110,18 +110,21 @@ def clear_plans() -> None:
 backends.on_reset(clear_plans)
 
 
-def _build(op: str, key, backend, validate: Callable, *args) -> Callable:
+def _build(op: str, key, backend, call_args: tuple, validate: Callable, *args) -> Callable:
     """A cache miss: ``validate(*args)`` raises on bad input or returns (device, props) for the
     backend choice; the resolved plan is remembered under ``key`` (None: not cacheable, e.g. an
-    argument that is not a tensor, or torch.compile tracing, where dynamo traces this once)."""
+    argument that is not a tensor, or torch.compile tracing, where dynamo traces this once).
+
+    A backend may bind a plan to the call signature: ``<op>_for(*call_args)`` (the plan's
+    arguments of this call) returns a function for every call of that signature, which reads
+    what the signature fixes (strides, constexprs, tuning key, config) once instead of per call.
+    Only cacheable calls are bound."""
     device, props = validate(*args)
     mod = backends.resolve(op, device, backend, **props)
-    if mod is reference and op == "attention":  # specialised for q's shape (args: op name, q, k, v, ...)
-        plan = reference.attention_for(args[1].shape)
-    elif mod is reference and op == "layer_norm":  # for x's shape (args: x, weight, bias)
-        plan = reference.layer_norm_for(args[0].shape)
-    else:
-        plan = _plan(op, mod, CUSTOM_OPS[op], _TENSOR_ARGS[op])
+    make = getattr(mod, op + "_for", None) if key is not None else None
+    fn = getattr(mod, op) if make is None else make(*call_args)
+    plan = fn if mod is reference else _plan(op, mod.LIMITS.name, fn, make is not None, CUSTOM_OPS[op],
+                                             _TENSOR_ARGS[op])
     if key is not None and not torch.compiler.is_compiling():
         if len(_PLANS) >= _MAX_PLANS:
             _PLANS.clear()
@@ -129,23 +132,21 @@ def _build(op: str, key, backend, validate: Callable, *args) -> Callable:
     return plan
 
 
-def _plan(op: str, mod, custom_op, grad_args: Tuple[int, ...]) -> Callable:
-    """The callable that runs ``op`` on backend module ``mod``.
+def _plan(op: str, name: str, fn: Callable, bound: bool, custom_op, grad_args: Tuple[int, ...]) -> Callable:
+    """The callable that runs ``op`` with ``fn`` of backend ``name`` (not the torch backend,
+    whose functions are called directly: traceable, differentiable).
 
-    The torch backend is called directly (traceable, differentiable). Another backend is
-    called directly for inference, and through its custom op when torch.compile traces or when
-    an input needs a gradient (``grad_args``: positions of tensor arguments)."""
-    fn = getattr(mod, op)
-    if mod is reference:
-        return fn
-    name = mod.LIMITS.name
+    ``fn`` is called directly for inference, the backend's custom op when torch.compile traces
+    or when an input needs a gradient (``grad_args``: positions of tensor arguments)."""
     if op in ("attention", "attention_probs"):  # the plan gets scale=None for the default d ** -0.5
         def run(q, k, v, scale, bias, rope, rope_half):
-            scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
             if torch.compiler.is_compiling() or (torch.is_grad_enabled() and (
                     q.requires_grad or k.requires_grad or v.requires_grad
                     or (bias is not None and bias.requires_grad) or (rope is not None and rope.requires_grad))):
+                scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
                 return custom_op(q, k, v, scale, bias, rope, rope_half, name)
+            if not bound:  # a bound function computes the default scale once
+                scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
             return fn(q, k, v, scale, bias, rope, rope_half)
 
         return run
@@ -330,7 +331,8 @@ def patch_embed(
         except TypeError:  # an unhashable argument: validation names it
             key = None
     if plan is None:
-        plan = _build("patch_embed", key, backend, _validate_patch_embed, x, weight, bias, pos_embed, prefix, pad)
+        plan = _build("patch_embed", key, backend, (x, weight, bias, pos_embed, prefix, pad), _validate_patch_embed, x,
+                      weight, bias, pos_embed, prefix, pad)
     return plan(x, weight, bias, pos_embed, prefix, pad)
 
 
@@ -393,8 +395,8 @@ def attention(
         except TypeError:
             key = None
     if plan is None:
-        plan = _build("attention", key, backend, _validate_attention, "attention", q, k, v, scale, bias, rope,
-                      rope_half)
+        plan = _build("attention", key, backend, (q, k, v, scale, bias, rope, rope_half), _validate_attention,
+                      "attention", q, k, v, scale, bias, rope, rope_half)
     return plan(q, k, v, scale, bias, rope, rope_half)
 
 
@@ -419,8 +421,8 @@ def attention_probs(
         except TypeError:
             key = None
     if plan is None:
-        plan = _build("attention_probs", key, backend, _validate_attention, "attention_probs", q, k, v, scale, bias,
-                      rope, rope_half)
+        plan = _build("attention_probs", key, backend, (q, k, v, scale, bias, rope, rope_half), _validate_attention,
+                      "attention_probs", q, k, v, scale, bias, rope, rope_half)
     return plan(q, k, v, scale, bias, rope, rope_half)
 
 
@@ -485,7 +487,7 @@ def layer_norm(
         except TypeError:
             key = None
     if plan is None:
-        plan = _build("layer_norm", key, backend, _validate_layer_norm, x, weight, bias)
+        plan = _build("layer_norm", key, backend, (x, weight, bias, float(eps)), _validate_layer_norm, x, weight, bias)
     return plan(x, weight, bias, float(eps))
 
 
@@ -528,8 +530,8 @@ def linear(
         except TypeError:
             key = None
     if plan is None:
-        plan = _build("linear", key, backend, _validate_linear, x, weight, bias, act, gamma, residual, ln_weight,
-                      ln_bias)
+        plan = _build("linear", key, backend, (x, weight, bias, act, gamma, residual, ln_weight, ln_bias, float(ln_eps)),
+                      _validate_linear, x, weight, bias, act, gamma, residual, ln_weight, ln_bias)
     return plan(x, weight, bias, act, gamma, residual, ln_weight, ln_bias, float(ln_eps))
 
 
@@ -575,8 +577,11 @@ def mlp(
         except TypeError:
             key = None
     if plan is None:
-        plan = _build("mlp", key, backend, _validate_mlp, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, act, gamma,
-                      residual, ln_weight, ln_bias, hidden_ln_weight, hidden_ln_bias)
+        plan = _build("mlp", key, backend, (x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, act, gamma, residual, ln_weight,
+                                            ln_bias, float(ln_eps), hidden_ln_weight, hidden_ln_bias,
+                                            float(hidden_ln_eps)),
+                      _validate_mlp, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, act, gamma, residual, ln_weight,
+                      ln_bias, hidden_ln_weight, hidden_ln_bias)
     return plan(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, act, gamma, residual, ln_weight, ln_bias,
                 float(ln_eps), hidden_ln_weight, hidden_ln_bias, float(hidden_ln_eps))
 

@@ -196,11 +196,12 @@ def apply_rope(x: torch.Tensor, rope: torch.Tensor, half: bool = False) -> torch
     return xr if npt == 0 else torch.cat([x[:, :, :npt], xr], dim=2)
 
 
-def attention_for(shape) -> Callable:
-    """:func:`attention` for q of ``shape`` (B, H, N, d): the op layer's cached plan for one call
-    signature. Same arguments and result; the hot path (no bias, no RoPE) compares the output's
-    strides with the contract layout's, computed here once, instead of reading its shape per call."""
-    B, H, N, d = shape
+def attention_for(q, k=None, v=None, scale=None, bias=None, rope=None, rope_half=False) -> Callable:
+    """:func:`attention` bound to the call signature of these arguments (q's shape: (B, H, N, d)):
+    the op layer's cached plan. Same arguments and result; the hot path (no bias, no RoPE)
+    compares the output's strides with the contract layout's, computed here once, instead of
+    reading its shape per call."""
+    B, H, N, d = q.shape
     want = (N * H * d, d, H * d, 1)  # (B, H, N, d) view of (B, N, H, d) memory
     empty = B * H * N * d == 0
 
@@ -268,10 +269,10 @@ def layer_norm(
     return F.layer_norm(x, x.shape[-1:], weight, bias, eps)
 
 
-def layer_norm_for(shape) -> Callable:
-    """:func:`layer_norm` for x of ``shape`` (..., D): the op layer's cached plan for one call
-    signature (the normalised shape built once, not sliced from x per call)."""
-    normalized = tuple(shape[-1:])
+def layer_norm_for(x, weight=None, bias=None, eps=1e-6) -> Callable:
+    """:func:`layer_norm` bound to the call signature of these arguments (x: (..., D)): the op
+    layer's cached plan (the normalised shape built once, not sliced from x per call)."""
+    normalized = tuple(x.shape[-1:])
 
     def run(x, weight, bias, eps=1e-6):
         return F.layer_norm(x, normalized, weight, bias, eps)

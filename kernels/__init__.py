@@ -8,7 +8,9 @@ importing :mod:`fastvit` does not (backends load it lazily).
 
 Layering (as flash-attn's ``ops/triton``): kernel (``_*_fwd`` in the op files) -> launcher
 (``*_fwd``: reshape, allocate, grid, config, launch; takes ``out=`` so tests can poison it).
-The launchers are the op functions.
+The launchers are the op functions. ``<op>_for(*args)`` binds a launcher to the call signature of
+``args`` (what fastvit.ops caches per signature): it reads strides, constexprs, key and config
+once, then each call allocates and launches.
 """
 
 from __future__ import annotations
@@ -20,12 +22,13 @@ import triton
 
 from fastvit.facts import ACTIVATIONS, OPS, BackendLimits
 
-from .attention import FP32_MAX_HEAD_DIM, attention_fwd as attention, attention_probs_fwd as attention_probs
-from .layer_norm import layer_norm_fwd as layer_norm
-from .linear import linear_fwd as linear, mlp_fwd as mlp
+from .attention import FP32_MAX_HEAD_DIM, attention_for, attention_fwd as attention, attention_probs_fwd as attention_probs
+from .layer_norm import layer_norm_for, layer_norm_fwd as layer_norm
+from .linear import linear_for, linear_fwd as linear, mlp_for, mlp_fwd as mlp
 from .patch_embed import patch_embed_fwd as patch_embed
 
-__all__ = ["LIMITS", "available", "patch_embed", "attention", "attention_probs", "layer_norm", "linear", "mlp"]
+__all__ = ["LIMITS", "available", "patch_embed", "attention", "attention_probs", "layer_norm", "linear", "mlp",
+           "attention_for", "layer_norm_for", "linear_for", "mlp_for"]
 
 _TRITON_MIN = (3, 0)
 

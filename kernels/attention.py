@@ -43,7 +43,7 @@ import triton.language as tl
 
 from fastvit.facts import dtype_name
 
-from .autotune import Config, Tunable, cdiv, n_bucket, next_pow2, smem_limit, target_arch
+from .autotune import Binding, Config, Tunable, cdiv, n_bucket, next_pow2, smem_limit, target_arch
 
 LOG2E = 1.4426950408889634
 LOG2E_C = tl.constexpr(LOG2E)  # the bias is added in the exp2 domain too
@@ -529,6 +529,20 @@ def _features(q, bias: Optional[torch.Tensor], rope: Optional[torch.Tensor], rop
     return (bias_t, rope_t), tuple(strides), n_rot, const
 
 
+def _prepare(q, k, v, out, probs, bias, rope, rope_half: bool):
+    """What a launch takes from the call signature alone (shapes, strides, dtypes, flags): the
+    scalar arguments after the scale, the constexprs and the tuning key."""
+    B, H, N, d = q.shape
+    extra_strides = () if probs is None else (probs.stride(0), probs.stride(1), probs.stride(2))
+    _, feat_strides, n_rot, flags = _features(q, bias, rope, rope_half)
+    tail = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2)) + extra_strides \
+        + feat_strides + (H, N, k.shape[2], n_rot)
+    const = dict(HEAD_DIM=d, BLOCK_D=block_d_of(d, flags["ROPE"]), PRECISION=_precision(q.dtype), **flags)
+    key = _key(q, k, probs is not None, flags["HAS_BIAS"], flags["ROPE"], flags["ROPE_PER_HEAD"])
+    return tail, const, key
+
+
 def _launch(kernel, tunable: Tunable, q, k, v, out, probs, scale: Optional[float], bias, rope, rope_half: bool,
             config: Optional[Config]) -> None:
     """Launch ``kernel`` (either attention kernel: the probs one takes ``probs`` and its strides)
@@ -538,21 +552,58 @@ def _launch(kernel, tunable: Tunable, q, k, v, out, probs, scale: Optional[float
         return
     scale = d ** -0.5 if scale is None else scale
     extra = () if probs is None else (probs,)
-    extra_strides = () if probs is None else (probs.stride(0), probs.stride(1), probs.stride(2))
-    feat_tensors, feat_strides, n_rot, flags = _features(q, bias, rope, rope_half)
-    strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-               v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2)) + extra_strides
-    const = dict(HEAD_DIM=d, BLOCK_D=block_d_of(d, flags["ROPE"]), PRECISION=_precision(q.dtype), **flags)
+    feats = (q if bias is None else bias, q if rope is None else rope)
+    tail, const, key = _prepare(q, k, v, out, probs, bias, rope, rope_half)
 
     def run(cfg: Config):
         grid = (B * H * cdiv(N, cfg["BLOCK_M"]),)
-        kernel[grid](q, k, v, out, *extra, *feat_tensors, float(scale) * LOG2E, *strides, *feat_strides,
-                     H, N, k.shape[2], n_rot, **const, **cfg.launch_kwargs())
+        kernel[grid](q, k, v, out, *extra, *feats, float(scale) * LOG2E, *tail, **const, **cfg.launch_kwargs())
 
-    key = _key(q, k, probs is not None, flags["HAS_BIAS"], flags["ROPE"], flags["ROPE_PER_HEAD"])
     run(config or tunable.pick(key, q.device, run))
 
 
+def attention_for(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float] = None,
+                  bias: Optional[torch.Tensor] = None, rope: Optional[torch.Tensor] = None, rope_half: bool = False):
+    """:func:`attention_fwd` bound to these arguments' call signature: fastvit.ops' cached plan.
+
+    Every call of a plan has the same shapes, strides, dtypes, device and flags, so the strides,
+    constexprs and tuning key are read here once, and the config and grid at the first call (the
+    first launch tunes or looks up, as :func:`attention_fwd`; in a CUDA-graph capture it raises
+    NotWarmedUp as that does). A later call allocates the output and launches: no stride reads,
+    no key, no config lookup (~4x less Python than attention_fwd, benchmarks/test_host_overhead.py).
+    The fp32 product precision follows ``torch.backends.cuda.matmul.allow_tf32`` at each call.
+    """
+    B, H, N, d = q.shape
+    if B * H == 0 or N == 0:
+        return attention_fwd
+    dtype, device = q.dtype, q.device
+    layout = torch.empty(B, N, H, d, device="meta").transpose(1, 2)  # empty_out's strides, no memory
+    tail, const, key = _prepare(q, k, v, layout, None, bias, rope, rope_half)
+    default_scale = d ** -0.5
+    fp32 = dtype == torch.float32
+    bound = Binding()
+
+    def run(q, k, v, scale=None, bias=None, rope=None, rope_half=False):
+        out = torch.empty(B, N, H, d, dtype=dtype, device=device).transpose(1, 2)
+        s = (default_scale if scale is None else float(scale)) * LOG2E
+        bt = q if bias is None else bias
+        rt = q if rope is None else rope
+        if bound.grid is None:
+            def launch(cfg: Config):
+                _attn_fwd[(B * H * cdiv(N, cfg["BLOCK_M"]),)](q, k, v, out, bt, rt, s, *tail, **const,
+                                                            **cfg.launch_kwargs())
+
+            cfg = TUNE_FWD.pick(key, device, launch)
+            bound.set((B * H * cdiv(N, cfg["BLOCK_M"]),), {**const, **cfg.launch_kwargs()})
+        if fp32:  # allow_tf32 may change between calls
+            _attn_fwd[bound.grid](q, k, v, out, bt, rt, s, *tail, **{**bound.kwargs, "PRECISION": _precision(dtype)})
+        else:
+            _attn_fwd[bound.grid](q, k, v, out, bt, rt, s, *tail, **bound.kwargs)
+        return out
+
+    return run
+
+
 KERNELS = {"attention": _attn_fwd, "attention_probs": _attn_probs_fwd}
-__all__ = ["attention_fwd", "attention_probs_fwd", "empty_out", "TUNE_FWD", "TUNE_PROBS", "keep", "heuristic",
+__all__ = ["attention_fwd", "attention_for", "attention_probs_fwd", "empty_out", "TUNE_FWD", "TUNE_PROBS", "keep", "heuristic",
            "_configs", "KERNELS"]

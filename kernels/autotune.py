@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -29,7 +30,7 @@ import torch
 from fastvit.facts import interpret_mode
 
 __all__ = ["Config", "Tunable", "cdiv", "autotune_enabled", "cache_path", "in_capture", "clear_memory_cache", "smem_limit",
-           "set_target", "target_arch", "SMEM_LIMITS", "NotWarmedUp"]
+           "set_target", "target_arch", "SMEM_LIMITS", "NotWarmedUp", "Binding"]
 
 _lock = threading.RLock()
 
@@ -117,12 +118,34 @@ TUNABLES: List["Tunable"] = []  # every kernel's Tunable, in import order (fastv
 _disk: Dict[str, Dict[str, Any]] = {}  # path -> {"kernel|key": config json}
 
 
+_BINDINGS: "weakref.WeakSet[Binding]" = weakref.WeakSet()
+
+
+class Binding:
+    """What a bound launcher (``<op>_for``) fixed at its first call: the grid and the launch
+    keyword arguments of the config it picked (None before). :func:`clear_memory_cache` resets
+    every binding, so the next call picks again."""
+
+    __slots__ = ("grid", "kwargs", "__weakref__")
+
+    def __init__(self):
+        self.grid: Optional[Tuple[int, ...]] = None
+        self.kwargs: Dict[str, Any] = {}
+        _BINDINGS.add(self)
+
+    def set(self, grid: Tuple[int, ...], kwargs: Dict[str, Any]) -> None:
+        self.grid, self.kwargs = grid, kwargs
+
+
 def clear_memory_cache() -> None:
-    """Forget in-process choices (tests use it to force re-reading the disk cache)."""
+    """Forget in-process choices (tests use it to force re-reading the disk cache), the ones
+    bound launchers hold included."""
     with _lock:
         for t in TUNABLES:
             t._chosen.clear()
         _disk.clear()
+        for b in list(_BINDINGS):
+            b.grid = None
 
 
 def _load_disk(path: str) -> Dict[str, Any]:

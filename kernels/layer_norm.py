@@ -24,7 +24,7 @@ import triton.language as tl
 
 from fastvit.facts import dtype_name
 
-from .autotune import Config, Tunable, cdiv, next_pow2
+from .autotune import Binding, Config, Tunable, cdiv, next_pow2
 
 
 @triton.jit
@@ -163,5 +163,67 @@ def row_stats(x2: torch.Tensor, eps: float, config: Optional[Config] = None) -> 
     return mean, rstd
 
 
+def row_stats_for(M: int, D: int, dtype: torch.dtype, device: torch.device):
+    """:func:`row_stats` for every (M, D) ``x2`` of ``dtype`` on ``device`` whose row stride is
+    what the first call's was (a bound linear's LN prologue): the config and grid are looked up
+    at the first call, then a call allocates the two outputs and launches."""
+    key = (D, dtype_name(dtype), "stats")
+    bound = Binding()
+    sx = []  # the row stride of the first call's x2
+
+    def run(x2: torch.Tensor, eps: float) -> Tuple[torch.Tensor, torch.Tensor]:
+        mean = torch.empty(M, dtype=torch.float32, device=device)
+        rstd = torch.empty(M, dtype=torch.float32, device=device)
+        if bound.grid is None:
+            def launch(cfg: Config):
+                _ln_fwd[(cdiv(M, cfg["BLOCK_M"]),)](x2, x2, x2, x2, mean, rstd, x2.stride(0), 0, M, D, eps, HAS_W=False,
+                                                   HAS_B=False, WRITE_Y=False, WRITE_STATS=True, **cfg.launch_kwargs())
+
+            cfg = TUNE.pick(key, device, launch)
+            sx[:] = [x2.stride(0)]
+            bound.set((cdiv(M, cfg["BLOCK_M"]),), dict(HAS_W=False, HAS_B=False, WRITE_Y=False, WRITE_STATS=True,
+                                                       **cfg.launch_kwargs()))
+        _ln_fwd[bound.grid](x2, x2, x2, x2, mean, rstd, sx[0], 0, M, D, eps, **bound.kwargs)
+        return mean, rstd
+
+    return run
+
+
+def layer_norm_for(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], eps: float = 1e-6):
+    """:func:`layer_norm_fwd` bound to these arguments' call signature (fastvit.ops' cached plan):
+    rows, strides, flags and key read once, config and grid at the first call; a later call
+    reshapes, allocates and launches."""
+    D = x.shape[-1]
+    x2 = _rows(x)
+    M = x2.shape[0]
+    if M == 0 or D == 0:
+        return layer_norm_fwd
+    copy = x2.data_ptr() != x.data_ptr() or x2.stride(-1) != x.stride(-1)  # _rows copied: every call does
+    shape, dtype, device = tuple(x.shape), x.dtype, x.device
+    sx = x2.stride(0)
+    flags = dict(HAS_W=weight is not None, HAS_B=bias is not None, WRITE_Y=True, WRITE_STATS=False)
+    key = (D, dtype_name(dtype), "y")
+    bound = Binding()
+
+    def run(x, weight, bias, eps=1e-6):
+        x2 = _rows(x) if copy else x.view(M, D)
+        out = torch.empty(shape, dtype=dtype, device=device)
+        y2 = out.view(M, D)
+        w = x2 if weight is None else weight
+        b = x2 if bias is None else bias
+        if bound.grid is None:
+            def launch(cfg: Config):
+                _ln_fwd[(cdiv(M, cfg["BLOCK_M"]),)](x2, w, b, y2, x2, x2, sx, D, M, D, eps, **flags,
+                                                   **cfg.launch_kwargs())
+
+            cfg = TUNE.pick(key, device, launch)
+            bound.set((cdiv(M, cfg["BLOCK_M"]),), {**flags, **cfg.launch_kwargs()})
+        _ln_fwd[bound.grid](x2, w, b, y2, x2, x2, sx, D, M, D, eps, **bound.kwargs)
+        return out
+
+    return run
+
+
 KERNELS = {"layer_norm": _ln_fwd}
-__all__ = ["layer_norm_fwd", "row_stats", "TUNE", "keep", "heuristic", "_configs", "KERNELS"]
+__all__ = ["layer_norm_fwd", "layer_norm_for", "row_stats", "row_stats_for", "TUNE", "keep", "heuristic", "_configs",
+           "KERNELS"]

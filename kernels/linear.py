@@ -45,8 +45,8 @@ import triton.language as tl
 
 from fastvit.facts import ACT_CODES, GATED_ACTS, dtype_name
 
-from .autotune import Config, Tunable, cdiv, next_pow2, smem_limit
-from .layer_norm import row_stats
+from .autotune import Binding, Config, Tunable, cdiv, next_pow2, smem_limit
+from .layer_norm import row_stats, row_stats_for
 
 
 # the gated activation's code (fastvit.facts.ACT_CODES): W holds gate rows, then value rows
@@ -369,5 +369,90 @@ def mlp_fwd(x: torch.Tensor, fc1_weight: torch.Tensor, fc1_bias: Optional[torch.
                       out=out)
 
 
+def linear_for(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+               act: Optional[str] = None, gamma: Optional[torch.Tensor] = None,
+               residual: Optional[torch.Tensor] = None, ln_weight: Optional[torch.Tensor] = None,
+               ln_bias: Optional[torch.Tensor] = None, ln_eps: float = 1e-6):
+    """:func:`linear_fwd` bound to these arguments' call signature (fastvit.ops' cached plan).
+
+    Every call of a plan has the same shapes, strides, dtypes and flags: the row views, strides,
+    flags and tuning key are read here once, the config and grid at the first call (which tunes
+    or looks up as linear_fwd does, and raises NotWarmedUp inside a CUDA-graph capture); a later
+    call reshapes, allocates, runs the LN statistics (bound as well) and launches. The fp32
+    product precision follows ``torch.backends.cuda.matmul.allow_tf32`` at each call, as
+    linear_fwd."""
+    K = x.shape[-1]
+    N = weight.shape[0] // 2 if act in GATED_ACTS else weight.shape[0]
+    x2 = _rows(x)
+    M = x2.shape[0]
+    if M == 0 or N == 0 or K == 0:
+        return linear_fwd
+    copy_x = x2.data_ptr() != x.data_ptr()  # _rows copied (not viewable): every call copies
+    w_copy = weight.stride(1) != 1
+    r2 = _rows(residual) if residual is not None else None
+    copy_r = r2 is not None and r2.data_ptr() != residual.data_ptr()
+    shape, dtype, device = (*x.shape[:-1], N), x.dtype, x.device
+    flags = (bias is not None, ACT_CODES[act], gamma is not None, residual is not None,
+             ln_weight is not None, ln_bias is not None)
+    consts = dict(HAS_BIAS=flags[0], ACT=flags[1], HAS_GAMMA=flags[2], HAS_RES=flags[3], HAS_LN=flags[4],
+                  HAS_LN_B=flags[5])
+    strides = (M, N, K, x2.stride(0), K if w_copy else weight.stride(0), 0 if r2 is None else r2.stride(0), N)
+    key = (_m_bucket(M), N, K, dtype_name(dtype), flags)
+    stats = row_stats_for(M, K, dtype, device) if ln_weight is not None else None
+    fp32 = dtype == torch.float32
+    bound = Binding()
+
+    def run(x, weight, bias=None, act=None, gamma=None, residual=None, ln_weight=None, ln_bias=None, ln_eps=1e-6):
+        x2 = _rows(x) if copy_x else x.view(M, K)
+        w = weight.contiguous() if w_copy else weight
+        out = torch.empty(shape, dtype=dtype, device=device)
+        y2 = out.view(M, N)
+        r2 = None if residual is None else _rows(residual) if copy_r else residual.view(M, N)
+        if stats is not None:
+            mean, rstd = stats(x2, ln_eps)
+        else:
+            mean = rstd = x2
+        args = (x2, w, x2 if bias is None else bias, x2 if gamma is None else gamma, x2 if r2 is None else r2, y2,
+                mean, rstd, x2 if ln_weight is None else ln_weight, x2 if ln_bias is None else ln_bias) + strides
+        if bound.grid is None:
+            def launch(cfg: Config):
+                _linear_fwd[(cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"]),)](
+                    *args, EVEN_K=K % cfg["BLOCK_K"] == 0, PRECISION=_precision(dtype), **consts,
+                    **cfg.launch_kwargs())
+
+            cfg = TUNE.pick(key, device, launch)
+            bound.set((cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"]),),
+                      dict(EVEN_K=K % cfg["BLOCK_K"] == 0, PRECISION="tf32", **consts, **cfg.launch_kwargs()))
+        if fp32:  # allow_tf32 may change between calls
+            _linear_fwd[bound.grid](*args, **{**bound.kwargs, "PRECISION": _precision(dtype)})
+        else:
+            _linear_fwd[bound.grid](*args, **bound.kwargs)
+        return out
+
+    return run
+
+
+def mlp_for(x: torch.Tensor, fc1_weight: torch.Tensor, fc1_bias: Optional[torch.Tensor],
+            fc2_weight: torch.Tensor, fc2_bias: Optional[torch.Tensor], act: Optional[str] = "gelu",
+            gamma: Optional[torch.Tensor] = None, residual: Optional[torch.Tensor] = None,
+            ln_weight: Optional[torch.Tensor] = None, ln_bias: Optional[torch.Tensor] = None,
+            ln_eps: float = 1e-6, hidden_ln_weight: Optional[torch.Tensor] = None,
+            hidden_ln_bias: Optional[torch.Tensor] = None, hidden_ln_eps: float = 1e-6):
+    """:func:`mlp_fwd` bound to these arguments' call signature: fc1 bound here, fc2 at the first
+    call (to the hidden activation it gets)."""
+    fc1 = linear_for(x, fc1_weight, fc1_bias, act, None, None, ln_weight, ln_bias, ln_eps)
+    fc2 = []
+
+    def run(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, act="gelu", gamma=None, residual=None, ln_weight=None,
+            ln_bias=None, ln_eps=1e-6, hidden_ln_weight=None, hidden_ln_bias=None, hidden_ln_eps=1e-6):
+        h = fc1(x, fc1_weight, fc1_bias, act, None, None, ln_weight, ln_bias, ln_eps)
+        if not fc2:
+            fc2.append(linear_for(h, fc2_weight, fc2_bias, None, gamma, residual, hidden_ln_weight, hidden_ln_bias,
+                                  hidden_ln_eps))
+        return fc2[0](h, fc2_weight, fc2_bias, None, gamma, residual, hidden_ln_weight, hidden_ln_bias, hidden_ln_eps)
+
+    return run
+
+
 KERNELS = {"linear": _linear_fwd}
-__all__ = ["linear_fwd", "mlp_fwd", "TUNE", "keep", "heuristic", "_configs", "KERNELS"]
+__all__ = ["linear_fwd", "linear_for", "mlp_fwd", "mlp_for", "TUNE", "keep", "heuristic", "_configs", "KERNELS"]

@@ -284,3 +284,88 @@ def test_warmup_then_cuda_graph_capture():
         g.replay()
         torch.cuda.synchronize()
     assert torch.equal(static_out, eager)
+
+
+class _Recorder:
+    """Stands in for a Triton kernel: records each launch's grid and keyword arguments."""
+
+    def __init__(self):
+        self.launches = []
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.launches.append((grid, args, kwargs))
+
+
+@pytest.mark.parametrize("op", ["attention", "linear", "layer_norm", "mlp"])
+def test_bound_launchers_match_the_generic_ones(op, monkeypatch):
+    """fastvit.ops binds a launcher per call signature (<op>_for): it launches what the generic
+    launcher launches (same grid, scalars, constexprs and config), picks a config once, and
+    picks again after clear_memory_cache."""
+    g = torch.Generator().manual_seed(3)
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    x, w, b, lnw, lnb = r(2, 7, 32), r(48, 32), r(48), r(32), r(32)
+    q, k, v = r(2, 7, 3, 2, 16).permute(2, 0, 3, 1, 4).unbind(0)
+    cases = {
+        "attention": ("_attn_fwd", att, lambda: ops.attention(q, k, v, 0.3, backend="triton"),
+                      lambda: att.attention_fwd(q, k, v, 0.3)),
+        "linear": ("_linear_fwd", lin, lambda: ops.linear(x, w, b, "gelu", ln_weight=lnw, ln_bias=lnb, backend="triton"),
+                   lambda: lin.linear_fwd(x, w, b, "gelu", ln_weight=lnw, ln_bias=lnb)),
+        "layer_norm": ("_ln_fwd", lnm, lambda: ops.layer_norm(x, lnw, lnb, 1e-5, backend="triton"),
+                       lambda: lnm.layer_norm_fwd(x, lnw, lnb, 1e-5)),
+        "mlp": ("_linear_fwd", lin, lambda: ops.mlp(x, r(64, 32), None, r(32, 64), r(32), residual=x, backend="triton"),
+                None),
+    }
+    name, mod, bound_call, generic_call = cases[op]
+    if backends.reasons("triton", op, torch.device("cpu"), dtype=torch.float32):
+        pytest.skip("the triton backend cannot take CPU tensors here (TRITON_INTERPRET unset)")
+    picks = []
+    for t in autotune.TUNABLES:
+        real = t.pick
+        monkeypatch.setattr(t, "pick", lambda key, dev, run, real=real, t=t: picks.append(t.name) or real(key, dev, run))
+    rec = _Recorder()
+    monkeypatch.setattr(mod, name, rec)
+    monkeypatch.setattr(lnm, "_ln_fwd", rec)  # the LN statistics of linear's prologue
+    ops.clear_plans()
+    with torch.inference_mode():
+        for _ in range(3):
+            bound_call()
+        n = len(picks)
+        assert n in (1, 2, 3), picks  # once per kernel the op launches (linear: stats + GEMM; mlp: 2 GEMMs)
+        bound = rec.launches[-n:]
+        autotune.clear_memory_cache()
+        bound_call()
+        assert len(picks) == 2 * n  # the bindings were forgotten
+        if generic_call is not None:
+            rec.launches.clear()
+            generic_call()
+            generic = rec.launches
+            assert len(generic) == len(bound)
+            for (gg, ga, gk), (bg, ba, bk) in zip(generic, bound):
+                assert gg == bg and gk == bk
+                same = [a is b or (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)
+                                   and a.shape == b.shape and a.stride() == b.stride()) or a == b
+                        for a, b in zip(ga, ba)]
+                assert len(ga) == len(ba) and all(same), (ga, ba)
+    ops.clear_plans()
+
+
+def test_bound_fp32_launch_follows_allow_tf32(monkeypatch):
+    """The fp32 product precision is read at each call of a bound launcher, not frozen at binding."""
+    if backends.reasons("triton", "linear", torch.device("cpu"), dtype=torch.float32):
+        pytest.skip("the triton backend cannot take CPU tensors here (TRITON_INTERPRET unset)")
+    rec = _Recorder()
+    monkeypatch.setattr(lin, "_linear_fwd", rec)
+    monkeypatch.setattr(att, "_attn_fwd", rec)
+    x, w = torch.randn(3, 16), torch.randn(8, 16)
+    q = torch.randn(1, 2, 4, 16)
+    ops.clear_plans()
+    before = torch.backends.cuda.matmul.allow_tf32  # a property of torch's cuBLAS module: set, then restored
+    try:
+        for allow in (False, True, False):
+            torch.backends.cuda.matmul.allow_tf32 = allow
+            ops.linear(x, w, backend="triton")
+            ops.attention(q, q, q, backend="triton")
+            assert [kw["PRECISION"] for _, _, kw in rec.launches[-2:]] == ["tf32" if allow else "ieee"] * 2
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+        ops.clear_plans()
