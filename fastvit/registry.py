@@ -164,6 +164,17 @@ for _size, (_dim, _depth, _heads) in _EVA02_SIZES.items():
     _add(f"eva02_{_size}_patch14_{_ft}", preprocess=_eva_pre(_ft, 1.0, "center" if _ft == 336 else "squash"),
          img_size=_ft, num_classes=1000, **_eva)
 
+# EVA-02 CLIP image towers (timm's merged2b tags): the EVA-02 block with split q / k / v (fused at
+# loading), the attention sub-LN before the projection (scale_attn_inner), class-token pooling and
+# a head that projects to the CLIP embedding width.
+for _name, _dim, _depth, _heads, _patch, _img, _crop, _embed in [
+        ("eva02_base_patch16_clip_224", 768, 12, 12, 16, 224, 0.9, 512),
+        ("eva02_large_patch14_clip_224", 1024, 24, 16, 14, 224, 0.9, 768),
+        ("eva02_large_patch14_clip_336", 1024, 24, 16, 14, 336, 1.0, 768)]:
+    _add(_name, preprocess=_eva_pre(_img, _crop), img_size=_img, num_classes=_embed, patch_size=_patch, embed_dim=_dim,
+         depth=_depth, num_heads=_heads, act="swiglu", mlp_ratio=4 * 2 / 3, scale_mlp=True, scale_attn_inner=True,
+         global_pool="token", rope_type="cat", ref_feat_shape=(16, 16))
+
 # DINOv3 (timm names): 4 registers, LayerScale, no absolute position embedding, rotate_half RoPE
 # on centred coordinates (any image size), LayerNorm eps 1e-5, timm's default pooling (patch
 # mean, final norm); "_qkvb" variants carry q / v biases; "plus" sizes a SwiGLU MLP.
