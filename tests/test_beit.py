@@ -23,7 +23,7 @@ from fastvit.checkpoint import CheckpointError
 from fastvit.convert import convert_timm_state_dict, timm_model_kwargs
 from fastvit.factory import hf_outputs
 from fastvit.relpos import relative_position_index
-from utils import DEV, assert_close_rule, assert_rel_close, randomise_params, skip_reason
+from utils import assert_rel_close, check_model_on_backend, randomise_params
 
 timm = pytest.importorskip("timm")
 T = pytest.importorskip("transformers")
@@ -310,18 +310,8 @@ def test_attention_probs_include_the_bias():
 def test_beit_on_kernel_backend_matches_torch(backend):
     """A BEiT (per-block + shared tables) on a kernel backend (Triton's interpreter here, once it
     declares attention.bias) against the torch backend, fp32."""
-    for op, props in (("patch_embed", {}), ("attention", {"head_dim": 16, "features": ("attention.bias",)}),
-                      ("linear", {"act": None}), ("mlp", {"act": "gelu"}), ("layer_norm", {})):
-        why = skip_reason(backend, op, DEV, dtype=torch.float32, **props)
-        if why:
-            pytest.skip(why)
-    ref = _timm_beit(use_shared_rel_pos_bias=True, depth=1, img_size=32)
-    m = fastvit.from_timm(ref).to(DEV)
-    x = torch.randn(2, 3, 32, 32, device=DEV)
-    with torch.no_grad():
-        want = m.set_backend("torch")(x)
-        got = m.set_backend(backend)(x)
-    assert_close_rule(got, want, None, atol=1e-4, rtol=1e-4, name=f"{backend} BEiT logits")
+    check_model_on_backend(lambda: fastvit.from_timm(_timm_beit(use_shared_rel_pos_bias=True, depth=1, img_size=32)),
+                           backend, "BEiT", ("attention.bias",), "gelu")
 
 
 # run in a fresh process that imports only torch and fastvit

@@ -22,7 +22,7 @@ from fastvit.checkpoint import CheckpointError, load_state_dict
 from fastvit.convert import convert_timm_state_dict, model_kwargs, timm_model_kwargs
 from fastvit.factory import hf_outputs
 from fastvit.rope import RopeCat, RopeDinoV3, RopeMixed
-from utils import DEV, assert_close_rule, assert_rel_close, randomise_params, skip_reason
+from utils import assert_rel_close, check_model_on_backend, randomise_params
 
 timm = pytest.importorskip("timm")
 T = pytest.importorskip("transformers")
@@ -358,18 +358,8 @@ def test_family_on_kernel_backend_matches_torch(case, backend):
     """One tiny model per family on a kernel backend (Triton's interpreter here, once it declares
     the RoPE features) against the torch backend, fp32."""
     what, name, features, act = case
-    for op, props in (("patch_embed", {}), ("attention", {"head_dim": 16, "features": features}),
-                      ("linear", {"act": None}), ("mlp", {"act": act}), ("layer_norm", {})):
-        why = skip_reason(backend, op, DEV, dtype=torch.float32, **props)
-        if why:
-            pytest.skip(why)
-    ref = _timm(name, img_size=32, embed_dim=32, num_heads=2, depth=1, num_classes=5)
-    m = fastvit.from_timm(ref).to(DEV)
-    x = torch.randn(2, 3, 32, 32, device=DEV)
-    with torch.no_grad():
-        want = m.set_backend("torch")(x)
-        got = m.set_backend(backend)(x)
-    assert_close_rule(got, want, None, atol=1e-4, rtol=1e-4, name=f"{backend} {what} logits")
+    check_model_on_backend(lambda: fastvit.from_timm(_timm(name, img_size=32, embed_dim=32, num_heads=2, depth=1,
+                                                           num_classes=5)), backend, what, features, act)
 
 
 # run in a fresh process that imports only torch and fastvit

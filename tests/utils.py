@@ -41,6 +41,24 @@ BACKENDS = backends.BACKENDS  # ('triton', 'cuda', 'torch'): every op test runs 
 
 
 # --------------------------------------------------------------------------- error reports
+def check_model_on_backend(model_from_timm: Callable[[], torch.nn.Module], backend: str, what: str,
+                           attention_features: Tuple[str, ...], act: Optional[str], img: int = 32) -> None:
+    """A tiny converted model's logits on ``backend`` against the torch backend (fp32, batch 2,
+    ``img`` x ``img``); skips with the backend's own reason when one of the model's ops (attention
+    with ``attention_features``, head dim 16; mlp with ``act``) cannot run there."""
+    for op, props in (("patch_embed", {}), ("attention", {"head_dim": 16, "features": attention_features}),
+                      ("linear", {"act": None}), ("mlp", {"act": act}), ("layer_norm", {})):
+        why = skip_reason(backend, op, DEV, dtype=torch.float32, **props)
+        if why:
+            pytest.skip(why)
+    m = model_from_timm().to(DEV)
+    x = torch.randn(2, 3, img, img, device=DEV)
+    with torch.no_grad():
+        want = m.set_backend("torch")(x)
+        got = m.set_backend(backend)(x)
+    assert_close_rule(got, want, None, atol=1e-4, rtol=1e-4, name=f"{backend} {what} logits")
+
+
 def load_setup_py():
     """The repository's setup.py as a module (importing it defines its helpers; only running it
     as a script installs)."""
