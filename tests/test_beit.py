@@ -10,8 +10,6 @@ file runs in seconds; the relative position tables, LayerScale and q / v biases 
 """
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -23,7 +21,7 @@ from fastvit.checkpoint import CheckpointError
 from fastvit.convert import convert_timm_state_dict, timm_model_kwargs
 from fastvit.factory import hf_outputs
 from fastvit.relpos import relative_position_index
-from utils import assert_rel_close, check_model_on_backend, randomise_params
+from utils import assert_rel_close, check_compiles_fullgraph, check_model_on_backend, randomise_params
 
 timm = pytest.importorskip("timm")
 T = pytest.importorskip("transformers")
@@ -314,33 +312,13 @@ def test_beit_on_kernel_backend_matches_torch(backend):
                            backend, "BEiT", ("attention.bias",), "gelu")
 
 
-# run in a fresh process that imports only torch and fastvit
-_COMPILE_CHECK = """
-import torch
-from fastvit import VisionTransformer
-
-torch.manual_seed(0)
-m = VisionTransformer(img_size=32, patch_size=16, embed_dim=32, depth=2, num_heads=2, num_classes=5,
-                      global_pool="avg", pos_embed="none", init_values=0.1, use_rel_pos_bias=True,
-                      use_shared_rel_pos_bias=True, dynamic_img_size=True, backend="torch").eval()
-with torch.no_grad():
-    for p in m.parameters():
-        p.add_(torch.randn_like(p))
-for size in (32, 48):  # 48: the tables fitted to the 3 x 3 grid inside the graph
-    x = torch.randn(2, 3, size, size)
-    torch._dynamo.reset()
-    with torch.no_grad():
-        eager = m(x)
-        got = torch.compile(m, fullgraph=True, backend="aot_eager")(x)  # a graph break raises
-    torch.testing.assert_close(got, eager, atol=1e-5, rtol=1e-5)
-"""
-
-
 def test_compile_fullgraph_no_graph_break():
     """torch.compile(fullgraph=True) of a BEiT with per-block and shared tables: no graph break,
-    eager's output, at the stored grid and another one (a fresh process, as tests/test_compile.py)."""
-    proc = subprocess.run([sys.executable, "-c", _COMPILE_CHECK], capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, f"compile check failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    eager's output, at the stored grid and another one (48: the tables fitted to the 3 x 3 grid
+    inside the graph)."""
+    check_compiles_fullgraph(dict(img_size=32, patch_size=16, embed_dim=32, depth=2, num_heads=2, num_classes=5,
+                                  global_pool="avg", pos_embed="none", init_values=0.1, use_rel_pos_bias=True,
+                                  use_shared_rel_pos_bias=True, dynamic_img_size=True), sizes=(32, 48))
 
 
 # --------------------------------------------------------------------------- presets

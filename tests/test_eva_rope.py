@@ -9,8 +9,6 @@ RoPE frequencies would hide a wrong mapping).
 """
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -22,7 +20,7 @@ from fastvit.checkpoint import CheckpointError, load_state_dict
 from fastvit.convert import convert_timm_state_dict, model_kwargs, timm_model_kwargs
 from fastvit.factory import hf_outputs
 from fastvit.rope import RopeCat, RopeDinoV3, RopeMixed
-from utils import assert_rel_close, check_model_on_backend, randomise_params
+from utils import assert_rel_close, check_compiles_fullgraph, check_model_on_backend, randomise_params
 
 timm = pytest.importorskip("timm")
 T = pytest.importorskip("transformers")
@@ -362,33 +360,13 @@ def test_family_on_kernel_backend_matches_torch(case, backend):
                                                            num_classes=5)), backend, what, features, act)
 
 
-# run in a fresh process that imports only torch and fastvit
-_COMPILE_CHECK = """
-import torch
-from fastvit import VisionTransformer
-
-torch.manual_seed(0)
-m = VisionTransformer(img_size=28, patch_size=14, embed_dim=32, depth=2, num_heads=2, num_classes=5,
-                      global_pool="avg", act="swiglu", mlp_ratio=8 / 3, scale_mlp=True, scale_attn_inner=True,
-                      rope_type="cat", ref_feat_shape=16, dynamic_img_size=True, backend="torch").eval()
-with torch.no_grad():
-    for p in m.parameters():
-        p.add_(torch.randn_like(p) * 0.1)
-for size in (28, 42):  # 42: another grid, its table built inside the graph
-    x = torch.randn(2, 3, size, size)
-    torch._dynamo.reset()
-    with torch.no_grad():
-        eager = m(x)
-        got = torch.compile(m, fullgraph=True, backend="aot_eager")(x)  # a graph break raises
-    torch.testing.assert_close(got, eager, atol=1e-5, rtol=1e-5)
-"""
-
-
 def test_eva02_compiles_fullgraph():
     """torch.compile(fullgraph=True) of an EVA-02 (RoPE, SwiGLU + sub-LN, attention inner norm): no
-    graph break, eager's output, at two grids (a fresh process, as tests/test_compile.py)."""
-    proc = subprocess.run([sys.executable, "-c", _COMPILE_CHECK], capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, f"compile check failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    graph break, eager's output, at two grids (42: its table built inside the graph)."""
+    check_compiles_fullgraph(dict(img_size=28, patch_size=14, embed_dim=32, depth=2, num_heads=2, num_classes=5,
+                                  global_pool="avg", act="swiglu", mlp_ratio=8 / 3, scale_mlp=True,
+                                  scale_attn_inner=True, rope_type="cat", ref_feat_shape=16, dynamic_img_size=True),
+                             sizes=(28, 42), scale=0.1)
 
 
 # --------------------------------------------------------------------------- presets

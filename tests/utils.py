@@ -59,6 +59,37 @@ def check_model_on_backend(model_from_timm: Callable[[], torch.nn.Module], backe
     assert_close_rule(got, want, None, atol=1e-4, rtol=1e-4, name=f"{backend} {what} logits")
 
 
+_COMPILE_SCRIPT = """
+import torch
+from fastvit import VisionTransformer
+
+torch.manual_seed(0)
+m = VisionTransformer(**{kwargs!r}, backend="torch").eval()
+with torch.no_grad():
+    for p in m.parameters():
+        p.add_(torch.randn_like(p) * {scale!r})
+for size in {sizes!r}:
+    x = torch.randn(2, 3, size, size)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        eager = m(x)
+        got = torch.compile(m, fullgraph=True, backend="aot_eager")(x)  # a graph break raises
+    torch.testing.assert_close(got, eager, atol=1e-5, rtol=1e-5)
+"""
+
+
+def check_compiles_fullgraph(model_kwargs: Dict, sizes: Sequence[int], scale: float = 1.0) -> None:
+    """``torch.compile(fullgraph=True)`` of ``VisionTransformer(**model_kwargs)`` (torch backend,
+    parameters perturbed by ``scale`` x N(0, 1)) gives eager's output at each image size, in a fresh
+    process that imports only torch and fastvit (as tests/test_compile.py)."""
+    import subprocess
+    import sys
+
+    script = _COMPILE_SCRIPT.format(kwargs=dict(model_kwargs), scale=scale, sizes=tuple(sizes))
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"compile check failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+
+
 def load_setup_py():
     """The repository's setup.py as a module (importing it defines its helpers; only running it
     as a script installs)."""
