@@ -28,6 +28,14 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
 
 
+@pytest.fixture
+def hub_offline(monkeypatch):
+    """huggingface_hub may only read its cache, whatever a test does (no network here, nor in CI):
+    the conversion / weights test files use it for every test (pytestmark)."""
+    hub_constants = pytest.importorskip("huggingface_hub.constants")
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

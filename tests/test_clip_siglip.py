@@ -27,10 +27,7 @@ T = pytest.importorskip("transformers")
 REL_TOL = 1e-4  # max |diff| / max |reference| (the bound)
 
 
-@pytest.fixture(autouse=True)
-def _offline(monkeypatch):
-    hub_constants = pytest.importorskip("huggingface_hub.constants")
-    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+pytestmark = pytest.mark.usefixtures("hub_offline")
 
 
 _randomise = randomise_params

@@ -30,10 +30,7 @@ REL_TOL = 1e-4  # max |diff| / max |reference| (the issue's bound)
 _SMALL = dict(embed_dim=64, num_heads=2, depth=2)
 
 
-@pytest.fixture(autouse=True)
-def _offline(monkeypatch):
-    hub_constants = pytest.importorskip("huggingface_hub.constants")
-    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+pytestmark = pytest.mark.usefixtures("hub_offline")
 
 
 _randomise = randomise_params

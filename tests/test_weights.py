@@ -17,11 +17,7 @@ timm = pytest.importorskip("timm")
 T = pytest.importorskip("transformers")
 
 
-@pytest.fixture(autouse=True)
-def _offline(monkeypatch):
-    # belt and braces: whatever a test does, huggingface_hub may only read its cache
-    hub_constants = pytest.importorskip("huggingface_hub.constants")
-    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+pytestmark = pytest.mark.usefixtures("hub_offline")
 
 
 def _img(size=32, b=2):
