@@ -510,23 +510,22 @@ def attention_probs_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale
     return out, probs
 
 
-def _features(q, bias: Optional[torch.Tensor], rope: Optional[torch.Tensor], rope_half: bool):
-    """(tensor args, stride args, N_ROT, constexprs) for the bias / RoPE arguments. Absent ones
-    are q with zero strides (never read: the HAS_BIAS / ROPE constexprs compile them out)."""
-    bias_t, rope_t, n_rot = q, q, 0
+def _features(bias: Optional[torch.Tensor], rope: Optional[torch.Tensor], rope_half: bool):
+    """(stride args, N_ROT, constexprs) for the bias / RoPE arguments. Absent ones get zero strides
+    (the launch passes q in their place, never read: the HAS_BIAS / ROPE constexprs compile them out)."""
+    n_rot = 0
     strides = [0, 0, 0, 0, 0]  # stride_bb, stride_bh, stride_bm, stride_rh, stride_rn
     if bias is not None:
-        bias_t = bias
         if bias.dim() == 3:
             strides[1:3] = bias.stride(0), bias.stride(1)  # broadcast over the batch
         else:
             strides[0:3] = bias.stride(0) if bias.shape[0] > 1 else 0, bias.stride(1), bias.stride(2)
     if rope is not None:
-        rope_t, n_rot = rope, rope.shape[-2]
+        n_rot = rope.shape[-2]
         strides[3:5] = (rope.stride(0), rope.stride(1)) if rope.dim() == 3 else (0, rope.stride(0))
     const = dict(HAS_BIAS=bias is not None, ROPE=0 if rope is None else 2 if rope_half else 1,
                  ROPE_PER_HEAD=rope is not None and rope.dim() == 3)
-    return (bias_t, rope_t), tuple(strides), n_rot, const
+    return tuple(strides), n_rot, const
 
 
 def _prepare(q, k, v, out, probs, bias, rope, rope_half: bool):
@@ -534,7 +533,7 @@ def _prepare(q, k, v, out, probs, bias, rope, rope_half: bool):
     scalar arguments after the scale, the constexprs and the tuning key."""
     B, H, N, d = q.shape
     extra_strides = () if probs is None else (probs.stride(0), probs.stride(1), probs.stride(2))
-    _, feat_strides, n_rot, flags = _features(q, bias, rope, rope_half)
+    feat_strides, n_rot, flags = _features(bias, rope, rope_half)
     tail = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2)) + extra_strides \
         + feat_strides + (H, N, k.shape[2], n_rot)
