@@ -52,6 +52,14 @@ fastvit::DType dtype_of(const Tensor& t, const char* arg) {
   return fastvit::kFloat32;
 }
 
+// patch_embed's image: a float dtype or uint8 pixels
+fastvit::DType image_dtype_of(const Tensor& t, const char* arg) {
+  if (t.scalar_type() == at::kByte) return fastvit::kUInt8;
+  TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat || t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16,
+                   arg, ": expected dtype float32, float16, bfloat16 or uint8, got ", t.scalar_type());
+  return dtype_of(t, arg);
+}
+
 void check_cuda(const Tensor& t, const char* arg) {
   TORCH_CHECK(t.is_cuda(), arg, ": expected a CUDA tensor, got device ", t.device());
 }
@@ -449,7 +457,7 @@ Tensor attention(const Tensor& q, const Tensor& k, const Tensor& v, double scale
 Tensor patch_embed(const Tensor& x, const Tensor& weight, const OptTensor& bias, const OptTensor& pos_embed,
                    const OptTensor& prefix, bool pad) {
   check_dim(x, "x", 4);
-  const auto x_dt = dtype_of(x, "x");
+  const auto x_dt = image_dtype_of(x, "x");
   check_dim(weight, "weight", 4);
   TORCH_CHECK(weight.device() == x.device(), "weight: expected device ", x.device(), " (as x), got device ",
               weight.device());

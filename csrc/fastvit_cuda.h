@@ -16,7 +16,8 @@
 namespace fastvit {
 
 // Element types crossing the boundary; the values are fixed (bindings.cpp maps torch dtypes).
-enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+// kUInt8: patch_embed's image only (pixels cast to the compute dtype in the im2col pass)
+enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kUInt8 = 3 };
 
 // Activations of the linear epilogue: the codes of fastvit.facts.ACT_CODES (tests/test_facts.py).
 // kActQuickGelu is OpenAI CLIP's x * sigmoid(1.702 x). kActSwiglu is gated: the GEMM has 2 N output

@@ -4,7 +4,7 @@
 //     cast to the compute dtype, zero past the image edge (timm's dynamic_img_pad), and
 //   * initialises the token rows of the output: prefix rows, then the position embedding (or 0)
 //     on every patch row, which the GEMM then accumulates onto through its C operand.
-// x may be any float dtype and any strides (channels-last images need no copy).
+// x may be any float dtype or uint8 and any strides (channels-last images need no copy).
 
 #include "common.cuh"
 
@@ -64,6 +64,7 @@ int launch(DType x_dt, const void* x, const int64_t* xs, int B, int C, int H, in
     FASTVIT_PE_CASE(kFloat32, float)
     FASTVIT_PE_CASE(kFloat16, __half)
     FASTVIT_PE_CASE(kBFloat16, __nv_bfloat16)
+    FASTVIT_PE_CASE(kUInt8, uint8_t)
 #undef FASTVIT_PE_CASE
     default: return cudaErrorInvalidValue;
   }

@@ -21,7 +21,7 @@ from .convert import (convert_hf_state_dict, convert_timm_state_dict, hf_config_
 from .hub import hub_folder, is_hub_name, read_config, timm_hub_id, timm_pretrained_cfg
 from .model import VisionTransformer
 from .preprocess import Preprocessor
-from .registry import list_models, model_config, preprocess_config
+from .registry import follows_timm_tags, list_models, model_config, preprocess_config
 from .version import __version__
 
 __all__ = [
@@ -54,6 +54,9 @@ def create_model(name: str, checkpoint: Optional[str] = None, **overrides) -> Vi
     model = VisionTransformer(**cfg)
     if checkpoint is not None:
         load_checkpoint(model, checkpoint)
+    pre = preprocess_config(name)
+    if pre is not None and model.patch_embed.proj.weight.shape[1] == len(pre["mean"]):
+        model.set_input_normalization(pre["mean"], pre["std"])  # uint8 input (the preset's processor)
     return model.eval()
 
 
@@ -184,11 +187,21 @@ def from_pretrained(name_or_path: str, backend: Optional[str] = None, revision: 
         model = _timm_layout_model(config, backend)
         sd = convert_timm_state_dict(read_folder_state_dict(path), model)
         load_state_dict(model, sd, source=f"checkpoint folder {path!r}")
-        return model.eval()
+        return _folder_normalization(model.eval(), path)
     if "model_type" not in config:
         raise CheckpointError(f"config: {os.path.join(path, 'config.json')!r} has neither 'model_type' (Hugging "
                               "Face) nor 'architecture' (timm / fastvit)")
-    return from_hf(read_folder_state_dict(path), config, backend=backend)
+    return _folder_normalization(from_hf(read_folder_state_dict(path), config, backend=backend), path)
+
+
+def _folder_normalization(model: VisionTransformer, path: str) -> VisionTransformer:
+    """Set the model's uint8 input normalisation from the folder's own preprocessing, when it has
+    one (preprocessor_config.json, or config.json with ``preprocess`` / ``pretrained_cfg``)."""
+    try:
+        pre = Preprocessor.from_pretrained(path)
+    except FileNotFoundError:  # the folder names no preprocessing: float input only
+        return model
+    return model.set_input_normalization(pre)
 
 
 def load_model(checkpoint: Optional[str], model_name: Optional[str] = None, backend: Optional[str] = None,
@@ -213,11 +226,11 @@ def load_model(checkpoint: Optional[str], model_name: Optional[str] = None, back
         # a preset of that exact name (CLIP '.openai' towers), else the architecture without the tag
         arch = model_name if model_name in list_models() else model_name.split(".")[0]
         model = create_model(arch, checkpoint=checkpoint, backend=backend)
-        cfg = preprocess_config(arch)  # CLIP / SigLIP presets name their own processor
-        if cfg is None:
-            timm_cfg = timm_pretrained_cfg(model_name)
-            cfg = timm_cfg.to_dict() if timm_cfg is not None else None
-        return model, Preprocessor.from_timm(cfg) if cfg is not None else Preprocessor.for_model(model)
+        # a tagged name's own pretrained_cfg (a tag may change mean / std / crop), else the preset's
+        timm_cfg = timm_pretrained_cfg(model_name) if arch != model_name and follows_timm_tags(arch) else None
+        cfg = timm_cfg.to_dict() if timm_cfg is not None else preprocess_config(arch)
+        pre = Preprocessor.from_timm(cfg) if cfg is not None else Preprocessor.for_model(model)
+        return model.set_input_normalization(pre), pre
     folder = checkpoint
     if not os.path.isdir(checkpoint):
         if not is_hub_name(checkpoint):
@@ -225,7 +238,8 @@ def load_model(checkpoint: Optional[str], model_name: Optional[str] = None, back
                                     f"got {checkpoint!r}")
         folder = hub_folder(checkpoint, local_files_only=local_files_only)
     model = from_pretrained(folder, backend=backend)
-    return model, Preprocessor.from_pretrained(folder, model=model)
+    pre = Preprocessor.from_pretrained(folder, model=model)
+    return model.set_input_normalization(pre), pre
 
 
 def convert(src: str, dst: str, model_name: Optional[str] = None) -> str:

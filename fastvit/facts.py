@@ -22,8 +22,8 @@ from typing import FrozenSet, List, Mapping, Optional, Tuple
 import torch
 
 __all__ = [
-    "OPS", "ACTIVATIONS", "ACT_CODES", "GATED_ACTS", "ATTENTION_FEATURES", "FLOAT_DTYPES", "MAX_HEAD_DIM", "BackendLimits", "not_supported_reasons",
-    "patch_grid", "interpret_mode", "dtype_name",
+    "OPS", "ACTIVATIONS", "ACT_CODES", "GATED_ACTS", "ATTENTION_FEATURES", "FLOAT_DTYPES", "IMAGE_DTYPES",
+    "MAX_HEAD_DIM", "BackendLimits", "not_supported_reasons", "patch_grid", "interpret_mode", "dtype_name",
 ]
 
 # The public ops, in data-flow order. Every backend implements a subset (declared in its limits).
@@ -47,6 +47,9 @@ GATED_ACTS = frozenset({"swiglu"})
 ATTENTION_FEATURES = ("bias", "rope", "rope_per_head")
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# dtypes of patch_embed's image: the float dtypes, or uint8 pixels (cast in the load, exact in
+# every float dtype; the model folds the normalisation into the projection)
+IMAGE_DTYPES = FLOAT_DTYPES + (torch.uint8,)
 
 # Op-level head-dim limit (validation in fastvit.ops); backends may declare less.
 MAX_HEAD_DIM = 256

@@ -520,6 +520,10 @@ class VisionTransformer(nn.Module):
         self._pos_sources = tuple(m for m in (self.rope, self.rel_pos_bias,
                                               *(b.attn.rel_pos_bias for b in self.blocks)) if m is not None)
         self._pos_cache: Dict[Any, Tuple[Any, Any]] = {}
+        # uint8 input: (mean, std, rescale) of the checkpoint's preprocessing, folded into the
+        # patch projection (set_input_normalization); None = float input only
+        self.input_norm: Optional[Tuple[Tuple[float, ...], Tuple[float, ...], float]] = None
+        self._fold_cache: Dict[Any, Tuple[Any, Any]] = {}
         self._init_weights()
 
     # ------------------------------------------------------------------ setup
@@ -582,6 +586,99 @@ class VisionTransformer(nn.Module):
                      else nn.Identity()).to(ref)
         if self.distilled:
             self.head_dist = (nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()).to(ref)
+
+    # ------------------------------------------------------------------ uint8 input
+    def set_input_normalization(self, mean=None, std=None, rescale: float = 1 / 255) -> "VisionTransformer":
+        """Let the model take uint8 images: (B, C, H, W) pixels 0..255, normalised inside as
+        ``(x * rescale - mean) / std`` per channel (the checkpoint's preprocessing).
+
+        The affine map is folded into the patch projection, so it costs no pass over the image:
+        ``W' = W * rescale / std`` (per input channel) and ``b' = b - sum(W * mean / std)``, exact
+        in real arithmetic (one rounding of W' in the model dtype); with ``dynamic_img_pad`` the
+        border patches' position rows get back what the padded pixels (normalised zero, raw
+        ``mean / rescale``) would have contributed. A float input is taken as already normalised,
+        exactly as before. Hybrid (CNN stem) models normalise the uint8 image explicitly first.
+
+        Args:
+            mean: per-channel mean of the [0, 1]-scaled image, or a :class:`fastvit.Preprocessor`
+                (its ``mean``, ``std`` and ``rescale_factor``), or None to clear (uint8 input refused).
+            std: per-channel standard deviation.
+            rescale: pixel scale before normalising (1 / 255).
+
+        Returns:
+            the model.
+        """
+        if mean is not None and hasattr(mean, "rescale_factor") and hasattr(mean, "std"):
+            mean, std, rescale = mean.mean, mean.std, mean.rescale_factor
+        if mean is None:
+            self.input_norm = None
+            self._fold_cache.clear()
+            return self
+        C = self.patch_embed.proj.weight.shape[1] if isinstance(self.patch_embed, PatchEmbed) else None
+        mean = tuple(float(m) for m in mean)
+        std = tuple(float(s) for s in (std if std is not None else ()))
+        n = C if C is not None else len(mean)
+        if len(mean) != n or len(std) != n:
+            raise ValueError(f"mean / std: expected {n} values each (one per input channel), got {mean} / {std}")
+        if any(not s > 0 for s in std) or not float(rescale) > 0:
+            raise ValueError(f"std / rescale: expected positive values, got std={std}, rescale={rescale}")
+        self.input_norm = (mean, std, float(rescale))
+        self._fold_cache.clear()
+        return self
+
+    def _norm_tensors(self, device) -> Tuple[torch.Tensor, torch.Tensor, float]:
+        mean, std, r = self.input_norm
+        return (torch.tensor(mean, dtype=torch.float32, device=device),
+                torch.tensor(std, dtype=torch.float32, device=device), r)
+
+    def _folded_proj(self) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Patch projection with the input normalisation folded in: (W', b'), model dtype, cached
+        for inference (refreshed when the projection or the normalisation changes)."""
+        proj = self.patch_embed.proj
+        params = [proj.weight] + ([proj.bias] if proj.bias is not None else [])
+
+        def compute(_):
+            w = proj.weight
+            mean, std, r = self._norm_tensors(w.device)
+            w32 = w.float()
+            w_f = w32 * (r / std).view(1, -1, 1, 1)
+            b_f = -(w32 * (mean / std).view(1, -1, 1, 1)).sum((1, 2, 3))
+            if proj.bias is not None:
+                b_f = b_f + proj.bias.float()
+            return w_f.to(w.dtype), b_f.to(w.dtype)
+
+        return _cached(self._fold_cache, (0, 0) + (self.input_norm,), params, compute)
+
+    def _pad_correction(self, grid: Tuple[int, int], size: Tuple[int, int]) -> torch.Tensor:
+        """(gh * gw, D) float32: what the zero-padded border pixels of a normalised image give
+        (normalised zero) minus what the folded projection gives them (raw zero = ``-mean / std``)."""
+        w = self.patch_embed.proj.weight
+        mean, std, _ = self._norm_tensors(w.device)
+        ph, pw = w.shape[-2:]
+        gh, gw = grid
+        vh, vw = size[0] - (gh - 1) * ph, size[1] - (gw - 1) * pw  # valid rows / cols of the last patch
+        m = (w.float() * (mean / std).view(1, -1, 1, 1)).sum(1)  # (D, ph, pw): each pixel's share of the bias
+        corr = torch.zeros(gh, gw, w.shape[0], dtype=torch.float32, device=w.device)
+        if vh < ph:
+            corr[-1, :] += m[:, vh:, :].sum((1, 2))
+        if vw < pw:
+            corr[:, -1] += m[:, :, vw:].sum((1, 2))
+        if vh < ph and vw < pw:
+            corr[-1, -1] -= m[:, vh:, vw:].sum((1, 2))  # counted by both
+        return corr.reshape(gh * gw, -1)
+
+    def _normalize_uint8(self, x: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, C, H, W) -> normalised float image in the model dtype (the explicit path)."""
+        mean, std, r = self._norm_tensors(x.device)
+        y = (x.float() * r - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
+        return y.to(self.patch_embed.proj.weight.dtype)
+
+    def _check_uint8(self, x: torch.Tensor) -> None:
+        if self.input_norm is None:
+            raise ValueError("x: a uint8 image batch needs the model's input normalisation (the checkpoint's mean / "
+                             "std): call model.set_input_normalization(mean, std) or "
+                             "model.set_input_normalization(preprocessor), or pass a normalised float image; got "
+                             f"dtype uint8 shape {tuple(x.shape)} on a model without one")
 
     # ------------------------------------------------------------------ embedding
     def _prefix_params(self) -> List[torch.Tensor]:
@@ -674,6 +771,8 @@ class VisionTransformer(nn.Module):
     def embed(self, x: torch.Tensor, grid: Optional[Tuple[int, int]] = None) -> torch.Tensor:
         """Image (B, C, H, W) -> tokens after position embedding and pre-norm, (B, T + N, D).
 
+        x: a normalised float image, or uint8 pixels once :meth:`set_input_normalization` is set.
+
         grid: the token grid of x when the caller has it (from ``_grid_for``)."""
         if grid is None:
             grid = self._grid_for(x)
@@ -683,7 +782,20 @@ class VisionTransformer(nn.Module):
             h, w = grid[0] * pe.patch_size[0], grid[1] * pe.patch_size[1]
             if (h, w) != tuple(x.shape[-2:]):
                 x = x[..., :h, :w]  # the border a strided conv drops (a view: every backend reads strides)
-        x = pe(x, pos, prefix, backend=self.backend)
+        if x.dtype == torch.uint8:
+            self._check_uint8(x)
+            if isinstance(pe, PatchEmbed):
+                # the normalisation folded into the projection: the kernel reads the uint8 pixels
+                weight, bias = self._folded_proj()
+                H, W = x.shape[-2:]
+                if pe.dynamic_img_pad and (H % pe.patch_size[0] or W % pe.patch_size[1]):
+                    corr = self._pad_correction(grid, (H, W))
+                    pos = (corr if pos is None else pos.float() + corr).to(weight.dtype)
+                x = ops.patch_embed(x, weight, bias, pos, prefix, pe.dynamic_img_pad, backend=self.backend)
+            else:
+                x = pe(self._normalize_uint8(x), pos, prefix, backend=self.backend)
+        else:
+            x = pe(x, pos, prefix, backend=self.backend)
         if isinstance(self.norm_pre, LayerNorm):
             x = self.norm_pre(x, backend=self.backend)
         return x

@@ -28,7 +28,7 @@ from torch import Tensor
 
 from . import backends, reference
 from .signature import signature as _signature
-from .facts import ACTIVATIONS, FLOAT_DTYPES, GATED_ACTS, MAX_HEAD_DIM, patch_grid
+from .facts import ACTIVATIONS, FLOAT_DTYPES, GATED_ACTS, IMAGE_DTYPES, MAX_HEAD_DIM, dtype_name, patch_grid
 
 __all__ = ["patch_embed", "attention", "attention_probs", "linear", "mlp", "layer_norm", "clear_plans"]
 
@@ -38,7 +38,8 @@ def _fail(arg: str, expected: str, got, exc=ValueError):
     raise exc(f"{arg}: expected {expected}, got {got}")
 
 
-def _tensor(t, arg: str, ndim: Optional[int] = None, min_ndim: Optional[int] = None, optional=False):
+def _tensor(t, arg: str, ndim: Optional[int] = None, min_ndim: Optional[int] = None, optional=False,
+            dtypes: Tuple[torch.dtype, ...] = FLOAT_DTYPES):
     if t is None:
         if optional:
             return
@@ -47,8 +48,9 @@ def _tensor(t, arg: str, ndim: Optional[int] = None, min_ndim: Optional[int] = N
         _fail(arg, "a torch.Tensor", type(t).__name__, TypeError)
     if t.layout is not torch.strided or t.is_nested:
         _fail(arg, "a dense (strided) tensor", f"layout {t.layout}{' (nested)' if t.is_nested else ''}", TypeError)
-    if t.dtype not in FLOAT_DTYPES:
-        _fail(arg, "dtype float32, float16 or bfloat16", t.dtype, TypeError)
+    if t.dtype not in dtypes:
+        _fail(arg, "dtype " + ", ".join(dtype_name(d) for d in dtypes[:-1]) + f" or {dtype_name(dtypes[-1])}",
+              t.dtype, TypeError)
     if ndim is not None and t.dim() != ndim:
         _fail(arg, f"a {ndim}-D tensor", f"shape {tuple(t.shape)}")
     if min_ndim is not None and t.dim() < min_ndim:
@@ -309,7 +311,11 @@ def patch_embed(
     """Image -> tokens: patchify + project + bias + position embedding + prefix token rows.
 
     Args:
-        x: (B, C, H, W) image, float32 / float16 / bfloat16 (cast to ``weight.dtype`` in the load).
+        x: (B, C, H, W) image, float32 / float16 / bfloat16 or uint8 (cast to ``weight.dtype`` in the
+            load; 0..255 are exact in every float dtype, so a uint8 image costs a quarter of the
+            bytes of a float32 one and no separate cast pass). Normalisation is not this op's: the
+            model folds it into ``weight`` / ``bias`` / ``pos_embed``
+            (:meth:`fastvit.VisionTransformer.set_input_normalization`).
         weight: (D, C, Ph, Pw) conv weight of the patch projection.
         bias: (D,) or None.
         pos_embed: (gh * gw, D) position embedding of the patch tokens for this grid, or None.
@@ -337,7 +343,7 @@ def patch_embed(
 
 
 def _validate_patch_embed(x, weight, bias, pos_embed, prefix, pad):
-    _tensor(x, "x", ndim=4)
+    _tensor(x, "x", ndim=4, dtypes=IMAGE_DTYPES)
     _tensor(weight, "weight", ndim=4)
     D, C, ph, pw = weight.shape
     if x.shape[1] != C:

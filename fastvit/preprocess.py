@@ -166,17 +166,13 @@ class Preprocessor:
 
     @classmethod
     def from_preset(cls, name: str, id2label=None) -> "Preprocessor":
-        """The processor a preset of :func:`fastvit.list_models` names (CLIP: shortest-side bicubic resize +
-        center crop, CLIP mean / std; SigLIP: bicubic resize to the square size, mean = std = 0.5); a
-        ValueError for a preset without one (plain ViT presets: use :meth:`from_timm` with timm's
-        ``pretrained_cfg``)."""
+        """The processor a preset of :func:`fastvit.list_models` names: timm's ``pretrained_cfg`` of
+        the name's default tag (plain ViT / DeiT / DINOv2), the original processors of the CLIP /
+        SigLIP towers (CLIP: shortest-side bicubic resize + center crop, CLIP mean / std; SigLIP:
+        bicubic resize to the square size, mean = std = 0.5)."""
         from .registry import preprocess_config
 
-        cfg = preprocess_config(name)
-        if cfg is None:
-            raise ValueError(f"name: preset {name!r} names no preprocessing; use Preprocessor.from_timm with timm's "
-                             "pretrained_cfg, or Preprocessor.for_model")
-        return cls.from_timm(cfg, id2label=id2label)
+        return cls.from_timm(preprocess_config(name), id2label=id2label)
 
     @classmethod
     def for_model(cls, model, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), crop_pct: float = 0.9) -> "Preprocessor":
@@ -274,6 +270,35 @@ class Preprocessor:
         """Resize and crop only: uint8 (3, H, W), the pixels the model sees (for pictures)."""
         img = to_rgb(image, want_pil=self.backend == "pil")
         return self._geometry_pil(img) if self.backend == "pil" else self._geometry_torch(img)
+
+    def load(self, source, mode: str = "exact", max_pixels: Optional[int] = None) -> torch.Tensor:
+        """One image -> uint8 (3, H, W), the pixels the model sees (resized, cropped, not normalised).
+
+        Args:
+            source: a path, the file's bytes, a PIL image, a uint8 numpy array (H, W[, C]) or a
+                uint8 tensor (C, H, W).
+            mode: 'exact' (bit-exact with :meth:`geometry`: timm's eval transform / Hugging Face's
+                processor) or 'fast' (DCT-domain JPEG downscaling at decode, uint8 area resize:
+                see :mod:`fastvit.data.decode` and the measured distance in the README).
+            max_pixels: refuse larger images, checked from the header before decoding.
+
+        Raises:
+            fastvit.data.decode.DecodeError (a ValueError) with the reason for a bad image;
+            ValueError for mode 'exact' on a ``rescale_first`` processor (its exact output is
+            float only: :meth:`process`).
+
+        A model with :meth:`fastvit.VisionTransformer.set_input_normalization` (from this
+        processor) takes the stacked result as its uint8 input.
+        """
+        from .data.decode import load_uint8
+
+        return load_uint8(source, self, mode, max_pixels)
+
+    @property
+    def uint8_exact(self) -> bool:
+        """Whether the exact output is a uint8 image (False for ``rescale_first``, which resizes the
+        float image: its exact result is :meth:`process`'s float one)."""
+        return not self.rescale_first
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         """uint8 (..., 3, H, W) -> float32 normalised."""

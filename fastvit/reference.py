@@ -102,7 +102,7 @@ def patch_embed(
     """Image -> token sequence: conv-as-GEMM + bias + position embedding + prefix rows.
 
     Args:
-        x: image, (B, C, H, W), any float dtype (cast to ``weight.dtype``).
+        x: image, (B, C, H, W), any float dtype or uint8 (cast to ``weight.dtype``: exact for uint8).
         weight: patch projection, (D, C, Ph, Pw) (the conv weight).
         bias: (D,) or None.
         pos_embed: position embedding of the patch tokens for *this* grid, (gh * gw, D), or None.

@@ -12,7 +12,7 @@ from __future__ import annotations
 import fnmatch
 from typing import Dict, List, Optional
 
-__all__ = ["list_models", "model_config", "preprocess_config", "CLIP_MEAN", "CLIP_STD"]
+__all__ = ["list_models", "model_config", "preprocess_config", "follows_timm_tags", "CLIP_MEAN", "CLIP_STD"]
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -28,6 +28,8 @@ _SIZES = {
 
 _PRESETS: Dict[str, dict] = {}
 _PREPROCESS: Dict[str, dict] = {}
+# presets whose preprocessing is timm's default tag's: another tag's own pretrained_cfg wins
+_TIMM_TAG_DEFAULT = set()
 
 
 def _add(name: str, preprocess: Optional[dict] = None, **cfg) -> None:
@@ -36,30 +38,53 @@ def _add(name: str, preprocess: Optional[dict] = None, **cfg) -> None:
         _PREPROCESS[name] = preprocess
 
 
+_INCEPTION = dict(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+_IMAGENET = dict(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+
+
+def _vit_pre(img: int, norm: dict, crop_pct: Optional[float] = None) -> dict:
+    """timm's pretrained_cfg preprocessing of the plain ViT / DeiT / DINOv2 names' default tags:
+    bicubic, crop_pct 0.9 at 224 and 1.0 at larger sizes (augreg / DeiT / DINOv2 tags), the tag's
+    mean / std (tests/test_preprocess.py checks every name timm has a cfg for)."""
+    crop = crop_pct if crop_pct is not None else (0.9 if img == 224 else 1.0)
+    return dict(input_size=(3, img, img), interpolation="bicubic", crop_pct=crop, crop_mode="center", **norm)
+
+
 for _size in ("tiny", "small", "base", "large"):
     for _patch in (16, 32):
         for _img in (224, 384):
-            _add(f"vit_{_size}_patch{_patch}_{_img}", img_size=_img, patch_size=_patch, **_SIZES[_size])
+            _add(f"vit_{_size}_patch{_patch}_{_img}", preprocess=_vit_pre(_img, _INCEPTION), img_size=_img,
+                 patch_size=_patch, **_SIZES[_size])
 for _img in (224, 384):
-    _add(f"vit_base_patch8_{_img}", img_size=_img, patch_size=8, **_SIZES["base"])
-    _add(f"vit_large_patch14_{_img}", img_size=_img, patch_size=14, **_SIZES["large"])
-    _add(f"vit_huge_patch14_{_img}", img_size=_img, patch_size=14, **_SIZES["huge"])
-_add("vit_huge_patch16_224", img_size=224, patch_size=16, **_SIZES["huge"])
-_add("vit_small_patch14_224", img_size=224, patch_size=14, **_SIZES["small"])
-_add("vit_base_patch14_224", img_size=224, patch_size=14, **_SIZES["base"])
+    _add(f"vit_base_patch8_{_img}", preprocess=_vit_pre(_img, _INCEPTION), img_size=_img, patch_size=8,
+         **_SIZES["base"])
+    _add(f"vit_large_patch14_{_img}", preprocess=_vit_pre(_img, _INCEPTION), img_size=_img, patch_size=14,
+         **_SIZES["large"])
+    _add(f"vit_huge_patch14_{_img}", preprocess=_vit_pre(_img, _INCEPTION), img_size=_img, patch_size=14,
+         **_SIZES["huge"])
+_add("vit_huge_patch16_224", preprocess=_vit_pre(224, _INCEPTION), img_size=224, patch_size=16, **_SIZES["huge"])
+_add("vit_small_patch14_224", preprocess=_vit_pre(224, _INCEPTION), img_size=224, patch_size=14, **_SIZES["small"])
+_add("vit_base_patch14_224", preprocess=_vit_pre(224, _INCEPTION), img_size=224, patch_size=14, **_SIZES["base"])
 
 for _size in ("tiny", "small", "base"):
-    _add(f"deit_{_size}_patch16_224", img_size=224, patch_size=16, **_SIZES[_size])
-    _add(f"deit_{_size}_distilled_patch16_224", img_size=224, patch_size=16, distilled=True, **_SIZES[_size])
-_add("deit_base_patch16_384", img_size=384, patch_size=16, **_SIZES["base"])
-_add("deit_base_distilled_patch16_384", img_size=384, patch_size=16, distilled=True, **_SIZES["base"])
+    _add(f"deit_{_size}_patch16_224", preprocess=_vit_pre(224, _IMAGENET), img_size=224, patch_size=16,
+         **_SIZES[_size])
+    _add(f"deit_{_size}_distilled_patch16_224", preprocess=_vit_pre(224, _IMAGENET), img_size=224, patch_size=16,
+         distilled=True, **_SIZES[_size])
+_add("deit_base_patch16_384", preprocess=_vit_pre(384, _IMAGENET), img_size=384, patch_size=16, **_SIZES["base"])
+_add("deit_base_distilled_patch16_384", preprocess=_vit_pre(384, _IMAGENET), img_size=384, patch_size=16,
+     distilled=True, **_SIZES["base"])
+
+_TIMM_TAG_DEFAULT.update(_PRESETS)  # every preset so far: plain ViT and DeiT
 
 # DINOv2 (timm names): patch 14 at 518, LayerScale 1e-5, no classifier; the "reg4" variants
 # carry 4 register tokens and keep the class token out of the position embedding.
 for _size in ("small", "base", "large"):
     _dino = dict(img_size=518, patch_size=14, init_values=1e-5, num_classes=0, **_SIZES[_size])
-    _add(f"vit_{_size}_patch14_dinov2", **_dino)
-    _add(f"vit_{_size}_patch14_reg4_dinov2", reg_tokens=4, no_embed_class=True, **_dino)
+    _add(f"vit_{_size}_patch14_dinov2", preprocess=_vit_pre(518, _IMAGENET), **_dino)
+    _add(f"vit_{_size}_patch14_reg4_dinov2", preprocess=_vit_pre(518, _IMAGENET), reg_tokens=4, no_embed_class=True,
+         **_dino)
+    _TIMM_TAG_DEFAULT.update({f"vit_{_size}_patch14_dinov2", f"vit_{_size}_patch14_reg4_dinov2"})
 
 
 # CLIP image towers (timm names): pre-norm, LayerNorm eps 1e-5, the class token pooled and the head
@@ -231,10 +256,18 @@ def model_config(name: str) -> dict:
 def preprocess_config(name: str) -> Optional[dict]:
     """The preprocessing of preset ``name`` as a timm data config (``input_size``, ``interpolation``,
     ``crop_pct``, ``crop_mode``, ``mean``, ``std``; for :meth:`fastvit.preprocess.Preprocessor.from_timm`),
-    or None when the preset names none (then timm's ``pretrained_cfg`` or the ViT defaults apply)."""
+    every preset names one (plain ViT / DeiT / DINOv2: the default tag's timm ``pretrained_cfg``)."""
     model_config(name)  # the same error for an unknown name
     cfg = _PREPROCESS.get(name)
     return None if cfg is None else dict(cfg)
+
+
+def follows_timm_tags(name: str) -> bool:
+    """Whether preset ``name``'s preprocessing is timm's default tag's (plain ViT / DeiT / DINOv2),
+    so that a tagged name (``vit_base_patch16_224.augreg_in1k``) takes its own tag's pretrained_cfg
+    instead; the CLIP / SigLIP / EVA / BEiT presets name their processor whatever the tag."""
+    model_config(name)
+    return name in _TIMM_TAG_DEFAULT
 
 
 def list_models(pattern: str = "*") -> List[str]:

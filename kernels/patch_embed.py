@@ -4,7 +4,7 @@ The conv with kernel = stride = patch is a GEMM ``A @ W^T`` with A the im2col ma
 image, (B * gh * gw, C * Ph * Pw), and W the conv weight viewed as (D, C * Ph * Pw). The kernel
 never builds A: each A tile is gathered straight from the image (row m -> image b, patch row
 gy, patch column gx; column k -> channel c, pixel row py, pixel column px), cast to the weight
-dtype in the load (a float32 image feeds a bf16 model with no separate ``.to()`` pass), and
+dtype in the load (a float32 or uint8 image feeds a bf16 model with no separate ``.to()`` pass), and
 zero-filled outside the image (``pad``, timm's dynamic_img_pad). The epilogue adds the bias
 and the position embedding row of the patch and stores the row after the T prefix rows.
 
@@ -74,7 +74,7 @@ def _patch_embed_fwd(
             if PAD:
                 a_mask = a_mask & ((gy * PH)[:, None] + py[None, :] < H) & ((gx * PW)[:, None] + px[None, :] < W_img)
             a = tl.load(img_row[:, None] + c[None, :] * stride_xc + py[None, :] * stride_xh + px[None, :] * stride_xw,
-                        mask=a_mask, other=0.0).to(W.dtype.element_ty)
+                        mask=a_mask, other=0).to(W.dtype.element_ty)
             w = tl.load(W + cols[None, :].to(tl.int64) * stride_wd + kk[:, None], mask=kk[:, None] < K, other=0.0)
             acc = tl.dot(a, w, acc, input_precision=PRECISION)
         if HAS_BIAS:
@@ -125,7 +125,7 @@ def patch_embed_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
     """Image -> tokens (conv-as-GEMM + bias + pos + prefix rows) in one launch.
 
     Args:
-        x: (B, C, H, W), any float dtype and strides (cast to weight.dtype in the load).
+        x: (B, C, H, W), any float dtype or uint8, any strides (cast to weight.dtype in the load).
         weight: (D, C, Ph, Pw). bias: (D,) or None. pos_embed: (gh * gw, D) or None.
         prefix: (T, D) or None. pad: zero-pad H, W up to patch multiples.
         out: optional (B, T + gh * gw, D) output in weight.dtype with unit last stride.

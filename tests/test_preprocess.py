@@ -116,9 +116,33 @@ def test_geometry_crop_rounding():
     assert r[0, 0, 0].item() == 2 * 7 + 2 and f[0, 0, 0].item() == 1 * 7 + 1
 
 
+def test_every_preset_has_timms_preprocessing():
+    """Every preset names its preprocessing (plain ViT / DeiT / DINOv2 too: the default tag's
+    pretrained_cfg), equal to timm's wherever timm has a cfg for the name."""
+    timm = pytest.importorskip("timm")
+    from fastvit.registry import list_models, preprocess_config
+
+    fields = ("input_size", "interpolation", "crop_pct", "crop_mode", "mean", "std")
+    checked = 0
+    for name in list_models():
+        cfg = preprocess_config(name)
+        assert cfg is not None, name
+        Preprocessor.from_preset(name)  # builds
+        try:
+            ref = timm.models.get_pretrained_cfg(name)
+        except Exception:  # a name timm has no cfg for (tagged towers, fastvit-only sizes)
+            ref = None
+        if ref is None:
+            continue
+        ref = ref.to_dict()
+        got = {k: (tuple(cfg[k]) if isinstance(cfg[k], (list, tuple)) else cfg[k]) for k in fields}
+        want = {k: (tuple(ref[k]) if isinstance(ref[k], (list, tuple)) else ref[k]) for k in fields}
+        assert got == want, name
+        checked += 1
+    assert checked > 60
+
+
 def test_errors_name_the_argument():
-    with pytest.raises(ValueError, match="names no preprocessing"):
-        Preprocessor.from_preset("vit_base_patch16_224")
     with pytest.raises(ValueError, match="name: expected one of fastvit.list_models"):
         Preprocessor.from_preset("vit_nonexistent")
     with pytest.raises(ValueError, match="resample"):
