@@ -17,14 +17,13 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
-from .imagefiles import ImageFiles, batches_of, dist_info, expand_inputs, progress_bar, run_batches
+from .cliargs import DTYPES, add_model_args, check_model_args, cli_device, cli_model, data_options
+from .imagefiles import ImageFiles, batches_of, dist_info, expand_inputs, input_model, progress_bar, run_batches
 from .preprocess import Preprocessor, topk_predictions
 
 __all__ = ["expand_inputs", "ImageFiles", "Results", "classify", "write_results", "write_skipped",
            "add_classify_parser", "add_model_args", "cli_model", "cmd_classify"]
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 _DTYPES = DTYPES  # older name
 _dist_info = dist_info  # older name
 
@@ -40,9 +39,15 @@ class Results(list):
 
 def classify(inputs: Sequence[str], model, preprocessor: Preprocessor, batch_size: int = 32, topk: int = 5,
              num_workers: int = 0, device: Optional[str] = None, dtype: Optional[torch.dtype] = None,
-             progress: bool = False, list_files: Sequence[str] = ()) -> Results:
+             progress: bool = False, list_files: Sequence[str] = (), preprocess: str = "exact",
+             decode: str = "cpu") -> Results:
     """Top-k predictions for every readable image in ``inputs`` (files / folders, then the entries
     of ``list_files``), in input order.
+
+    ``preprocess``: 'exact' (bit-exact with the checkpoint's processor) or 'fast' (see
+    :meth:`Preprocessor.load`); ``decode``: 'cpu' (DataLoader workers) or 'cuda' (batched nvJPEG).
+    Images travel to the device as uint8; the model normalises them (its input normalisation is
+    set from ``preprocessor``).
 
     Inside an initialised ``torch.distributed`` group each rank classifies its shard and every
     rank returns the merged list.
@@ -61,6 +66,7 @@ def classify(inputs: Sequence[str], model, preprocessor: Preprocessor, batch_siz
     device = torch.device(device) if device is not None else next(model.parameters()).device
     model = model.to(device=device, dtype=dtype).eval()
     dtype = next(model.parameters()).dtype
+    to_float = input_model(model, preprocessor)
     bar = progress_bar(len(files), "classify", progress and rank == 0)
     mine: List[Dict[str, Any]] = []
     bad: List[Dict[str, Any]] = []
@@ -70,7 +76,8 @@ def classify(inputs: Sequence[str], model, preprocessor: Preprocessor, batch_siz
             bar.update(n * world)  # rank 0 sees its shard; the others run at the same pace
 
     batches = batches_of(range(rank, len(files), world), batch_size)
-    for idx, logits, skipped in run_batches(model, files, preprocessor, batches, device, dtype, num_workers, step):
+    for idx, logits, skipped in run_batches(model, files, preprocessor, batches, device, dtype, num_workers, step,
+                                            mode=preprocess, decode=decode, normalize=to_float):
         if logits is not None:
             for i, top in zip(idx, topk_predictions(logits, topk, preprocessor.id2label)):
                 mine.append({"index": i, "path": files[i], "topk": top})
@@ -135,62 +142,10 @@ def report_skipped(prog: str, skipped: Sequence[Dict[str, Any]], where: Optional
 
 
 # --------------------------------------------------------------------------- command line
-def add_model_args(s, what: str) -> None:
-    """The options ``classify`` and ``embed`` share: inputs, model, batching, device, progress."""
-    s.add_argument("paths", nargs="*", help="image files and / or folders (walked recursively, sorted)")
-    s.add_argument("--list", action="append", default=[], metavar="FILE", dest="list_files",
-                   help="a text file of image paths, one a line ('#' comments); repeatable; its entries "
-                        "come after PATHS, in file order")
-    s.add_argument("--checkpoint", help="model folder, hub name 'org/name', or a state-dict file (with --model)")
-    s.add_argument("--model", help="preset name (fastvit.list_models()), needed for state-dict files; alone: "
-                                   "random weights (seed 0), for trying the pipeline")
-    s.add_argument("--batch-size", type=int, default=32)
-    s.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="model dtype")
-    s.add_argument("--backend", help="triton, cuda or torch (default: auto)")
-    s.add_argument("--device", help="torch device (default: cuda if available, else cpu; under torchrun "
-                                    "cuda:LOCAL_RANK)")
-    s.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
-                   help="DataLoader worker processes decoding images (0: in the main process)")
-    s.add_argument("--no-progress", action="store_true", help=f"no progress bar while {what}")
-
-
-def check_model_args(args, prog: str) -> None:
-    if args.checkpoint is None and args.model is None:
-        raise SystemExit(f"{prog}: expected --checkpoint (and --model for a state-dict file) or --model alone for "
-                         "random weights, got neither")
-    if not args.paths and not args.list_files:
-        raise SystemExit(f"{prog}: expected image files, folders or --list FILE, got none")
-    if args.batch_size < 1:
-        raise SystemExit(f"{prog}: --batch-size expected >= 1, got {args.batch_size}")
-    if args.workers < 0:
-        raise SystemExit(f"{prog}: --workers expected >= 0, got {args.workers}")
-
-
-def cli_device(args, world: int) -> str:
-    """``--device``, else cuda when available (``cuda:LOCAL_RANK`` under torchrun), else cpu."""
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and world > 1:
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
-    if device.startswith("cuda"):
-        torch.cuda.set_device(torch.device(device))
-    return device
-
-
-def cli_model(args, prog: str):
-    """(model, preprocessor) of ``--checkpoint`` / ``--model``; a preset alone gets random weights
-    (seed 0: the same model on every rank and every rerun) and a notice on stderr."""
-    from .factory import load_model
-
-    if args.checkpoint is None:
-        print(f"{prog}: no --checkpoint, so {args.model} has random weights (seed 0)", file=sys.stderr)
-        torch.manual_seed(0)
-    return load_model(args.checkpoint, args.model, backend=args.backend)
-
-
 def add_classify_parser(sub) -> None:
     """Register ``fastvit classify PATH... --checkpoint ...``."""
     s = sub.add_parser("classify", help="top-k classes for image files / folders (torchrun for many processes)")
-    add_model_args(s, "classifying")
+    add_model_args(s, "classifying", preprocess_default="exact")
     s.add_argument("--topk", type=int, default=5)
     s.add_argument("--output", "-o", help="results file, .csv or .jsonl (default: print to stdout); skipped "
                                           "inputs go to <name>.skipped.jsonl beside it")
@@ -215,7 +170,8 @@ def cmd_classify(args) -> int:
         model, pre = cli_model(args, prog)
         results = classify(args.paths, model, pre, batch_size=args.batch_size, topk=args.topk,
                            num_workers=args.workers, device=device, dtype=DTYPES[args.dtype],
-                           progress=not args.no_progress, list_files=args.list_files)
+                           progress=not args.no_progress, list_files=args.list_files,
+                           **data_options(args, prog, device))
         if rank == 0:
             where = None
             if args.output:

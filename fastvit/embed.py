@@ -53,7 +53,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .imagefiles import batches_of, dist_info, expand_inputs, progress_bar, read_list_file, run_batches
+from .imagefiles import batches_of, dist_info, expand_inputs, input_model, progress_bar, read_list_file, run_batches
 from .preprocess import Preprocessor
 
 __all__ = ["EMBEDDINGS", "FORMATS", "RunMismatch", "has_projection", "embedding_fn", "iter_embeddings",
@@ -61,6 +61,8 @@ __all__ = ["EMBEDDINGS", "FORMATS", "RunMismatch", "has_projection", "embedding_
 
 EMBEDDINGS = ("auto", "pooled", "projected", "logits")
 FORMATS = ("safetensors", "npy")
+# `fastvit embed`'s --preprocess default (README "Fast preprocessing" says why)
+EMBED_PREPROCESS = "exact"
 LAYOUT = 1  # version of the folder layout; part of the run key
 MANIFEST = "manifest.json"
 SKIPPED = "skipped.jsonl"
@@ -150,8 +152,8 @@ def _prepare(model, device, dtype):
 def iter_embeddings(model, preprocessor: Preprocessor, paths: Sequence[str], batch_size: int = 32,
                     embedding: str = "auto", normalize: bool = False, num_workers: int = 0,
                     device: Optional[str] = None, dtype: Optional[torch.dtype] = None, expand: bool = True,
-                    on_skip: Optional[Callable[[str, str], None]] = None
-                    ) -> Iterator[Tuple[List[str], torch.Tensor]]:
+                    on_skip: Optional[Callable[[str, str], None]] = None, preprocess: str = "exact",
+                    decode: str = "cpu") -> Iterator[Tuple[List[str], torch.Tensor]]:
     """Embed images batch by batch: yields ``(paths, embeddings (b, D) float32 on the CPU)``.
 
     Args:
@@ -161,14 +163,17 @@ def iter_embeddings(model, preprocessor: Preprocessor, paths: Sequence[str], bat
         normalize: L2-normalise each embedding.
         on_skip: called ``on_skip(path, reason)`` for each file that cannot be read or decoded;
             by default a warning. Such files are left out of the batches (b <= batch_size).
+        preprocess: 'exact' or 'fast' (:meth:`fastvit.Preprocessor.load`).
+        decode: 'cpu' (in the workers) or 'cuda' (batched nvJPEG on the model's GPU).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size: expected >= 1, got {batch_size}")
     files = expand_inputs(paths) if expand else list(paths)
     model, device, dtype = _prepare(model, device, dtype)
+    to_float = input_model(model, preprocessor)
     fn, _ = embedding_fn(model, embedding)
     for idx, out, bad in run_batches(fn, files, preprocessor, batches_of(range(len(files)), batch_size), device,
-                                     dtype, num_workers):
+                                     dtype, num_workers, mode=preprocess, decode=decode, normalize=to_float):
         for i, reason in bad:
             if on_skip is not None:
                 on_skip(files[i], reason)
@@ -364,7 +369,7 @@ def embed_to_dir(model, preprocessor: Preprocessor, paths: Sequence[str], out_di
                  shard_size: int = 10000, num_workers: int = 0, device: Optional[str] = None,
                  dtype: Optional[torch.dtype] = None, rank: Optional[int] = None, world_size: Optional[int] = None,
                  overwrite: bool = False, progress: bool = False, model_id: Optional[str] = None,
-                 log: bool = True) -> Dict[str, Any]:
+                 log: bool = True, preprocess: str = "exact", decode: str = "cpu") -> Dict[str, Any]:
     """Embed every image of ``paths`` (+ ``list_files``) into shards in ``out_dir`` (see the module
     docstring for the layout and the guarantees); this process's share only when ``world_size > 1``.
 
@@ -381,6 +386,8 @@ def embed_to_dir(model, preprocessor: Preprocessor, paths: Sequence[str], out_di
             resumed either way, so a command line with ``--overwrite`` can be rerun safely).
         model_id: how the user named the model (recorded in the manifest; not compared).
         log: one line at the start and a summary at the end on stderr.
+        preprocess: 'exact' or 'fast' (:meth:`fastvit.Preprocessor.load`); decode: 'cpu' or 'cuda'.
+            Both are part of the run: a folder made with others is another run.
 
     Returns:
         this process's summary: shards (its share), shards_reused, shards_written, embedded,
@@ -404,13 +411,15 @@ def embed_to_dir(model, preprocessor: Preprocessor, paths: Sequence[str], out_di
     if not files:
         raise ValueError("paths: expected at least one image, got none")
     model, device, dtype = _prepare(model, device, dtype)
+    to_float = input_model(model, preprocessor)
     fn, embedding = embedding_fn(model, embedding)
     os.makedirs(out_dir, exist_ok=True)
     layout = _Layout(out_dir, len(files), shard_size, fmt)
     manifest: Dict[str, Any] = dict(
         layout=LAYOUT, inputs=len(files), inputs_sha256=_inputs_sha256(files), shard_size=shard_size, format=fmt,
         embedding=embedding, normalize=bool(normalize), dtype=str(dtype).replace("torch.", ""),
-        model_fingerprint=model_fingerprint(model), preprocess=json.loads(json.dumps(preprocessor.to_dict())),
+        model_fingerprint=model_fingerprint(model),
+        preprocess=json.loads(json.dumps(dict(preprocessor.to_dict(), mode=preprocess, decode=decode))),
         shards=layout.num, model=model_id, batch_size=batch_size)
     from .version import __version__
 
@@ -445,7 +454,8 @@ def embed_to_dir(model, preprocessor: Preprocessor, paths: Sequence[str], out_di
         batches = [b for i in todo for b in batches_of(layout.range(i), batch_size)]
         cur, outs, rows, bad, seen = None, [], [], [], 0
         for idx, out, skipped in run_batches(fn, files, preprocessor, batches, device, dtype, num_workers,
-                                             bar.update if bar is not None else None):
+                                             bar.update if bar is not None else None, mode=preprocess,
+                                             decode=decode, normalize=to_float):
             first = idx[0] if idx else skipped[0][0]
             if cur is None:
                 cur = first // shard_size
@@ -520,11 +530,11 @@ def load_embeddings(out_dir: str) -> Tuple[List[str], torch.Tensor]:
 # --------------------------------------------------------------------------- command line
 def add_embed_parser(sub) -> None:
     """Register ``fastvit embed PATH... -o OUT_DIR``."""
-    from .classify import add_model_args
+    from .cliargs import add_model_args
 
     s = sub.add_parser("embed", help="embeddings of image files / folders into resumable shards (torchrun for many "
                                      "processes)")
-    add_model_args(s, "embedding")
+    add_model_args(s, "embedding", preprocess_default=EMBED_PREPROCESS)
     s.add_argument("--out-dir", "-o", required=True, help="output folder (shards, sidecars, skipped.jsonl, "
                                                           "summary.json); rerun with it to resume")
     s.add_argument("--embedding", default="auto", choices=EMBEDDINGS,
@@ -541,7 +551,7 @@ def add_embed_parser(sub) -> None:
 
 
 def cmd_embed(args) -> int:
-    from .classify import DTYPES, check_model_args, cli_device, cli_model
+    from .cliargs import DTYPES, check_model_args, cli_device, cli_model, data_options
 
     prog = "fastvit embed"
     check_model_args(args, prog)
@@ -556,7 +566,8 @@ def cmd_embed(args) -> int:
                      shard_size=args.shard_size, num_workers=args.workers, device=device, dtype=DTYPES[args.dtype],
                      rank=rank, world_size=world, overwrite=args.overwrite, progress=not args.no_progress,
                      model_id=" ".join(f"--{k} {v}" for k, v in (("checkpoint", args.checkpoint),
-                                                                ("model", args.model)) if v))
+                                                                ("model", args.model)) if v),
+                     **data_options(args, prog, device))
     except (RunMismatch, FileNotFoundError) as e:
         raise SystemExit(f"{prog}: {e}") from None
     except ValueError as e:

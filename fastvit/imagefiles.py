@@ -2,11 +2,12 @@
 
 * :func:`expand_inputs` turns files, folders (walked recursively, sorted) and list files (one
   image path a line) into one ordered list: the same arguments give the same order on every run.
-* :class:`ImageFiles` decodes and preprocesses in DataLoader workers and never raises on a bad
-  file: it returns a marker with the reason, and :func:`collate` drops the markers from the batch
-  and reports them, so one unreadable file among a million costs that file only.
-* :func:`run_batches` moves the batches to the device (pinned memory, non-blocking copies on
-  CUDA) and yields ``(indices, outputs, skipped)``.
+* :class:`ImageFiles` decodes and preprocesses in DataLoader workers (to uint8 pixels, or only
+  reads the bytes for GPU decode) and never raises on a bad file: it returns a marker with the
+  reason, and :func:`collate` drops the markers from the batch and reports them, so one
+  unreadable file among a million costs that file only.
+* :func:`run_batches` moves the batches to the device (pinned memory, the copy of the next batch
+  overlapping the current one's compute on CUDA) and yields ``(indices, outputs, skipped)``.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 from .preprocess import IMAGE_EXTENSIONS, Preprocessor
 
 __all__ = ["expand_inputs", "read_list_file", "ImageFiles", "collate", "make_loader", "run_batches", "dist_info",
-           "batches_of", "progress_bar", "Skipped"]
+           "batches_of", "progress_bar", "Skipped", "DECODES", "input_model"]
 
 Skipped = Tuple[int, str]  # (input index, reason)
 
@@ -68,50 +69,103 @@ def _reason(e: BaseException) -> str:
     return f"{type(e).__name__}: {msg}" if msg else type(e).__name__
 
 
-class ImageFiles(Dataset):
-    """Item i: ``(index, image (3, H, W) float32, None)`` for ``files[indices[i]]``, decoded and
-    preprocessed in the worker, or ``(index, None, reason)`` when the file cannot be read or decoded
-    (missing, empty, truncated, not an image, ...). It never raises for a bad file."""
+DECODES = ("cpu", "cuda")
 
-    def __init__(self, files: Sequence[str], preprocessor: Preprocessor, indices: Optional[Sequence[int]] = None):
+
+class ImageFiles(Dataset):
+    """Item i: ``(index, image, None)`` for ``files[indices[i]]``, read and decoded in the worker,
+    or ``(index, None, reason)`` when the file cannot be read or decoded (missing, empty,
+    truncated, not an image, ...). It never raises for a bad file.
+
+    The image is uint8 (3, H, W) with the checkpoint's geometry (:meth:`Preprocessor.load` in
+    ``mode``), the model normalising it inside; the float32 (3, H, W) of :meth:`Preprocessor.process`
+    for a processor without an exact uint8 result in exact mode (``rescale_first``); or, with
+    ``decode='cuda'``, the file's bytes as a uint8 (n,) tensor, decoded later on the GPU.
+    """
+
+    def __init__(self, files: Sequence[str], preprocessor: Preprocessor, indices: Optional[Sequence[int]] = None,
+                 mode: str = "exact", decode: str = "cpu"):
+        from .data.decode import MODES
+
+        if mode not in MODES:
+            raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
+        if decode not in DECODES:
+            raise ValueError(f"decode: expected one of {DECODES}, got {decode!r}")
         self.files = files
         self.indices = range(len(self.files)) if indices is None else indices
         self.pre = preprocessor
+        self.mode = mode
+        self.decode = decode
+        self.float_exact = mode == "exact" and not preprocessor.uint8_exact
 
     def __len__(self) -> int:
         return len(self.indices)
 
     def __getitem__(self, i: int):
+        from .data.decode import DecodeError, read_bytes
+
         idx = self.indices[i]
         path = self.files[idx]
         try:
-            if os.stat(path).st_size == 0:
-                return idx, None, "empty file (0 bytes)"
-            return idx, self.pre.process(path), None
+            data = read_bytes(path)
+            if self.decode == "cuda":
+                return idx, torch.frombuffer(bytearray(data), dtype=torch.uint8), None
+            if self.float_exact:
+                return idx, self.pre.process(path), None
+            return idx, self.pre.load(data, self.mode), None
+        except DecodeError as e:
+            return idx, None, str(e)
         except Exception as e:  # decoders raise many types (OSError, ValueError, SyntaxError, ...)
             # load_image wraps the decoder's error, which says what is wrong more plainly
             return idx, None, _reason(e.__cause__ if e.__cause__ is not None else e)
 
 
-def collate(items) -> Tuple[List[int], Optional[torch.Tensor], List[Skipped]]:
+def collate(items, pin: bool = False) -> Tuple[List[int], Optional[torch.Tensor], List[Skipped]]:
     """Items of :class:`ImageFiles` -> ``(indices of the good images, images (B, 3, H, W) or None
-    when none is good, [(index, reason), ...] of the bad ones)``."""
+    when none is good, [(index, reason), ...] of the bad ones)``; for byte items (GPU decode) the
+    images are the list of byte tensors. ``pin``: stack into pinned memory (main process only)."""
+    from .data.batches import stack_images
+
     good = [(i, x) for i, x, _ in items if x is not None]
     bad = [(i, r) for i, x, r in items if x is None]
-    sizes = {tuple(x.shape) for _, x in good}
-    if len(sizes) > 1:
-        raise ValueError(f"images: preprocessed sizes differ {sorted(sizes)}; the preprocessor needs a crop_size "
-                         "or an (H, W) size to batch images")
-    images = torch.stack([x for _, x in good]) if good else None
+    if good and good[0][1].dim() == 1:  # encoded bytes
+        return [i for i, _ in good], [x for _, x in good], bad
+    images = stack_images([x for _, x in good], pin=pin) if good else None
     return [i for i, _ in good], images, bad
 
 
+class _Collate:
+    """collate, pinning when it runs in the main process (workers return shared memory, which the
+    device feeder stages into pinned memory instead)."""
+
+    def __init__(self, pin: bool):
+        self.pin = pin
+
+    def __call__(self, items):
+        from torch.utils.data import get_worker_info
+
+        return collate(items, pin=self.pin and get_worker_info() is None)
+
+
+def _worker_init(_):
+    # one worker, one core: OpenCV would otherwise start a thread per core in every worker
+    try:
+        import cv2
+
+        cv2.setNumThreads(1)
+    except ImportError:
+        pass
+    torch.set_num_threads(1)
+
+
 def make_loader(files: Sequence[str], preprocessor: Preprocessor, batches: Iterable[Sequence[int]],
-                num_workers: int = 0, pin_memory: bool = False) -> DataLoader:
+                num_workers: int = 0, pin_memory: bool = False, mode: str = "exact", decode: str = "cpu"
+                ) -> DataLoader:
     """A DataLoader over ``files`` yielding :func:`collate` batches, one per entry of ``batches``
-    (lists of input indices, in order)."""
-    return DataLoader(ImageFiles(files, preprocessor), batch_sampler=list(batches), num_workers=num_workers,
-                      collate_fn=collate, pin_memory=pin_memory, persistent_workers=False)
+    (lists of input indices, in order); ``pin_memory``: batches stacked in pinned memory."""
+    return DataLoader(ImageFiles(files, preprocessor, mode=mode, decode=decode), batch_sampler=list(batches),
+                      num_workers=num_workers, collate_fn=_Collate(pin_memory and decode == "cpu"),
+                      worker_init_fn=_worker_init if num_workers else None, persistent_workers=False)
 
 
 def batches_of(indices: Sequence[int], batch_size: int) -> List[List[int]]:
@@ -120,25 +174,85 @@ def batches_of(indices: Sequence[int], batch_size: int) -> List[List[int]]:
     return [indices[i:i + batch_size] for i in range(0, len(indices), batch_size)]
 
 
+def input_model(model, preprocessor: Preprocessor) -> Optional[Callable[[torch.Tensor], torch.Tensor]]:
+    """Make ``model`` take the uint8 batches of :func:`run_batches` normalised as ``preprocessor``
+    says: its input normalisation is set to the preprocessor's (the preprocessor a job is given
+    defines the normalisation, as when the job normalised on the CPU; a different one already on
+    the model is replaced, with a warning). Returns None, or for a model without
+    ``set_input_normalization`` the function that normalises a uint8 batch on its device (pass it
+    to :func:`run_batches` as ``normalize``)."""
+    import warnings
+
+    want = (tuple(preprocessor.mean), tuple(preprocessor.std), float(preprocessor.rescale_factor))
+    if hasattr(model, "set_input_normalization"):
+        have = getattr(model, "input_norm", None)
+        if have is not None and have != want:
+            warnings.warn(f"model: its input normalisation {have} is replaced by the preprocessor's {want} (mean, "
+                          "std, rescale) for this run", stacklevel=3)
+        if have != want:
+            model.set_input_normalization(*want)
+        return None
+    dtype = next(model.parameters()).dtype
+
+    def normalize(x: torch.Tensor) -> torch.Tensor:
+        mean, std, r = (torch.tensor(v, dtype=torch.float32, device=x.device) for v in want)
+        return ((x.float() * r - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)).to(dtype)
+
+    return normalize
+
+
 def run_batches(fn: Callable[[torch.Tensor], torch.Tensor], files: Sequence[str], preprocessor: Preprocessor,
                 batches: Iterable[Sequence[int]], device: torch.device, dtype: torch.dtype, num_workers: int = 0,
-                on_batch: Optional[Callable[[int], None]] = None
-                ) -> Iterator[Tuple[List[int], Optional[torch.Tensor], List[Skipped]]]:
-    """Run ``fn`` (images (B, 3, H, W) on ``device`` in ``dtype`` -> outputs (B, ...)) over the
-    batches of input indices ``batches`` and yield ``(indices, outputs on the device, skipped)``
-    per batch, in order; outputs is None when every file of the batch was bad. ``on_batch(n)`` is
-    called with the number of inputs of each batch (good + bad), e.g. for a progress bar."""
+                on_batch: Optional[Callable[[int], None]] = None, mode: str = "exact", decode: str = "cpu",
+                stats: Optional[dict] = None, normalize: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> Iterator[Tuple[List[int], Optional[torch.Tensor], List[Skipped]]]:
+    """Run ``fn`` (images (B, 3, H, W) on ``device`` -> outputs (B, ...)) over the batches of input
+    indices ``batches`` and yield ``(indices, outputs on the device, skipped)`` per batch, in
+    order; outputs is None when every file of the batch was bad. ``on_batch(n)`` is called with
+    the number of inputs of each batch (good + bad), e.g. for a progress bar.
+
+    Images reach ``fn`` as uint8 (3, H, W) pixels (the model normalises them: see
+    :meth:`fastvit.VisionTransformer.set_input_normalization`), or as float in ``dtype`` for a
+    processor whose exact output is float. ``mode``: 'exact' or 'fast' preprocessing;
+    ``decode``: 'cpu' (in the DataLoader workers) or 'cuda' (workers read bytes, one batched
+    nvJPEG decode per batch on ``device``). The host-to-device copy of batch i + 1 overlaps the
+    compute of batch i (:class:`fastvit.data.batches.DeviceBatches`). ``stats`` (a dict) receives
+    ``copies`` and ``bytes`` sent to the device. ``normalize``: applied to uint8 batches on the
+    device before ``fn``, for models that do not take uint8 (see :func:`input_model`).
+    """
+    from .data.batches import DeviceBatches, stack_images
+    from .data.decode import decode_batch
+
+    device = torch.device(device)
     cuda = device.type == "cuda"
-    loader = make_loader(files, preprocessor, batches, num_workers=num_workers, pin_memory=cuda)
-    for idx, x, bad in loader:
+    if decode == "cuda" and not cuda:
+        raise ValueError(f"decode: 'cuda' decodes on the GPU and needs a CUDA device, got device {device}")
+    loader = make_loader(files, preprocessor, batches, num_workers=num_workers, pin_memory=cuda, mode=mode,
+                         decode=decode)
+
+    def host_batches():
+        for idx, x, bad in loader:
+            yield (idx, bad), x
+
+    feed = host_batches() if decode == "cuda" else DeviceBatches(host_batches(), device, dtype)
+    for (idx, bad), x in feed:
+        if decode == "cuda" and x is not None:
+            decoded = decode_batch(x, preprocessor, device, mode)
+            keep = [(i, y) for i, y in zip(idx, decoded) if isinstance(y, torch.Tensor)]
+            bad = sorted(bad + [(i, str(y)) for i, y in zip(idx, decoded) if not isinstance(y, torch.Tensor)])
+            idx = [i for i, _ in keep]
+            x = torch.stack([y for _, y in keep]) if keep else None
         out = None
         if x is not None:
             # no_grad around the call only: a context held across ``yield`` would leak into the caller
+            if normalize is not None and x.dtype == torch.uint8:
+                x = normalize(x)
             with torch.no_grad():
-                out = fn(x.to(device=device, dtype=dtype, non_blocking=cuda))
+                out = fn(x)
         if on_batch is not None:
             on_batch(len(idx) + len(bad))
         yield idx, out, bad
+    if stats is not None and isinstance(feed, DeviceBatches):
+        stats.update(copies=feed.copies, bytes=feed.bytes)
 
 
 def progress_bar(total: int, desc: str, enabled: bool):

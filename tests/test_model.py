@@ -252,7 +252,7 @@ def test_bad_input_errors_name_argument_expected_actual():
     m = _tiny()
     with pytest.raises(ValueError, match=r"x: expected 3 input channels .* got shape \(1, 4, 32, 32\)"):
         m(torch.randn(1, 4, 32, 32))
-    with pytest.raises(TypeError, match=r"x: expected dtype float32, float16 or bfloat16, got torch.int64"):
+    with pytest.raises(TypeError, match=r"x: expected dtype float32, float16, bfloat16 or uint8, got torch.int64"):
         m(torch.zeros(1, 3, 32, 32, dtype=torch.long))
     with pytest.raises(ValueError, match=r"x: expected image size \(32, 32\).* got \(40, 32\)"):
         m(torch.randn(1, 3, 40, 32))

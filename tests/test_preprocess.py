@@ -117,10 +117,11 @@ def test_geometry_crop_rounding():
 
 
 def test_every_preset_has_timms_preprocessing():
-    """Every preset names its preprocessing (plain ViT / DeiT / DINOv2 too: the default tag's
-    pretrained_cfg), equal to timm's wherever timm has a cfg for the name."""
+    """Every preset names its preprocessing; the plain ViT / DeiT / DINOv2 ones (the default tag's
+    pretrained_cfg) equal timm's wherever timm has a cfg for the name (the CLIP / SigLIP towers keep
+    the original processors on purpose: tests above)."""
     timm = pytest.importorskip("timm")
-    from fastvit.registry import list_models, preprocess_config
+    from fastvit.registry import follows_timm_tags, list_models, preprocess_config
 
     fields = ("input_size", "interpolation", "crop_pct", "crop_mode", "mean", "std")
     checked = 0
@@ -128,6 +129,8 @@ def test_every_preset_has_timms_preprocessing():
         cfg = preprocess_config(name)
         assert cfg is not None, name
         Preprocessor.from_preset(name)  # builds
+        if not follows_timm_tags(name):
+            continue
         try:
             ref = timm.models.get_pretrained_cfg(name)
         except Exception:  # a name timm has no cfg for (tagged towers, fastvit-only sizes)
@@ -139,7 +142,7 @@ def test_every_preset_has_timms_preprocessing():
         want = {k: (tuple(ref[k]) if isinstance(ref[k], (list, tuple)) else ref[k]) for k in fields}
         assert got == want, name
         checked += 1
-    assert checked > 60
+    assert checked > 30
 
 
 def test_errors_name_the_argument():

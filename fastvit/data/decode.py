@@ -66,7 +66,7 @@ def read_bytes(path: Union[str, os.PathLike]) -> bytes:
         with open(path, "rb") as f:
             data = f.read()
     except FileNotFoundError:
-        raise DecodeError(f"no such file: {str(path)!r}") from None
+        raise DecodeError(f"FileNotFoundError: No such file or directory: {str(path)!r}") from None
     except OSError as e:
         raise DecodeError(f"unreadable file {str(path)!r} ({e.strerror or e})") from None
     if not data:
@@ -111,11 +111,12 @@ def _open(data: bytes, max_pixels: Optional[int]):
         with _no_bomb_warning():
             im = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
-        raise DecodeError(f"not an image (first bytes {bytes(data[:8])!r})") from None
+        raise DecodeError(f"UnidentifiedImageError: cannot identify image file (first bytes {bytes(data[:8])!r})"
+                          ) from None
     except Image.DecompressionBombError as e:
-        raise DecodeError(f"too many pixels ({e})") from None
+        raise DecodeError(f"DecompressionBombError: {e}") from None
     except (OSError, ValueError, SyntaxError) as e:
-        raise DecodeError(f"not a readable image ({type(e).__name__}: {e})") from None
+        raise DecodeError(f"{type(e).__name__}: {e}") from None
     _check_size(im.size, max_pixels)
     return im
 
@@ -151,7 +152,7 @@ def _rgb(im) -> "object":
         im.load()
         return im.convert("RGB")
     except (OSError, ValueError, SyntaxError, EOFError) as e:
-        raise DecodeError(f"not a decodable image ({type(e).__name__}: {e})") from None
+        raise DecodeError(f"{type(e).__name__}: {e}") from None
 
 
 def _jpeg_complete(data: bytes) -> bool:
