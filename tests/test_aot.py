@@ -29,7 +29,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARTIFACT = os.path.join(ROOT, "artifacts", "aot_table.md")  # one table per triton version
 ARCHS = {90: 232448, 80: 166912}
-_TY = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
+_TY = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32", "uint8": "u8"}
 
 
 # --------------------------------------------------------------------------- worker side
@@ -152,6 +152,16 @@ def _variants():
                              PRECISION="ieee" if dt == "float32" else "tf32", **cfg.kwargs)
                 ptrs = {"X": "float32", "W": dt, "Bias": dt, "Pos": dt, "Prefix": dt, "Y": dt}
                 out.append(("patch_embed", "_patch_embed_fwd", f"{dt} P={P}", cfg, const, ptrs, dt != "float32"))
+    # uint8 pixels (the folded-normalisation input of every job): every 16-bit config at P=16, with
+    # and without padding
+    for dt in ("float16", "bfloat16"):
+        for pad in (False, True):
+            key = (8192, 768, 768, (16, 16), dt, (True, True, pad), "uint8")
+            for cfg in patch_embed.TUNE.candidates(key):
+                const = dict(PH=16, PW=16, HAS_BIAS=True, HAS_POS=True, PAD=pad, PRECISION="tf32", **cfg.kwargs)
+                ptrs = {"X": "uint8", "W": dt, "Bias": dt, "Pos": dt, "Prefix": dt, "Y": dt}
+                out.append(("patch_embed", "_patch_embed_fwd", f"{dt} P=16 uint8 image{' pad' if pad else ''}", cfg,
+                            const, ptrs, True))
     return out
 
 

@@ -3,7 +3,7 @@
 Covers: image -> tokens (patchify + project + bias + pos_embed + prefix rows) against the oracle
 (``utils.check_op``) over utils.PATCH_EMBED_SHAPES (patches 5 / 8 / 14 / 16 / 32 and 8 x 4,
 non-square images, odd batch, padding, no bias / no pos / no prefix, channels_last images,
-float32 or float16 images into a model of another dtype) x float32 / float16 / bfloat16,
+float32, float16 or uint8 images into a model of another dtype) x float32 / float16 / bfloat16,
 outputs poisoned; an independent formulation (F.unfold + matmul); pad and cast; an image
 smaller than one patch with pad; resample_pos_embed (a reference helper); the validation errors
 (argument, expected, actual); the cuda backend's plain-GEMM fallback (GPU); and a seeded random
@@ -24,11 +24,16 @@ pytestmark = pytest.mark.usefixtures("full_precision")
 
 
 def patch_embed_args(B, C, H, W, patch, D, T, pad, pos, bias, x_dtype, channels_last, dtype):
-    x = randn(B, C, H, W, dtype=getattr(torch, x_dtype) if x_dtype else dtype)
+    scale = (C * patch[0] * patch[1]) ** -0.5
+    if x_dtype == "uint8":  # pixels 0..255; the weight scaled as a folded normalisation would be
+        x = torch.randint(0, 256, (B, C, H, W), dtype=torch.uint8, device=DEV)
+        scale /= 64
+    else:
+        x = randn(B, C, H, W, dtype=getattr(torch, x_dtype) if x_dtype else dtype)
     if channels_last:
         x = x.to(memory_format=torch.channels_last)
     gh, gw = patch_grid(H, W, patch, pad)
-    return (x, randn(D, C, *patch, dtype=dtype, scale=(C * patch[0] * patch[1]) ** -0.5),
+    return (x, randn(D, C, *patch, dtype=dtype, scale=scale),
             maybe(bias, lambda: randn(D, dtype=dtype)), maybe(pos, lambda: randn(gh * gw, D, dtype=dtype)),
             maybe(T, lambda: randn(T, D, dtype=dtype)), pad)
 

@@ -374,7 +374,7 @@ def _pe(B, C, H, W, patch, D, T, pad, pos, bias, x_dtype, channels_last, gpu=Fal
 
 
 # (B, C, H, W, (ph, pw), D, T prefix rows, pad, pos_embed, bias, image dtype (None: the model's;
-# 'float32' / 'float16'), channels_last image)
+# 'float32' / 'float16' / 'uint8' pixels 0..255), channels_last image)
 PATCH_EMBED_SHAPES = [
     _pe(1, 3, 32, 48, (16, 16), 40, 1, False, True, True, "float32", False),   # non-square grid, class token
     _pe(3, 3, 28, 42, (14, 14), 24, 2, False, True, True, "float32", False),   # P 14, odd batch, cls + dist
@@ -386,9 +386,12 @@ PATCH_EMBED_SHAPES = [
     _pe(2, 3, 28, 42, (14, 14), 96, 5, False, True, True, "float32", True),
     _pe(5, 1, 24, 16, (8, 4), 96, 0, False, True, True, None, False),          # non-square patch
     _pe(2, 4, 20, 20, (5, 5), 96, 2, True, False, True, "float16", False),     # fp16 image, pad, odd patch
+    _pe(3, 3, 32, 48, (16, 16), 40, 1, False, True, True, "uint8", False),     # uint8 pixels (normalisation folded)
+    _pe(2, 3, 30, 45, (16, 16), 24, 0, True, True, True, "uint8", True),       # uint8, pad, channels_last
     # GPU: full ViT images
     *(_pe(8, 3, img, img, (P, P), D, T, False, True, True, "float32", False, gpu=True)
       for P, img, D, T in [(16, 224, 768, 1), (14, 224, 1024, 5), (16, 384, 768, 2), (32, 224, 768, 1)]),
+    _pe(8, 3, 224, 224, (16, 16), 768, 1, False, True, True, "uint8", False, gpu=True),
 ]
 
 
