@@ -64,8 +64,28 @@ def _host_summary(tr) -> None:
                       f"  = {r['ratio']:.2f}x  (signature: {r['signature']})")
 
 
+def _data_summary(tr) -> None:
+    from benchmarks.test_data_path import DATA_RESULTS
+
+    if not DATA_RESULTS:
+        return
+    tr.section("fastvit data path (one core, this machine; 224 px ViT input)")
+    for r in DATA_RESULTS:
+        if r["case"].startswith("data:decode"):
+            tr.write_line(f"{r['case']:<24} float {r['float_img_s']:8.1f}  exact {r['exact_img_s']:8.1f}  fast "
+                          f"{r['fast_img_s']:8.1f} img/s  fast / float {r['fast_vs_float']:.2f}x  ({r['fast_backend']})"
+                          f"  bytes to device {r['bytes_to_device_float']} -> {r['bytes_to_device_uint8']}"
+                          f"  fast-exact mean |diff| {r['fast_mean_abs_diff']:.2f}")
+        else:
+            tr.write_line(f"{r['case']}: {r['photos']} photos, cosine fast vs exact mean {r['cos_mean']:.6f}, worst "
+                          f"{r['cos_worst']:.6f} ({r['worst']}); between different photos mean "
+                          f"{r['cos_between_photos_mean']:.4f}, max {r['cos_between_photos_max']:.4f}; pixel mean "
+                          f"|diff| {r['pixel_mean_abs_diff']:.2f}")
+
+
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     _host_summary(terminalreporter)
+    _data_summary(terminalreporter)
     results = list(harness.RESULTS.values())
     if not results:
         return

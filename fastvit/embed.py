@@ -62,7 +62,7 @@ __all__ = ["EMBEDDINGS", "FORMATS", "RunMismatch", "has_projection", "embedding_
 EMBEDDINGS = ("auto", "pooled", "projected", "logits")
 FORMATS = ("safetensors", "npy")
 # `fastvit embed`'s --preprocess default (README "Fast preprocessing" says why)
-EMBED_PREPROCESS = "exact"
+EMBED_PREPROCESS = "fast"
 LAYOUT = 1  # version of the folder layout; part of the run key
 MANIFEST = "manifest.json"
 SKIPPED = "skipped.jsonl"

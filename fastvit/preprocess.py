@@ -398,6 +398,8 @@ def to_rgb(image, want_pil: bool):
     if isinstance(image, np.ndarray):
         if image.dtype != np.uint8:
             raise TypeError(f"image: expected a uint8 numpy array (H, W[, C]), got dtype {image.dtype}")
+        if not image.flags.writeable:  # np.asarray(PIL image) is read-only; torch wants to own its memory
+            image = image.copy()
         if image.ndim == 2:
             image = np.stack([image] * 3, -1)
         if image.ndim != 3 or image.shape[-1] not in (1, 3, 4):

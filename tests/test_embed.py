@@ -256,8 +256,9 @@ def test_iter_embeddings(setup):
 
 def test_cli_embed_folder_and_list_file(setup, tmp_path, capsys, monkeypatch):
     root, _ = setup
+    # --preprocess exact: the API's default (the command's is fast), so the files equal the API's run
     common = ["--checkpoint", str(root / "model"), "--shard-size", "3", "--batch-size", "2", "--workers", "0",
-              "--no-progress"]
+              "--no-progress", "--preprocess", "exact"]
     out = tmp_path / "cli"
     assert main(["embed", str(root / "images"), "-o", str(out)] + common) == 0
     err = capsys.readouterr().err
