@@ -54,6 +54,7 @@ class GraphedModel(torch.nn.Module):
 
     def __init__(self, model: torch.nn.Module, buckets: Sequence[int], img_size: Tuple[int, int], in_chans: int,
                  dtype: torch.dtype):
+        """``dtype``: the dtype of the served images (the static inputs'): the model's, or uint8."""
         super().__init__()
         self.model = model
         self.buckets = list(buckets)
@@ -105,7 +106,7 @@ class GraphedModel(torch.nn.Module):
 
 def compile(model: torch.nn.Module, batch_sizes: Iterable[int] = (1, 2, 4, 8, 16, 32),
             dtype: Optional[torch.dtype] = None, img_size: Optional[Tuple[int, int]] = None,
-            in_chans: Optional[int] = None) -> GraphedModel:
+            in_chans: Optional[int] = None, input_dtype: Optional[torch.dtype] = None) -> GraphedModel:
     """Warm ``model`` up at every bucket size and capture one CUDA graph per bucket.
 
     Args:
@@ -114,15 +115,18 @@ def compile(model: torch.nn.Module, batch_sizes: Iterable[int] = (1, 2, 4, 8, 16
         batch_sizes: the buckets; a batch of B runs in the smallest bucket >= B.
         dtype: the model's parameter dtype (checked; convert the model first).
         img_size, in_chans: the served image shape, default the model's.
+        input_dtype: the served images' dtype: the model's (default) or torch.uint8 (pixels, the
+            normalisation folded into the model: the graphs' static inputs are uint8, a quarter of
+            the bytes; inputs of another dtype run eagerly).
 
     Returns:
         A :class:`GraphedModel` (call it like the model). Without a CUDA device it runs the model
         eagerly and says why in ``fallback_reason``.
     """
     buckets = _buckets(batch_sizes)
-    info = warmup(model, buckets, dtype=dtype, img_size=img_size, in_chans=in_chans)
+    info = warmup(model, buckets, dtype=dtype, img_size=img_size, in_chans=in_chans, input_dtype=input_dtype)
+    graphed = GraphedModel(model.eval(), buckets, info["img_size"], info["in_chans"], info["input_dtype"])
     param = next(model.parameters())
-    graphed = GraphedModel(model.eval(), buckets, info["img_size"], info["in_chans"], param.dtype)
     if param.device.type != "cuda":
         graphed.fallback_reason = f"parameters on {param.device.type}: CUDA graphs need a CUDA device; runs eagerly"
         return graphed

@@ -31,6 +31,7 @@ def warmup(
     dtype: Optional[torch.dtype] = None,
     img_size: Optional[Tuple[int, int]] = None,
     in_chans: Optional[int] = None,
+    input_dtype: Optional[torch.dtype] = None,
 ) -> Dict[str, object]:
     """Run ``model`` on random images of each batch size so every kernel is compiled and tuned.
 
@@ -42,6 +43,8 @@ def warmup(
             first). Default: the parameters' dtype.
         img_size: (H, W) of the images; default the model's ``patch_embed.img_size``.
         in_chans: image channels; default read from the patch projection weight.
+        input_dtype: the served images' dtype: ``dtype`` (default) or torch.uint8 (pixels; the
+            model needs its input normalisation, :meth:`VisionTransformer.set_input_normalization`).
 
     Returns:
         {"batch_sizes": [...], "img_size": (H, W), "in_chans": C, "seconds": wall time, "tuned": {kernel: new tunings},
@@ -60,6 +63,9 @@ def warmup(
     if dtype != param.dtype:
         raise ValueError(f"dtype: expected the model's parameter dtype {param.dtype} (convert the model first), "
                          f"got {dtype}")
+    input_dtype = dtype if input_dtype is None else input_dtype
+    if input_dtype not in (dtype, torch.uint8):
+        raise ValueError(f"input_dtype: expected the model dtype {dtype} or torch.uint8, got {input_dtype}")
     pe = getattr(model, "patch_embed", None)
     if img_size is None:
         if pe is None or not hasattr(pe, "img_size"):
@@ -75,7 +81,10 @@ def warmup(
     try:
         with torch.no_grad():
             for b in batch_sizes:
-                x = torch.randn(b, in_chans, *img_size, device=param.device, dtype=dtype)
+                if input_dtype == torch.uint8:
+                    x = torch.randint(0, 256, (b, in_chans, *img_size), device=param.device, dtype=torch.uint8)
+                else:
+                    x = torch.randn(b, in_chans, *img_size, device=param.device, dtype=dtype)
                 model(x)
         if param.device.type == "cuda":
             torch.cuda.synchronize(param.device)
@@ -87,6 +96,7 @@ def warmup(
         "batch_sizes": batch_sizes,
         "img_size": tuple(img_size),
         "in_chans": in_chans,
+        "input_dtype": input_dtype,
         "seconds": time.perf_counter() - t0,
         "tuned": {k: v - before.get(k, 0) for k, v in after.items() if v - before.get(k, 0)},
         "autotune": bool(autotune is not None and autotune.autotune_enabled() and param.device.type == "cuda"),
