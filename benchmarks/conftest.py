@@ -76,6 +76,9 @@ def _data_summary(tr) -> None:
                           f"{r['fast_img_s']:8.1f} img/s  fast / float {r['fast_vs_float']:.2f}x  ({r['fast_backend']})"
                           f"  bytes to device {r['bytes_to_device_float']} -> {r['bytes_to_device_uint8']}"
                           f"  fast-exact mean |diff| {r['fast_mean_abs_diff']:.2f}")
+        elif r["case"].startswith("data:embed"):
+            tr.write_line(f"{r['case']}: end-to-end {r['e2e_img_s']:.1f} img/s vs the model alone {r['model_img_s']:.1f}"
+                          f" = {r['e2e_vs_model']:.3f} ({r['workers']} decode workers)")
         else:
             tr.write_line(f"{r['case']}: {r['photos']} photos, cosine fast vs exact mean {r['cos_mean']:.6f}, worst "
                           f"{r['cos_worst']:.6f} ({r['worst']}); between different photos mean "

@@ -164,3 +164,49 @@ def test_fast_vs_exact_embedding_cosine(benchmark):
     benchmark.extra_info.update(row)
     DATA_RESULTS.append(row)
     benchmark.pedantic(lambda: None, rounds=1, iterations=1)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("decode", ["cpu", "cuda"])
+def test_embed_end_to_end_gpu(benchmark, tmp_path_factory, decode):
+    """ViT-B/16 bf16 ``iter_embeddings`` over 1024 JPEG files (1024 x 768, fast preprocessing,
+    every core but one as DataLoader workers; or nvJPEG decode) against the model alone on
+    uint8 batches already on the GPU, in the same process. Goal (#20): end-to-end >= 80 % of
+    model-only."""
+    import os
+
+    import fastvit
+    from fastvit.embed import iter_embeddings
+
+    d = tmp_path_factory.mktemp("jpegs")
+    data = _astronaut(1024, 768)
+    files = []
+    for i in range(1024):
+        f = d / f"{i:05d}.jpg"
+        f.write_bytes(data)
+        files.append(str(f))
+    model = fastvit.create_model("vit_base_patch16_224", num_classes=0).cuda().to(torch.bfloat16).eval()
+    pre = Preprocessor.from_preset("vit_base_patch16_224")
+    bs = 256
+    x = torch.randint(0, 256, (bs, 3, 224, 224), dtype=torch.uint8, device="cuda")
+    with torch.no_grad():
+        for _ in range(3):
+            model(x)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(8):
+            model(x)
+        torch.cuda.synchronize()
+    model_img_s = 8 * bs / (time.perf_counter() - t0)
+    workers = max(1, (os.cpu_count() or 2) - 1)
+    list(iter_embeddings(model, pre, files[:bs], batch_size=bs, num_workers=workers, preprocess="fast",
+                         decode=decode, expand=False))  # warm-up: workers, decoders
+    t0 = time.perf_counter()
+    n = sum(len(p) for p, _ in iter_embeddings(model, pre, files, batch_size=bs, num_workers=workers,
+                                                preprocess="fast", decode=decode, expand=False))
+    e2e_img_s = n / (time.perf_counter() - t0)
+    row = dict(case=f"data:embed end-to-end decode={decode}", model_img_s=round(model_img_s, 1),
+               e2e_img_s=round(e2e_img_s, 1), e2e_vs_model=round(e2e_img_s / model_img_s, 3), workers=workers)
+    benchmark.extra_info.update(row)
+    DATA_RESULTS.append(row)
+    benchmark.pedantic(lambda: None, rounds=1, iterations=1)
