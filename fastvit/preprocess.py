@@ -295,6 +295,12 @@ class Preprocessor:
         return load_uint8(source, self, mode, max_pixels)
 
     @property
+    def tensor_resample(self) -> str:
+        """The ``F.interpolate`` mode of ``resample`` for tensor resizes (GPU decode): the same
+        filter, or bicubic for the PIL-only ones (lanczos, box, hamming)."""
+        return _TORCH_MODES.get(self.resample, "bicubic")
+
+    @property
     def uint8_exact(self) -> bool:
         """Whether the exact output is a uint8 image (False for ``rescale_first``, which resizes the
         float image: its exact result is :meth:`process`'s float one)."""

@@ -271,11 +271,9 @@ def load_uint8(source, pre, mode: str = "exact", max_pixels: Optional[int] = Non
 def _resize_device(x: torch.Tensor, pre) -> torch.Tensor:
     """uint8 (3, h, w) on any device -> (3, H, W) uint8 with ``pre``'s geometry, resized as
     torchvision's tensor resize (antialias, float, rounded): Hugging Face's processors' algorithm."""
-    from ..preprocess import _TORCH_MODES
-
     nh, nw = _target(pre, *x.shape[-2:])
     if (nh, nw) != tuple(x.shape[-2:]):
-        mode = _TORCH_MODES.get(pre.resample, "bicubic")  # PIL-only filters: bicubic on the device
+        mode = pre.tensor_resample
         aa = mode in ("bilinear", "bicubic")
         y = F.interpolate(x.unsqueeze(0).float(), size=(nh, nw), mode=mode, align_corners=False if aa else None,
                           antialias=aa)[0]
