@@ -29,8 +29,10 @@ def cmd_info(args) -> int:
 
     print(f"fastvit      {__version__}")
     print(f"python       {platform.python_version()} ({sys.executable})")
-    for pkg in ("torch", "triton", "timm", "transformers", "safetensors"):
-        print(f"{pkg:<12} {_version(pkg)}")
+    for label, pkg in (("torch", "torch"), ("triton", "triton"), ("timm", "timm"), ("transformers", "transformers"),
+                       ("safetensors", "safetensors"), ("torchvision", "torchvision"),
+                       ("opencv", "opencv-python-headless"), ("pillow", "pillow")):
+        print(f"{label:<12} {_version(pkg)}")
     print(f"CUDA (torch) {torch.version.cuda or 'none'}; devices: {torch.cuda.device_count()}")
     for i in range(torch.cuda.device_count()):
         cap = torch.cuda.get_device_capability(i)
@@ -40,6 +42,9 @@ def cmd_info(args) -> int:
     from .signature import IMPL
 
     print(f"op signature {IMPL}")
+    from .data.decode import fast_backend
+
+    print(f"image decode --preprocess fast: {fast_backend()} (opencv-python-headless is the faster one)")
     devices = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
     print("backends:")
     for dev in devices:
