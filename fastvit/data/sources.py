@@ -36,7 +36,7 @@ from ..preprocess import IMAGE_EXTENSIONS, Preprocessor
 
 __all__ = ["Shard", "Sample", "expand_braces", "resolve_shards", "iter_samples", "load_input", "decode_sample",
            "reason_of",
-           "TAR_EXTENSIONS", "IMAGE_SUFFIXES", "IMAGE_COLUMNS"]
+           "kind_of", "TAR_EXTENSIONS", "IMAGE_SUFFIXES", "IMAGE_COLUMNS"]
 
 Sample = Tuple[Optional[str], Optional[bytes], Optional[str]]  # (key, encoded image or None, reason or None)
 
@@ -123,7 +123,8 @@ def expand_braces(pattern: str) -> List[str]:
     return [head + item + tail for item in items for tail in tails]
 
 
-def _kind(path: str) -> str:
+def kind_of(path: str) -> str:
+    """'tar', 'parquet' or 'files' (an image file or folder), by the name."""
     low = path.lower()
     if low.endswith(TAR_EXTENSIONS):
         return "tar"
@@ -159,10 +160,10 @@ def resolve_shards(paths: Sequence[str] = (), list_files: Sequence[str] = (), sh
     if shard_size < 1:
         raise ValueError(f"shard_size: expected >= 1, got {shard_size}")
     expanded = [q for p in paths for q in expand_braces(os.fspath(p))]
-    shards = [p for p in expanded if _kind(p) != "files"]
+    shards = [p for p in expanded if kind_of(p) != "files"]
     if shards and (len(shards) != len(expanded) or list_files):
         raise ValueError("paths: expected either tar / parquet shards or image files / folders / list files, got "
-                         f"both ({shards[0]!r} and {next((p for p in expanded if _kind(p) == 'files'), None) or list_files[0]!r})")
+                         f"both ({shards[0]!r} and {next((p for p in expanded if kind_of(p) == 'files'), None) or list_files[0]!r})")
     if shards:
         seen = set()
         for p in shards:
@@ -172,9 +173,9 @@ def resolve_shards(paths: Sequence[str] = (), list_files: Sequence[str] = (), sh
         stems = [_stem(p) for p in shards]
         unique = len(set(stems)) == len(stems)
         width = max(5, len(str(len(shards) - 1)))
-        return [Shard(kind=_kind(p), source=p, index=i, name=s if unique else f"{i:0{width}d}-{s}",
-                      image_column=image_column if _kind(p) == "parquet" else None,
-                      key_column=key_column if _kind(p) == "parquet" else None)
+        return [Shard(kind=kind_of(p), source=p, index=i, name=s if unique else f"{i:0{width}d}-{s}",
+                      image_column=image_column if kind_of(p) == "parquet" else None,
+                      key_column=key_column if kind_of(p) == "parquet" else None)
                 for i, (p, s) in enumerate(zip(shards, stems))]
     files = expand_inputs(expanded, list_files) if expanded or list_files else []
     if not files:
