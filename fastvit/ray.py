@@ -130,6 +130,15 @@ def _decode_batch(batch: Dict[str, np.ndarray], preprocessor: Preprocessor, imag
     return result
 
 
+def _decode_memory(batch_size: int, size) -> int:
+    """Bytes a decode task asks Ray for: its decoded float32 batches (the one it builds and the one
+    it hands on) and a worker's own footprint (torch and the decoders). Being stated, it also keeps
+    Ray Data from fusing the decode tasks into the model actors when they hold no GPU (it fuses
+    only stages that ask for the same resources), so decoding scales with the cluster's CPUs rather
+    than with the actor count, on a CPU cluster as on a GPU one."""
+    return int(2 * batch_size * 3 * size[0] * size[1] * 4 + (256 << 20))
+
+
 def embed_dataset(ds: "ray.data.Dataset", model_spec: ModelSpec, *, image_column: str = "image",
                   batch_size: int = 32, actors: Optional[int] = None, num_gpus: float = 1, cpus_per_actor: float = 1,
                   decode: str = "cpu", preprocessor: Optional[Preprocessor] = None, embedder_cls: type = Embedder
@@ -156,33 +165,44 @@ def embed_dataset(ds: "ray.data.Dataset", model_spec: ModelSpec, *, image_column
         raise ValueError(f"batch_size: expected >= 1, got {batch_size}")
     if not (isinstance(embedder_cls, type) and issubclass(embedder_cls, Embedder)):
         raise TypeError(f"embedder_cls: expected Embedder or a subclass of it, got {embedder_cls!r}")
+    if decode == "cpu":
+        if preprocessor is None:
+            preprocessor = ModelSpec(**dict(vars(model_spec), device="cpu")).load()[1]
+        size = _fixed_size(preprocessor)
+        ds = ds.map_batches(_decode_batch, batch_size=batch_size, batch_format="numpy", num_cpus=1,
+                            memory=_decode_memory(batch_size, size),
+                            fn_kwargs=dict(preprocessor=preprocessor, image_column=image_column, size=size))
+    return _embed_stage(ds, model_spec, image_column, batch_size, actors, num_gpus, cpus_per_actor, preprocessor,
+                        embedder_cls)
+
+
+def _fixed_size(preprocessor: Preprocessor):
+    if preprocessor.output_size is None:
+        raise ValueError("decode: 'cpu' batches decoded images, which needs a preprocessor with a fixed output "
+                         "size (crop_size or an (H, W) size); use decode='actor'")
+    return preprocessor.output_size
+
+
+def _embed_stage(ds, model_spec: ModelSpec, image_column: str, batch_size: int, actors: Optional[int],
+                 num_gpus: float, cpus_per_actor: float, preprocessor: Optional[Preprocessor], embedder_cls: type):
+    """The model actors' stage of the pipeline (a fixed pool of ``actors``)."""
     if actors is None:
         gpus = ray.cluster_resources().get("GPU", 0) if ray.is_initialized() else 0
         actors = max(1, int(gpus // num_gpus)) if num_gpus > 0 and gpus else 1
     if actors < 1:
         raise ValueError(f"actors: expected >= 1, got {actors}")
-    if decode == "cpu":
-        if preprocessor is None:
-            preprocessor = ModelSpec(**dict(vars(model_spec), device="cpu")).load()[1]
-        size = preprocessor.output_size
-        if size is None:
-            raise ValueError("decode: 'cpu' batches decoded images, which needs a preprocessor with a fixed output "
-                             "size (crop_size or an (H, W) size); use decode='actor'")
-        ds = ds.map_batches(_decode_batch, batch_size=batch_size, batch_format="numpy",
-                            fn_kwargs=dict(preprocessor=preprocessor, image_column=image_column, size=size))
     return ds.map_batches(embedder_cls, batch_size=batch_size, batch_format="numpy",
                           fn_constructor_kwargs=dict(model_spec=model_spec, image_column=image_column,
                                                      preprocessor=preprocessor),
-                          compute=ray.data.ActorPoolStrategy(size=actors), num_gpus=num_gpus, num_cpus=cpus_per_actor,
-                          # Ray Data's defaults, stated: a dead actor is restarted and its batches retried. Stated,
-                          # they also keep the CPU decode tasks from being fused into the actors when the actors
-                          # hold no GPU, so decoding scales with the cluster's CPUs, not the actor count
-                          max_restarts=-1, max_task_retries=-1)
+                          compute=ray.data.ActorPoolStrategy(size=actors), num_gpus=num_gpus, num_cpus=cpus_per_actor)
 
 
-def _read_shards(batch: Dict[str, np.ndarray], shards: Sequence[Shard], chunk: int):
-    """A CPU task per shard: its samples as rows (shard, pos, key, has_key, image bytes or None,
-    skip_reason, end), ``chunk`` at a time, then one end row whose pos is the sample count."""
+def _read_shards(batch: Dict[str, np.ndarray], shards: Sequence[Shard], chunk: int, preprocessor: Preprocessor):
+    """A CPU task per shard: its samples read and decoded ``chunk`` at a time, as rows (shard, pos,
+    key, has_key, image float32 (3, H, W), skip_reason, end), then one end row whose pos is the
+    sample count. Reading and decoding share the task so that each task holds one shard (Ray Data
+    bundles a fused stage's inputs to the largest batch size of its parts)."""
+    size = _fixed_size(preprocessor)
     for s in batch["shard"]:
         s = int(s)
         it = iter_samples(shards[s])
@@ -192,15 +212,15 @@ def _read_shards(batch: Dict[str, np.ndarray], shards: Sequence[Shard], chunk: i
             if not rows:
                 break
             n = len(rows)
-            yield dict(shard=np.full(n, s, np.int64), pos=np.arange(pos, pos + n, dtype=np.int64),
-                       key=np.array([k if k is not None else "" for k, _, _ in rows], dtype=object),
-                       has_key=np.array([k is not None for k, _, _ in rows], dtype=bool),
-                       image=np.array([d for _, d, _ in rows] + [None], dtype=object)[:n],
-                       skip_reason=np.array([r or "" for _, _, r in rows], dtype=object),
-                       end=np.zeros(n, dtype=bool))
+            yield _decode_batch(dict(shard=np.full(n, s, np.int64), pos=np.arange(pos, pos + n, dtype=np.int64),
+                                     key=np.array([k if k is not None else "" for k, _, _ in rows], dtype=object),
+                                     has_key=np.array([k is not None for k, _, _ in rows], dtype=bool),
+                                     image=np.array([d for _, d, _ in rows] + [None], dtype=object)[:n],
+                                     skip_reason=np.array([r or "" for _, _, r in rows], dtype=object),
+                                     end=np.zeros(n, dtype=bool)), preprocessor, "image", size)
             pos += n
         yield dict(shard=np.array([s], np.int64), pos=np.array([pos], np.int64), key=np.array([""], dtype=object),
-                   has_key=np.array([False]), image=np.array([None], dtype=object),
+                   has_key=np.array([False]), image=np.zeros((1, 3) + tuple(size), np.float32),
                    skip_reason=np.array([_END], dtype=object), end=np.array([True]))
 
 
@@ -276,14 +296,14 @@ def _run_on_ray(run: OutputRun, todo: List[Shard], spec: ModelSpec, pre: Preproc
         run.begin(s)
     stats.update(actors=actors, gpus_per_actor=gpus_per_actor)
     ds = ray.data.from_items([{"shard": i} for i in range(len(todo))], override_num_blocks=len(todo))
-    ds = ds.map_batches(_read_shards, batch_size=1, batch_format="numpy",
-                        fn_kwargs=dict(shards=todo, chunk=batch_size))
-    ds = embed_dataset(ds, spec, batch_size=batch_size, actors=actors, num_gpus=gpus_per_actor,
-                       cpus_per_actor=cpus_per_actor, preprocessor=pre, embedder_cls=embedder_cls)
+    ds = ds.map_batches(_read_shards, batch_size=1, batch_format="numpy", num_cpus=1,
+                        memory=_decode_memory(batch_size, _fixed_size(pre)),
+                        fn_kwargs=dict(shards=todo, chunk=batch_size, preprocessor=pre))
+    ds = _embed_stage(ds, spec, "image", batch_size, actors, gpus_per_actor, cpus_per_actor, pre, embedder_cls)
     bar = ShardProgress(stats["shards"], stats["shards_reused"], progress)
     pending: Dict[int, dict] = {}
     try:
-        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=0):
             emb = batch["embedding"]
             for j in range(len(batch["shard"])):
                 s, pos = int(batch["shard"][j]), int(batch["pos"][j])
