@@ -228,3 +228,21 @@ def test_embed_dataset_on_a_users_dataset(cluster, data):
         fray.embed_dataset(ds, {"checkpoint": "x"})
     with pytest.raises(ValueError, match="decode: expected 'cpu' or 'actor'"):
         fray.embed_dataset(ds, data["spec"], decode="gpu")
+
+
+def test_ray_on_an_image_folder_equals_the_folder_layout(cluster, data, tmp_path):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    keys = sorted(data["images"])[:5]
+    for k in keys:
+        (folder / f"{k}.jpg").write_bytes(data["images"][k])
+    common = ["--checkpoint", str(data["root"] / "model"), "--batch-size", "2", "--shard-size", "2", "--no-progress"]
+    assert main(["embed", str(folder), "-o", str(tmp_path / "legacy")] + common) == 0  # local: safetensors, layout 1
+    assert main(["embed", str(folder), "-o", str(tmp_path / "ray"), "--format", "clip-retrieval"] + RAY + common) == 0
+    p1, e1 = E.load_embeddings(str(tmp_path / "legacy"))
+    p2, e2 = E.load_embeddings(str(tmp_path / "ray"))
+    assert p1 == p2 and len(p1) == 4  # 000000002 is the corrupt JPEG
+    torch.testing.assert_close(e1, e2, atol=1e-5, rtol=1e-5)
+    assert sorted(os.listdir(tmp_path / "ray" / "img_emb")) == [f"img_emb_{i}.npy" for i in range(3)]
+    meta = pq.read_table(tmp_path / "ray" / "metadata" / "metadata_1.parquet")
+    assert meta.column("key").to_pylist() == [str(folder / f"{keys[3]}.jpg")]  # slice [2:4], the corrupt one skipped
