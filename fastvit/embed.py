@@ -28,6 +28,17 @@ sorted order, list files) as shards in an output folder::
   is needed. The process that finds every shard finished writes ``skipped.jsonl`` and
   ``summary.json`` (each rank also leaves ``summary-rank{r}-of-{W}.json``).
 
+``embed_shards`` is the same for the datasets people hold at scale: webdataset tar shards (as
+img2dataset writes them) and parquet files (brace patterns such as ``shards/{00000..00999}.tar``
+expanded here), or slices of a file list, with one output shard per input shard in the format of
+``fmt`` ('parquet', 'safetensors', 'npy', 'clip-retrieval'); the layout, the sidecars and the
+resumption rule are :mod:`fastvit.data.writers`', the readers :mod:`fastvit.data.sources`'. It is
+the local engine (one process, or rank r of a torchrun launch taking shards r, r + W, ...);
+:mod:`fastvit.ray` is the Ray Data engine over the same readers and writers. :func:`embed_batch`
+is one plain batch function (bytes / images in, (B, D) out) for Spark's ``predict_batch_udf`` or
+a Daft UDF; :class:`ModelSpec` is a picklable description of the model that each engine process
+builds once.
+
 What is embedded (``embedding=``): ``"pooled"`` is ``model.forward_head(features, pre_logits=True)``
 (the pooled, normalised token); ``"projected"`` is the model's head when the model is a CLIP /
 SigLIP-style image tower whose head is a projection (see :func:`has_projection`: a true

@@ -74,7 +74,10 @@ def cmd_embed(args) -> int:
         raise SystemExit(f"{prog}: --gpus-per-actor expected >= 0, got {args.gpus_per_actor}")
     if args.engine != "ray" and (args.address or args.actors or args.gpus_per_actor is not None):
         raise SystemExit(f"{prog}: --address / --actors / --gpus-per-actor need --engine ray")
-    sharded = _has_shard_inputs(args.paths)
+    try:
+        sharded = _has_shard_inputs(args.paths)
+    except ValueError as e:
+        raise SystemExit(f"{prog}: {e}") from None
     fmt = args.format or ("parquet" if sharded else "safetensors")
     # image folders keep their layout of always (embed_to_dir) unless a sharded-run option asks otherwise
     legacy = (args.engine == "local" and not sharded and fmt in FORMATS and args.embedding_dtype == "float32"

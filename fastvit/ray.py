@@ -21,6 +21,7 @@ has its sidecar, so a rerun after the driver died skips it and computes only the
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from typing import Any, Dict, List, Optional, Sequence
@@ -168,7 +169,7 @@ def embed_dataset(ds: "ray.data.Dataset", model_spec: ModelSpec, *, image_column
         raise TypeError(f"embedder_cls: expected Embedder or a subclass of it, got {embedder_cls!r}")
     if decode == "cpu":
         if preprocessor is None:
-            preprocessor = ModelSpec(**dict(vars(model_spec), device="cpu")).load()[1]
+            preprocessor = dataclasses.replace(model_spec, device="cpu").load()[1]
         size = _fixed_size(preprocessor)
         ds = ds.map_batches(_decode_batch, batch_size=batch_size, batch_format="numpy", num_cpus=1,
                             memory=_decode_memory(batch_size, size),
@@ -250,7 +251,7 @@ def embed_shards_ray(model_spec: ModelSpec, paths: Sequence[str], out_dir: str, 
     if batch_size < 1:
         raise ValueError(f"batch_size: expected >= 1, got {batch_size}")
     shards = resolve_shards(paths, list_files, shard_size, image_column, key_column)
-    model, pre = ModelSpec(**dict(vars(model_spec), device="cpu")).load()
+    model, pre = dataclasses.replace(model_spec, device="cpu").load()
     fn, embedding = embedding_fn(model, model_spec.embedding)
     p = next(model.parameters())
     dim = _embedding_dim(fn, pre, model, p.device, p.dtype)
@@ -290,7 +291,7 @@ def _run_on_ray(run: OutputRun, todo: List[Shard], spec: ModelSpec, pre: Preproc
                 actors: Optional[int], gpus_per_actor: Optional[float], cpus_per_actor: float, progress: bool,
                 embedder_cls: type, stats: Dict[str, Any]) -> None:
     ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = progress
+    bars, ctx.enable_progress_bars = ctx.enable_progress_bars, progress
     if gpus_per_actor is None:
         gpus_per_actor = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
     for s in todo:
@@ -321,6 +322,7 @@ def _run_on_ray(run: OutputRun, todo: List[Shard], spec: ModelSpec, pre: Preproc
                     del pending[s]
     finally:
         bar.close()
+        ctx.enable_progress_bars = bars
     if pending:
         raise RuntimeError(f"ray engine: shards {sorted(todo[s].name for s in pending)} came back incomplete "
                            "(rows missing); rerun to compute them")

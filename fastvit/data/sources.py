@@ -162,8 +162,9 @@ def resolve_shards(paths: Sequence[str] = (), list_files: Sequence[str] = (), sh
     expanded = [q for p in paths for q in expand_braces(os.fspath(p))]
     shards = [p for p in expanded if kind_of(p) != "files"]
     if shards and (len(shards) != len(expanded) or list_files):
+        other = next((p for p in expanded if kind_of(p) == "files"), None) or f"list {list_files[0]}"
         raise ValueError("paths: expected either tar / parquet shards or image files / folders / list files, got "
-                         f"both ({shards[0]!r} and {next((p for p in expanded if kind_of(p) == 'files'), None) or list_files[0]!r})")
+                         f"both ({shards[0]!r} and {other!r})")
     if shards:
         seen = set()
         for p in shards:

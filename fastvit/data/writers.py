@@ -183,13 +183,13 @@ class OutputRun:
         overwrite: start afresh in a folder that holds another run, else :class:`RunMismatch`.
     """
 
-    def __init__(self, out_dir: str, shards: Sequence[Shard], manifest: Dict[str, Any], overwrite: bool = False,
-                 write_manifest: bool = True):
+    def __init__(self, out_dir: str, shards: Sequence[Shard], manifest: Dict[str, Any], overwrite: bool = False):
         fmt = manifest["format"]
         if fmt not in FORMATS:
             raise ValueError(f"format: expected one of {FORMATS}, got {fmt!r}")
         if manifest["embedding_dtype"] not in EMBEDDING_DTYPES:
-            raise ValueError(f"embedding_dtype: expected one of {EMBEDDING_DTYPES}, got {manifest['embedding_dtype']!r}")
+            raise ValueError(f"embedding_dtype: expected one of {EMBEDDING_DTYPES}, got "
+                             f"{manifest['embedding_dtype']!r}")
         self.out_dir, self.shards, self.fmt = out_dir, list(shards), fmt
         self.manifest = dict(manifest, layout=LAYOUT)
         self.manifest["run_key"] = self.key = run_key(self.manifest)
@@ -199,8 +199,7 @@ class OutputRun:
         if fmt == "clip-retrieval":
             for d in ("img_emb", "metadata"):
                 os.makedirs(os.path.join(out_dir, d), exist_ok=True)
-        if write_manifest:
-            self._check_manifest(overwrite)
+        self._check_manifest(overwrite)
 
     def _check_manifest(self, overwrite: bool) -> None:
         path = os.path.join(self.out_dir, MANIFEST)
