@@ -287,7 +287,13 @@ def test_sidecar_last_and_rerun_skips_finished(data, tmp_path, monkeypatch):
         E.load_embeddings(str(out))
     (out / "table.parquet.tmp-999").write_bytes(b"half")  # a killed writer's temporary file
     first = (out / "00000.parquet").stat().st_mtime_ns
-    res = E.embed_shards(data["model"], data["pre"], pattern, str(out), batch_size=4, log=False)
+    seen = []  # images through the model: the finished shard 00000 is not recomputed
+    hook = data["model"].patch_embed.register_forward_hook(lambda m, args, out: seen.append(args[0].shape[0]))
+    try:
+        res = E.embed_shards(data["model"], data["pre"], pattern, str(out), batch_size=4, log=False)
+    finally:
+        hook.remove()
+    assert sum(seen) == 1 + 10  # the dimension probe + shard 00001's 5 images + the parquet file's 5
     assert (res["shards_reused"], res["shards_written"], res["embedded"]) == (1, 2, 10)
     assert (out / "00000.parquet").stat().st_mtime_ns == first and not (out / "table.parquet.tmp-999").exists()
     keys, emb = E.load_embeddings(str(out))
