@@ -305,6 +305,7 @@ def _run_on_ray(run: OutputRun, todo: List[Shard], spec: ModelSpec, pre: Preproc
     bar = ShardProgress(stats["shards"], stats["shards_reused"], progress)
     pending: Dict[int, dict] = {}
     try:
+        # unprefetched: the driver only files rows and writes a shard the moment its last row is back
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=0):
             emb = batch["embedding"]
             for j in range(len(batch["shard"])):
