@@ -150,6 +150,15 @@ def _finish(out: torch.Tensor, normalize: bool) -> torch.Tensor:
     return F.normalize(out, dim=-1) if normalize else out
 
 
+def model_input(x: torch.Tensor, device, dtype) -> torch.Tensor:
+    """A decoded batch (B, 3, H, W) on the model's device: float images in the model dtype, uint8
+    pixels as they are (a model with its input normalisation set normalises them itself)."""
+    cuda = torch.device(device).type == "cuda"
+    if x.dtype == torch.uint8:
+        return x.to(device=device, non_blocking=cuda)
+    return x.to(device=device, dtype=dtype, non_blocking=cuda)
+
+
 def _prepare(model, device, dtype):
     device = torch.device(device) if device is not None else next(model.parameters()).device
     model = model.to(device=device, dtype=dtype).eval()
@@ -551,7 +560,8 @@ def embed_batch(model, images_or_bytes, preprocessor: Optional[Preprocessor] = N
     ``predict_batch_udf`` or a Daft UDF wraps (see the README).
 
     Args:
-        images_or_bytes: preprocessed images, a float tensor / array (B, 3, H, W); or a sequence
+        images_or_bytes: preprocessed images, a float tensor / array (B, 3, H, W) (uint8 pixels for a
+            model with its input normalisation set); or a sequence
             (list, numpy object array, pandas / arrow column as a list) of encoded image bytes, PIL
             images, paths or uint8 arrays, preprocessed here with ``preprocessor``.
         preprocessor: the checkpoint's (``fastvit.factory.load_model``); needed unless the input
@@ -567,8 +577,9 @@ def embed_batch(model, images_or_bytes, preprocessor: Optional[Preprocessor] = N
     x = images_or_bytes
     if hasattr(x, "dtype") and hasattr(x, "shape") and getattr(x, "ndim", 0) == 4 and str(x.dtype) != "object":
         x = torch.as_tensor(x)
-        if not x.is_floating_point():
-            raise TypeError(f"images_or_bytes: expected a float (B, 3, H, W) batch, got dtype {x.dtype}")
+        if not x.is_floating_point() and not (x.dtype == torch.uint8 and getattr(model, "input_norm", None)):
+            raise TypeError(f"images_or_bytes: expected a float (B, 3, H, W) batch (or uint8 for a model with its "
+                            f"input normalisation set), got dtype {x.dtype}")
         with torch.no_grad():
             return _finish(fn(x.to(device=device, dtype=dtype)), normalize).cpu()
     items = list(x)
@@ -594,7 +605,7 @@ def embed_batch(model, images_or_bytes, preprocessor: Optional[Preprocessor] = N
             dim = fn(torch.zeros(1, 3, h, w, device=device, dtype=dtype)).shape[1]
         return torch.full((len(rows), dim), float("nan"))
     with torch.no_grad():
-        out = _finish(fn(torch.stack(good).to(device=device, dtype=dtype)), normalize).cpu()
+        out = _finish(fn(model_input(torch.stack(good), device, dtype)), normalize).cpu()
     if len(good) == len(rows):
         return out
     full = torch.full((len(rows), out.shape[1]), float("nan"))
@@ -793,7 +804,7 @@ def embed_shards(model, preprocessor: Preprocessor, paths: Sequence[str], out_di
                             good.append((key, x))
                     if good:
                         with torch.no_grad():
-                            out = fn(torch.stack([x for _, x in good]).to(device=device, dtype=dtype))
+                            out = fn(model_input(torch.stack([x for _, x in good]), device, dtype))
                         outs.append(_finish(out, normalize).cpu())
                         keys += [k for k, _ in good]
                     bar.update(images=len(good), skipped=len(chunk) - len(good))

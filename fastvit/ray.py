@@ -2,7 +2,7 @@
 
 * :class:`Embedder`: the callable class for ``Dataset.map_batches``; each actor builds its model
   once, in ``__init__``, from a picklable :class:`fastvit.embed.ModelSpec` (as vLLM's Ray Data
-  predictor does), takes batches with an image column (preprocessed float32 (B, 3, H, W), or
+  predictor does), takes batches with an image column (decoded images (B, 3, H, W), or
   encoded bytes it decodes itself) and adds an ``embedding`` column (B, D) float32.
 * :func:`embed_dataset`: a Ray dataset with an image-bytes column -> the same dataset with
   ``embedding`` and ``skip_reason`` columns: CPU decode tasks feed the model actors
@@ -35,10 +35,10 @@ try:
 except ImportError as e:  # pragma: no cover - the extra is installed in the test environment
     raise ImportError('fastvit.ray needs Ray Data: pip install "fastvit[ray]"') from e
 
-from .data.sources import Shard, decode_sample, iter_samples, resolve_shards
+from .data.sources import INPUT_DTYPE, Shard, decode_sample, iter_samples, resolve_shards
 from .data.writers import OutputRun
 from .embed import (ModelSpec, ShardProgress, _embedding_dim, _finish, _log_start, embedding_fn, log_end,
-                    run_manifest)
+                    model_input, run_manifest)
 from .preprocess import Preprocessor
 
 __all__ = ["Embedder", "embed_dataset", "embed_shards_ray", "ModelSpec"]
@@ -53,7 +53,7 @@ class Embedder:
     Args:
         model_spec: what to load (the model is built here, once per actor, on the actor's GPU
             when it has one).
-        image_column: the input column: float32 (B, 3, H, W) preprocessed images, or encoded
+        image_column: the input column: decoded (B, 3, H, W) images (``load_input``'s), or encoded
             image bytes (decoded here, with the checkpoint's preprocessing).
         preprocessor: overrides the checkpoint's (for bytes input).
 
@@ -75,9 +75,9 @@ class Embedder:
         self.dim = _embedding_dim(self.fn, self.pre, self.model, self.device, self.dtype)
 
     def embed(self, x: torch.Tensor) -> np.ndarray:
-        """float32 (b, 3, H, W) -> float32 (b, D): the one model call of a batch."""
+        """Decoded images (b, 3, H, W) -> float32 (b, D): the one model call of a batch."""
         with torch.no_grad():
-            out = self.fn(x.to(device=self.device, dtype=self.dtype, non_blocking=self.device.type == "cuda"))
+            out = self.fn(model_input(x, self.device, self.dtype))
         return _finish(out, self.spec.normalize).cpu().numpy()
 
     def __call__(self, batch: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
@@ -88,7 +88,7 @@ class Embedder:
         reasons = [str(r) if r is not None else "" for r in batch[SKIP]] if SKIP in batch else [""] * n
         if isinstance(images, np.ndarray) and images.dtype != object and images.ndim == 4:
             ok = np.array([not r for r in reasons], dtype=bool)
-            x = torch.from_numpy(np.ascontiguousarray(images[ok], dtype=np.float32)) if ok.any() else None
+            x = torch.from_numpy(np.ascontiguousarray(images[ok])) if ok.any() else None
         else:
             good = []
             for i, data in enumerate(images):
@@ -112,11 +112,12 @@ class Embedder:
 
 def _decode_batch(batch: Dict[str, np.ndarray], preprocessor: Preprocessor, image_column: str,
                   size) -> Dict[str, np.ndarray]:
-    """A CPU task: encoded bytes -> float32 (B, 3, H, W) (zeros + a skip_reason where unreadable)."""
+    """A CPU task: encoded bytes -> decoded images (B, 3, H, W) of ``INPUT_DTYPE`` (zeros + a
+    skip_reason where unreadable)."""
     images = batch[image_column]
     n = len(images)
     reasons = [str(r) if r is not None else "" for r in batch[SKIP]] if SKIP in batch else [""] * n
-    out = np.zeros((n, 3) + tuple(size), dtype=np.float32)
+    out = np.zeros((n, 3) + tuple(size), dtype=INPUT_DTYPE)
     for i, data in enumerate(images):
         if reasons[i]:
             continue
@@ -132,13 +133,13 @@ def _decode_batch(batch: Dict[str, np.ndarray], preprocessor: Preprocessor, imag
 
 
 def _decode_memory(batch_size: int, size) -> int:
-    """Bytes a decode task asks Ray for: its decoded float32 batches (the one it builds and the one
+    """Bytes a decode task asks Ray for: its decoded batches (the one it builds and the one
     it hands on) and a worker's own footprint (torch, fastvit and the decoders: ~370 MiB as Ray
     Data measured it on the CPU). Being stated, it also keeps Ray Data from fusing the decode tasks
     into the model actors when they hold no GPU (it fuses only stages that ask for the same
     resources), so decoding scales with the cluster's CPUs rather than with the actor count, on a
     CPU cluster as on a GPU one."""
-    return int(2 * batch_size * 3 * size[0] * size[1] * 4 + (512 << 20))
+    return int(2 * batch_size * 3 * size[0] * size[1] * np.dtype(INPUT_DTYPE).itemsize + (512 << 20))
 
 
 def embed_dataset(ds: "ray.data.Dataset", model_spec: ModelSpec, *, image_column: str = "image",
@@ -201,7 +202,7 @@ def _embed_stage(ds, model_spec: ModelSpec, image_column: str, batch_size: int, 
 
 def _read_shards(batch: Dict[str, np.ndarray], shards: Sequence[Shard], chunk: int, preprocessor: Preprocessor):
     """A CPU task per shard: its samples read and decoded ``chunk`` at a time, as rows (shard, pos,
-    key, has_key, image float32 (3, H, W), skip_reason, end), then one end row whose pos is the
+    key, has_key, decoded image (3, H, W), skip_reason, end), then one end row whose pos is the
     sample count. Reading and decoding share the task so that each task holds one shard (Ray Data
     bundles a fused stage's inputs to the largest batch size of its parts)."""
     size = _fixed_size(preprocessor)
@@ -222,7 +223,7 @@ def _read_shards(batch: Dict[str, np.ndarray], shards: Sequence[Shard], chunk: i
                                      end=np.zeros(n, dtype=bool)), preprocessor, "image", size)
             pos += n
         yield dict(shard=np.array([s], np.int64), pos=np.array([pos], np.int64), key=np.array([""], dtype=object),
-                   has_key=np.array([False]), image=np.zeros((1, 3) + tuple(size), np.float32),
+                   has_key=np.array([False]), image=np.zeros((1, 3) + tuple(size), INPUT_DTYPE),
                    skip_reason=np.array([_END], dtype=object), end=np.array([True]))
 
 

@@ -29,13 +29,14 @@ import tarfile
 from dataclasses import dataclass
 from typing import Iterator, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 
 from ..imagefiles import expand_inputs
 from ..preprocess import IMAGE_EXTENSIONS, Preprocessor
 
 __all__ = ["Shard", "Sample", "expand_braces", "resolve_shards", "iter_samples", "load_input", "decode_sample",
-           "reason_of",
+           "reason_of", "INPUT_DTYPE",
            "kind_of", "TAR_EXTENSIONS", "IMAGE_SUFFIXES", "IMAGE_COLUMNS"]
 
 Sample = Tuple[Optional[str], Optional[bytes], Optional[str]]  # (key, encoded image or None, reason or None)
@@ -348,6 +349,10 @@ def _parquet_samples(path: str, image_column: Optional[str], key_column: Optiona
 
 
 # --------------------------------------------------------------------------- bytes -> model input
+# what load_input returns, which the engines' decoded batches hold (Ray's decode tasks allocate them)
+INPUT_DTYPE = np.float32
+
+
 def load_input(data: bytes, preprocessor: Preprocessor) -> torch.Tensor:
     """Encoded image bytes -> the model's input, float32 (3, H, W), with the checkpoint's
     preprocessing. The one decode of every bulk engine; raises (PIL's errors) for bytes that are no
