@@ -243,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--report", metavar="JSON", help="write the markdown table and plots for this JSON")
     s.set_defaults(func=cmd_bench)
     from .classify import add_classify_parser
-    from .embed import add_embed_parser
+    from .embed_cli import add_embed_parser
     from .viz import add_viz_parser
 
     add_viz_parser(sub)

@@ -28,6 +28,17 @@ sorted order, list files) as shards in an output folder::
   is needed. The process that finds every shard finished writes ``skipped.jsonl`` and
   ``summary.json`` (each rank also leaves ``summary-rank{r}-of-{W}.json``).
 
+``embed_shards`` is the same for the datasets people hold at scale: webdataset tar shards (as
+img2dataset writes them) and parquet files (brace patterns such as ``shards/{00000..00999}.tar``
+expanded here), or slices of a file list, with one output shard per input shard in the format of
+``fmt`` ('parquet', 'safetensors', 'npy', 'clip-retrieval'); the layout, the sidecars and the
+resumption rule are :mod:`fastvit.data.writers`', the readers :mod:`fastvit.data.sources`'. It is
+the local engine (one process, or rank r of a torchrun launch taking shards r, r + W, ...);
+:mod:`fastvit.ray` is the Ray Data engine over the same readers and writers. :func:`embed_batch`
+is one plain batch function (bytes / images in, (B, D) out) for Spark's ``predict_batch_udf`` or
+a Daft UDF; :class:`ModelSpec` is a picklable description of the model that each engine process
+builds once.
+
 What is embedded (``embedding=``): ``"pooled"`` is ``model.forward_head(features, pre_logits=True)``
 (the pooled, normalised token); ``"projected"`` is the model's head when the model is a CLIP /
 SigLIP-style image tower whose head is a projection (see :func:`has_projection`: a true
@@ -47,21 +58,24 @@ import re
 import sys
 import time
 import warnings
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .data.writers import RunMismatch
 from .imagefiles import batches_of, dist_info, expand_inputs, input_model, progress_bar, read_list_file, run_batches
 from .preprocess import Preprocessor
 
-__all__ = ["EMBEDDINGS", "FORMATS", "RunMismatch", "has_projection", "embedding_fn", "iter_embeddings",
-           "embed_to_dir", "load_embeddings", "add_embed_parser", "cmd_embed"]
+__all__ = ["EMBEDDINGS", "FORMATS", "ALL_FORMATS", "RunMismatch", "ModelSpec", "has_projection", "embedding_fn",
+           "embed_batch", "iter_embeddings", "embed_to_dir", "embed_shards", "load_embeddings"]
 
 EMBEDDINGS = ("auto", "pooled", "projected", "logits")
-FORMATS = ("safetensors", "npy")
-# `fastvit embed`'s --preprocess default (README "Fast preprocessing" says why)
+FORMATS = ("safetensors", "npy")  # embed_to_dir's (layout 1)
+ALL_FORMATS = ("parquet", "safetensors", "npy", "clip-retrieval")  # the sharded runs' (layout 2)
+# `fastvit embed`'s --preprocess default (README "Images in" says why)
 EMBED_PREPROCESS = "fast"
 LAYOUT = 1  # version of the folder layout; part of the run key
 MANIFEST = "manifest.json"
@@ -72,10 +86,6 @@ SUMMARY = "summary.json"
 # resumed run may use another GPU or a smaller batch; its new shards then may differ in the last bits).
 _KEY_FIELDS = ("layout", "inputs", "inputs_sha256", "shard_size", "format", "embedding", "normalize", "dtype",
                "model_fingerprint", "preprocess")
-
-
-class RunMismatch(ValueError):
-    """The output folder holds another run (other inputs, model or options)."""
 
 
 # --------------------------------------------------------------------------- what is embedded
@@ -140,6 +150,15 @@ def _finish(out: torch.Tensor, normalize: bool) -> torch.Tensor:
     """float32 (B, D), L2-normalised along D when asked."""
     out = out.float()
     return F.normalize(out, dim=-1) if normalize else out
+
+
+def model_input(x: torch.Tensor, device, dtype) -> torch.Tensor:
+    """A decoded batch (B, 3, H, W) on the model's device: float images in the model dtype, uint8
+    pixels as they are (a model with its input normalisation set normalises them itself)."""
+    cuda = torch.device(device).type == "cuda"
+    if x.dtype == torch.uint8:
+        return x.to(device=device, non_blocking=cuda)
+    return x.to(device=device, dtype=dtype, non_blocking=cuda)
 
 
 def _prepare(model, device, dtype):
@@ -502,13 +521,27 @@ def embed_to_dir(model, preprocessor: Preprocessor, paths: Sequence[str], out_di
     return dict(stats, complete=totals is not None, totals=totals)
 
 
-def load_embeddings(out_dir: str) -> Tuple[List[str], torch.Tensor]:
-    """(paths, embeddings (N, D) float32) of a finished ``embed_to_dir`` folder, in input order."""
+def load_embeddings(out_dir: str, with_sources: bool = False):
+    """The embeddings of a finished ``fastvit embed`` folder, any layout, in input order.
+
+    Returns:
+        ``(keys, embeddings (N, D))``: for an image-folder run (``embed_to_dir``) the paths and
+        float32; for a sharded run (tar / parquet / file-list slices, any format) the samples' keys
+        in shard order and the stored dtype (float32 or float16). ``with_sources=True`` adds the
+        input shard of each row: ``(keys, sources, embeddings)``.
+    """
     manifest = _read_json(os.path.join(out_dir, MANIFEST))
     if manifest is None:
         raise FileNotFoundError(f"out_dir: expected {os.path.join(out_dir, MANIFEST)} (a fastvit embed folder)")
+    if manifest.get("layout") == 2:
+        from .data.writers import load_run
+
+        keys, sources, emb = load_run(out_dir, manifest)
+        emb = torch.from_numpy(emb)
+        return (keys, sources, emb) if with_sources else (keys, emb)
     layout = _Layout(out_dir, manifest["inputs"], manifest["shard_size"], manifest["format"])
     paths: List[str] = []
+    sources: List[str] = []
     parts = []
     for i in range(layout.num):
         meta = layout.finished(i, manifest["run_key"])
@@ -524,54 +557,324 @@ def load_embeddings(out_dir: str) -> Tuple[List[str], torch.Tensor]:
 
             parts.append(torch.from_numpy(np.load(layout.data(i), allow_pickle=False)))
         paths += meta["paths"]
-    return paths, torch.cat(parts)
+        sources += [f"inputs[{meta['start']}:{meta['stop']}]"] * len(meta["paths"])
+    emb = torch.cat(parts)
+    return (paths, sources, emb) if with_sources else (paths, emb)
 
 
-# --------------------------------------------------------------------------- command line
-def add_embed_parser(sub) -> None:
-    """Register ``fastvit embed PATH... -o OUT_DIR``."""
-    from .cliargs import add_model_args
+# --------------------------------------------------------------------------- one batch
+def embed_batch(model, images_or_bytes, preprocessor: Optional[Preprocessor] = None, embedding: str = "auto",
+                normalize: bool = False, device: Optional[str] = None, dtype: Optional[torch.dtype] = None,
+                on_error: str = "raise", preprocess: str = "exact") -> torch.Tensor:
+    """Embeddings of one batch, float32 (B, D) on the CPU: the plain function a Spark
+    ``predict_batch_udf`` or a Daft UDF wraps (see the README).
 
-    s = sub.add_parser("embed", help="embeddings of image files / folders into resumable shards (torchrun for many "
-                                     "processes)")
-    add_model_args(s, "embedding", preprocess_default=EMBED_PREPROCESS)
-    s.add_argument("--out-dir", "-o", required=True, help="output folder (shards, sidecars, skipped.jsonl, "
-                                                          "summary.json); rerun with it to resume")
-    s.add_argument("--embedding", default="auto", choices=EMBEDDINGS,
-                   help="pooled: forward_head(pre_logits=True); projected: a CLIP / SigLIP-style tower's "
-                        "projection head; logits: a classifier's head; auto: projected if the model has one, "
-                        "else pooled")
-    s.add_argument("--normalize", action="store_true", help="L2-normalise each embedding")
-    s.add_argument("--format", default="safetensors", choices=FORMATS, help="shard file format")
-    s.add_argument("--shard-size", type=int, default=10000, help="images per shard (the unit of resumption)")
-    s.add_argument("--overwrite", action="store_true",
-                   help="start afresh in an output folder that holds another run (other inputs, model or options); "
-                        "a folder of this same run is resumed either way")
-    s.set_defaults(func=cmd_embed)
+    Args:
+        images_or_bytes: preprocessed images, a float tensor / array (B, 3, H, W) (uint8 pixels for a
+            model with its input normalisation set); or a sequence
+            (list, numpy object array, pandas / arrow column as a list) of encoded image bytes, PIL
+            images, paths or uint8 arrays, preprocessed here with ``preprocessor``.
+        preprocessor: the checkpoint's (``fastvit.factory.load_model``); needed unless the input
+            is already preprocessed.
+        on_error: 'raise' (ValueError naming the first unreadable image) or 'nan' (its row is NaN).
+        preprocess: 'exact' or 'fast' decoding of encoded images (:meth:`Preprocessor.load`); the
+            images reach the model as uint8 and the model's input normalisation is set from
+            ``preprocessor``.
+    """
+    from .data.sources import decode_sample, reason_of
+
+    if on_error not in ("raise", "nan"):
+        raise ValueError(f"on_error: expected 'raise' or 'nan', got {on_error!r}")
+    model, device, dtype = _prepare(model, device, dtype)
+    to_float = input_model(model, preprocessor) if preprocessor is not None else None
+    fn, _ = embedding_fn(model, embedding)
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        x = model_input(x, device, dtype)
+        if to_float is not None and x.dtype == torch.uint8:
+            x = to_float(x)
+        with torch.no_grad():
+            return _finish(fn(x), normalize).cpu()
+
+    x = images_or_bytes
+    if hasattr(x, "dtype") and hasattr(x, "shape") and getattr(x, "ndim", 0) == 4 and str(x.dtype) != "object":
+        x = torch.as_tensor(x)
+        if not x.is_floating_point() and not (x.dtype == torch.uint8 and getattr(model, "input_norm", None)):
+            raise TypeError(f"images_or_bytes: expected a float (B, 3, H, W) batch (or uint8 for a model with its "
+                            f"input normalisation set), got dtype {x.dtype}")
+        return run(x)
+    items = list(x)
+    if preprocessor is None:
+        raise ValueError("preprocessor: expected the checkpoint's Preprocessor to decode encoded images / paths, "
+                         "got None")
+    rows: List[Optional[torch.Tensor]] = []
+    for i, item in enumerate(items):
+        if isinstance(item, (bytes, bytearray, memoryview)):
+            _, t, reason = decode_sample(str(i), bytes(item), None, preprocessor, preprocess)
+        else:
+            try:
+                float_exact = preprocess == "exact" and not preprocessor.uint8_exact
+                t, reason = preprocessor.process(item) if float_exact else preprocessor.load(item, preprocess), None
+            except Exception as e:  # decoders raise many types
+                t, reason = None, reason_of(e)
+        if t is None and on_error == "raise":
+            raise ValueError(f"images_or_bytes: item {i} is not a readable image ({reason})")
+        rows.append(t)
+    good = [t for t in rows if t is not None]
+    if not good:
+        h, w = preprocessor.output_size or model.patch_embed.img_size
+        with torch.no_grad():
+            dim = fn(torch.zeros(1, 3, h, w, device=device, dtype=dtype)).shape[1]
+        return torch.full((len(rows), dim), float("nan"))
+    out = run(torch.stack(good))
+    if len(good) == len(rows):
+        return out
+    full = torch.full((len(rows), out.shape[1]), float("nan"))
+    full[torch.tensor([t is not None for t in rows])] = out
+    return full
 
 
-def cmd_embed(args) -> int:
-    from .cliargs import DTYPES, check_model_args, cli_device, cli_model, data_options
+@dataclass(frozen=True)
+class ModelSpec:
+    """What to load, picklable: every engine process (a Ray actor, a Spark executor) builds its own
+    model from it, once.
 
-    prog = "fastvit embed"
-    check_model_args(args, prog)
-    if args.shard_size < 1:
-        raise SystemExit(f"{prog}: --shard-size expected >= 1, got {args.shard_size}")
-    rank, world = dist_info()
-    device = cli_device(args, world)
-    model, pre = cli_model(args, prog)
-    try:
-        embed_to_dir(model, pre, args.paths, args.out_dir, list_files=args.list_files, batch_size=args.batch_size,
-                     embedding=args.embedding, normalize=args.normalize, fmt=args.format,
-                     shard_size=args.shard_size, num_workers=args.workers, device=device, dtype=DTYPES[args.dtype],
-                     rank=rank, world_size=world, overwrite=args.overwrite, progress=not args.no_progress,
-                     model_id=" ".join(f"--{k} {v}" for k, v in (("checkpoint", args.checkpoint),
-                                                                ("model", args.model)) if v),
-                     **data_options(args, prog, device))
-    except (RunMismatch, FileNotFoundError) as e:
-        raise SystemExit(f"{prog}: {e}") from None
-    except ValueError as e:
-        if str(e).startswith(("embedding:", "inputs:")):
-            raise SystemExit(f"{prog}: {e}") from None
-        raise
-    return 0
+    Fields:
+        checkpoint: model folder, hub name or state-dict file (as ``--checkpoint``).
+        model: preset name (as ``--model``); alone: random weights, seed 0 (the same in every process).
+        dtype: model dtype name ('float32', 'float16', 'bfloat16').
+        backend: 'triton', 'cuda' or 'torch' (None: auto).
+        embedding: 'auto', 'pooled', 'projected' or 'logits'.
+        normalize: L2-normalise each embedding.
+        device: torch device (None: cuda when available, else cpu).
+    """
+
+    checkpoint: Optional[str] = None
+    model: Optional[str] = None
+    dtype: str = "float32"
+    backend: Optional[str] = None
+    embedding: str = "auto"
+    normalize: bool = False
+    device: Optional[str] = None
+
+    def __post_init__(self):
+        from .classify import DTYPES
+
+        if self.checkpoint is None and self.model is None:
+            raise ValueError("model_spec: expected a checkpoint or a model name, got neither")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"model_spec.dtype: expected one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if self.embedding not in EMBEDDINGS:
+            raise ValueError(f"model_spec.embedding: expected one of {EMBEDDINGS}, got {self.embedding!r}")
+
+    def load(self) -> Tuple[nn.Module, Preprocessor]:
+        """(model on its device in eval mode, preprocessor)."""
+        from .classify import DTYPES
+        from .factory import load_model
+
+        if self.checkpoint is None:
+            torch.manual_seed(0)
+        model, pre = load_model(self.checkpoint, self.model, backend=self.backend)
+        device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        return model.to(device=device, dtype=DTYPES[self.dtype]).eval(), pre
+
+
+class ShardProgress:
+    """Progress of a sharded run on stderr: a tqdm bar over shards (done / total) with img/s and
+    skipped, shared by every engine; a no-op when disabled or tqdm is missing."""
+
+    def __init__(self, total: int, done: int, enabled: bool, desc: str = "embed"):
+        self.bar, self.images, self.skipped, self.t0 = None, 0, 0, time.perf_counter()
+        if enabled:
+            try:
+                from tqdm import tqdm
+            except ImportError:  # progress is a nicety, not a dependency
+                return
+            self.bar = tqdm(total=total, initial=done, unit="shard", file=sys.stderr, desc=desc, dynamic_ncols=True)
+
+    def update(self, images: int = 0, skipped: int = 0, shards: int = 0) -> None:
+        self.images += images
+        self.skipped += skipped
+        if self.bar is not None:
+            dt = time.perf_counter() - self.t0
+            self.bar.set_postfix(img_s=f"{self.images / dt:.1f}" if dt > 0 else "-", skipped=self.skipped,
+                                 refresh=False)
+            self.bar.update(shards)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _decode_on_device(chunk, preprocessor: Preprocessor, device, mode: str):
+    """Samples ``(key, bytes, reason)`` -> ``(key, image on device, None)`` or ``(key, None,
+    reason)`` in order, the readable ones decoded together (:func:`fastvit.data.decode.decode_batch`)."""
+    from .data.decode import decode_batch
+
+    ok = [i for i, (_, data, reason) in enumerate(chunk) if reason is None and data is not None]
+    decoded = dict(zip(ok, decode_batch([chunk[i][1] for i in ok], preprocessor, device, mode))) if ok else {}
+    out = []
+    for i, (key, data, reason) in enumerate(chunk):
+        y = decoded.get(i)
+        if y is None:
+            out.append((key, None, reason or "no image bytes"))
+        elif isinstance(y, torch.Tensor):
+            out.append((key, y, None))
+        else:
+            out.append((key, None, str(y)))
+    return out
+
+
+def run_manifest(model, preprocessor: Preprocessor, shards, fmt: str, embedding: str, normalize: bool,
+                 dtype: torch.dtype, embedding_dtype: str, shard_size: int, model_id: Optional[str],
+                 engine: str, batch_size: int, preprocess: str = "exact", decode: str = "cpu") -> Dict[str, Any]:
+    """The manifest fields of a sharded run (:class:`fastvit.data.writers.OutputRun`); the
+    preprocessing mode and the decoder are part of the run (other pixels, other embeddings)."""
+    from .version import __version__
+
+    return dict(format=fmt, embedding=embedding, normalize=bool(normalize), dtype=str(dtype).replace("torch.", ""),
+                embedding_dtype=embedding_dtype, model_fingerprint=model_fingerprint(model),
+                preprocess=json.loads(json.dumps(dict(preprocessor.to_dict(), mode=preprocess, decode=decode))),
+                shard_size=shard_size if shards and shards[0].kind == "files" else None, model=model_id,
+                engine=engine, batch_size=batch_size, fastvit_version=__version__)
+
+
+def _log_start(who: str, mine, todo, out_dir: str) -> None:
+    print(f"fastvit embed: {who}{len(mine) - len(todo)} of {len(mine)} shards already done in {out_dir}, "
+          f"{len(todo)} to do", file=sys.stderr)
+
+
+def log_end(who: str, stats: Dict[str, Any], totals: Optional[dict], out_dir: str) -> None:
+    """The end-of-run lines on stderr, the same for every engine."""
+    print(f"fastvit embed: {who}{stats['embedded']} images embedded, {stats['skipped']} skipped, in "
+          f"{stats['seconds']:.1f} s ({stats['img_per_s'] or 0:.1f} img/s); {stats['shards_written']} shards "
+          f"written, {stats['shards_reused']} already done", file=sys.stderr)
+    if totals is not None:
+        print(f"fastvit embed: all {totals['shards']} shards done: {totals['embedded']} of {totals['samples']} "
+              f"samples embedded ({totals['dim']}-d {totals['embedding']}"
+              f"{', L2-normalised' if totals['normalize'] else ''}, {totals['format']}), {totals['skipped']} skipped"
+              + (f" (listed in {os.path.join(out_dir, SKIPPED)})" if totals["skipped"] else "")
+              + f"; summary in {os.path.join(out_dir, SUMMARY)}", file=sys.stderr)
+
+
+def _embedding_dim(fn, preprocessor: Preprocessor, model, device, dtype) -> int:
+    h, w = preprocessor.output_size or model.patch_embed.img_size
+    with torch.no_grad():
+        return int(fn(torch.zeros(1, 3, h, w, device=device, dtype=dtype)).shape[1])
+
+
+def embed_shards(model, preprocessor: Preprocessor, paths: Sequence[str], out_dir: str, *,
+                 list_files: Sequence[str] = (), fmt: str = "parquet", embedding_dtype: str = "float32",
+                 image_column: Optional[str] = None, key_column: Optional[str] = None, batch_size: int = 32,
+                 embedding: str = "auto", normalize: bool = False, shard_size: int = 10000, num_workers: int = 0,
+                 device: Optional[str] = None, dtype: Optional[torch.dtype] = None, rank: Optional[int] = None,
+                 world_size: Optional[int] = None, overwrite: bool = False, progress: bool = False,
+                 model_id: Optional[str] = None, log: bool = True, preprocess: str = "exact",
+                 decode: str = "cpu") -> Dict[str, Any]:
+    """Embed the samples of tar / parquet shards (or slices of an image file list) into one output
+    shard per input shard in ``out_dir`` (layout in :mod:`fastvit.data.writers`); the local engine,
+    this process's share (shards rank, rank + W, ...) under torchrun.
+
+    Args:
+        paths: tar / parquet shards (brace patterns expanded), or image files / folders.
+        fmt: 'parquet', 'safetensors', 'npy' or 'clip-retrieval'.
+        embedding_dtype: 'float32' or 'float16', the stored embeddings' dtype.
+        image_column, key_column: parquet columns (see :class:`fastvit.data.sources.Shard`).
+        num_workers: decoding threads (0: in the calling thread).
+        preprocess: 'exact' or 'fast' (:meth:`Preprocessor.load`); decode: 'cpu' (the threads) or
+            'cuda' (each batch's JPEGs decoded together by nvJPEG on the model's GPU).
+        other arguments: as :func:`embed_to_dir`.
+
+    Returns:
+        this process's stats (shards, shards_reused, shards_written, embedded, skipped, seconds,
+        img_per_s), ``complete`` and, when complete, ``totals`` (summary.json).
+    """
+    from .data.sources import decode_sample, iter_samples, resolve_shards
+    from .data.writers import FORMATS as SHARD_FORMATS, OutputRun
+
+    if fmt not in SHARD_FORMATS:
+        raise ValueError(f"fmt: expected one of {SHARD_FORMATS}, got {fmt!r}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size: expected >= 1, got {batch_size}")
+    if rank is None or world_size is None:
+        env_rank, env_world = dist_info()
+        rank = env_rank if rank is None else rank
+        world_size = env_world if world_size is None else world_size
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank / world_size: expected 0 <= rank < world_size, got {rank} / {world_size}")
+    shards = resolve_shards(paths, list_files, shard_size, image_column, key_column)
+    model, device, dtype = _prepare(model, device, dtype)
+    if decode == "cuda" and device.type != "cuda":
+        raise ValueError(f"decode: 'cuda' decodes on the GPU and needs a CUDA device, got device {device}")
+    to_float = input_model(model, preprocessor)
+    fn, embedding = embedding_fn(model, embedding)
+    run = OutputRun(out_dir, shards, run_manifest(model, preprocessor, shards, fmt, embedding, normalize, dtype,
+                                                  embedding_dtype, shard_size, model_id, "local", batch_size,
+                                                  preprocess, decode), overwrite=overwrite)
+    mine = shards[rank::world_size]
+    run.clean(mine)
+    todo = run.todo(mine)
+    who = f"rank {rank}/{world_size}: " if world_size > 1 else ""
+    if log:
+        _log_start(who, mine, todo, out_dir)
+    stats = dict(engine="local" if world_size == 1 else "torchrun", rank=rank, world_size=world_size,
+                 device=str(device), batch_size=batch_size, backend=getattr(model, "backend", None), shards=len(mine),
+                 shards_reused=len(mine) - len(todo), shards_written=0, embedded=0, skipped=0, seconds=0.0,
+                 img_per_s=None)
+    t0 = time.perf_counter()
+    if todo:
+        dim = _embedding_dim(fn, preprocessor, model, device, dtype)
+        bar = ShardProgress(len(mine), len(mine) - len(todo), progress and rank == 0)
+        pool = None
+        if num_workers > 0:
+            from concurrent.futures import ThreadPoolExecutor
+
+            pool = ThreadPoolExecutor(num_workers)  # PIL decodes without the GIL
+        try:
+            for shard in todo:
+                run.begin(shard)
+                keys, outs, skipped, samples = [], [], [], 0
+                chunk: List[tuple] = []
+                it = iter_samples(shard)
+                while True:
+                    chunk = [s for _, s in zip(range(batch_size), it)]
+                    if not chunk:
+                        break
+                    if decode == "cuda":
+                        items = _decode_on_device(chunk, preprocessor, device, preprocess)
+                    elif pool is not None:
+                        items = pool.map(lambda s: decode_sample(*s, preprocessor, preprocess), chunk)
+                    else:
+                        items = (decode_sample(*s, preprocessor, preprocess) for s in chunk)
+                    good = []
+                    for key, x, reason in items:
+                        samples += key is not None
+                        if x is None:
+                            skipped.append((key, reason))
+                        else:
+                            good.append((key, x))
+                    if good:
+                        x = model_input(torch.stack([x for _, x in good]), device, dtype)
+                        if to_float is not None and x.dtype == torch.uint8:
+                            x = to_float(x)
+                        with torch.no_grad():
+                            out = fn(x)
+                        outs.append(_finish(out, normalize).cpu())
+                        keys += [k for k, _ in good]
+                    bar.update(images=len(good), skipped=len(chunk) - len(good))
+                emb = torch.cat(outs) if outs else torch.zeros(0, dim)
+                run.write(shard, keys, emb.numpy(), skipped, dim, samples)
+                stats["shards_written"] += 1
+                stats["embedded"] += len(keys)
+                stats["skipped"] += len(skipped)
+                bar.update(shards=1)
+        finally:
+            if pool is not None:
+                pool.shutdown()
+            bar.close()
+    stats["seconds"] = round(time.perf_counter() - t0, 3)
+    stats["img_per_s"] = round(stats["embedded"] / stats["seconds"], 2) if stats["seconds"] > 0 else None
+    totals = run.finish(stats, world_size)
+    if log:
+        log_end(who, stats, totals, out_dir)
+    return dict(stats, complete=totals is not None, totals=totals)

@@ -40,7 +40,9 @@ def test_subcommands_registered():
     sub = next(a for a in parser._actions if a.dest == "command")
     assert {"info", "demo", "bench", "viz", "classify", "embed", "convert"} <= set(sub.choices)
     args = parser.parse_args(["embed", "imgs", "-o", "out", "--model", "vit_tiny_patch16_224"])
-    assert (args.embedding, args.format, args.shard_size, args.normalize) == ("auto", "safetensors", 10000, False)
+    # --format defaults by the inputs: safetensors for image folders, parquet for tar / parquet shards
+    assert (args.embedding, args.format, args.shard_size, args.normalize) == ("auto", None, 10000, False)
+    assert (args.engine, args.embedding_dtype, args.actors) == ("local", "float32", None)
     # the options classify and embed share
     for cmd in ("classify", "embed"):
         a = parser.parse_args([cmd, "x", "--list", "l1.txt", "--list", "l2.txt", "--batch-size", "8", "--dtype",
