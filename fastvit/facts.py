@@ -27,7 +27,9 @@ __all__ = [
 ]
 
 # The public ops, in data-flow order. Every backend implements a subset (declared in its limits).
-OPS = ("patch_embed", "attention", "attention_probs", "layer_norm", "linear", "mlp")
+# attention_varlen is attention over packed sequences (flash-attention's varlen layout: (total,
+# H, d) tokens, int32 cumulative offsets), the NaFlex models' mixed-size batches.
+OPS = ("patch_embed", "attention", "attention_probs", "attention_varlen", "layer_norm", "linear", "mlp")
 
 # Epilogue activations of linear / mlp. The integer codes cross into the kernels (Triton
 # constexpr ACT, csrc/fastvit_cuda.h enum Act): their order is part of the contract.

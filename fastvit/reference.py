@@ -28,6 +28,7 @@ __all__ = [
     "attention",
     "attention_probs",
     "attention_for",
+    "attention_varlen",
     "layer_norm_for",
     "linear",
     "mlp",
@@ -254,6 +255,68 @@ def attention_probs(
         q, k = apply_rope(q, rope, rope_half), apply_rope(k, rope, rope_half)
     out, p = _attention_math(q, k, v, scale, bias)
     return _contract_layout(out.to(q.dtype)), p
+
+
+def attention_varlen(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    scale: Optional[float] = None,
+    upcast: bool = False,
+) -> torch.Tensor:
+    """Softmax attention over packed sequences (flash-attention's varlen layout), no dropout:
+    sequence i's queries ``q[cu_seqlens_q[i]:cu_seqlens_q[i + 1]]`` attend to its keys / values
+    ``k, v[cu_seqlens_k[i]:cu_seqlens_k[i + 1]]`` and to nothing else.
+
+    Args:
+        q: (total_q, H, d); k, v: (total_k, H, d); any strides (views of a packed qkv buffer).
+        cu_seqlens_q, cu_seqlens_k: (B + 1,) integer cumulative offsets, 0 first, the totals
+            last, non-decreasing (a sequence may be empty; one with queries has keys).
+        max_seqlen_q, max_seqlen_k: at least the longest query / key sequence (the padded
+            length this formulation works at).
+        scale: softmax scale, default ``d ** -0.5``.
+        upcast: explicit float32 math formulation (oracle mode).
+
+    Returns:
+        (total_q, H, d) contiguous, in q's dtype.
+
+    The sequences are gathered into a padded (B, H, max_seqlen, d) batch by index (no host read
+    of the offsets: no GPU sync, traceable by torch.compile), attended with the padding keys
+    masked out, and the valid rows gathered back. Padding query rows attend to their sequence's
+    keys (any valid row would do) and are dropped, so no row is all-masked and the backward
+    sees no NaN.
+    """
+    total_q, H, d = q.shape
+    if scale is None:
+        scale = d ** -0.5
+    if total_q == 0:
+        return q.new_empty(0, H, d)
+    dev = q.device
+    cq, ck = cu_seqlens_q.long().contiguous(), cu_seqlens_k.long().contiguous()
+    len_k = ck[1:] - ck[:-1]  # (B,)
+    pos_q = torch.arange(max_seqlen_q, device=dev)
+    pos_k = torch.arange(max_seqlen_k, device=dev)
+    idx_q = (cq[:-1, None] + pos_q).clamp(max=total_q - 1)  # (B, Mq): padding rows read a valid token
+    idx_k = (ck[:-1, None] + pos_k).clamp(max=max(k.shape[0] - 1, 0))
+    qp, kp, vp = q[idx_q].transpose(1, 2), k[idx_k].transpose(1, 2), v[idx_k].transpose(1, 2)  # (B, H, M, d)
+    # (B, 1, 1, Mk): keys of the sequence; an empty sequence (no queries either) attends to its
+    # padding rather than to nothing, so its dropped rows are finite
+    keep = (pos_k < len_k[:, None]) | (len_k == 0)[:, None]
+    keep = keep[:, None, None, :]
+    if upcast:
+        s = torch.matmul(qp.float(), kp.float().transpose(-2, -1)) * scale  # (B, H, Mq, Mk)
+        s = s.masked_fill(~keep, float("-inf"))
+        out = torch.matmul(torch.softmax(s, dim=-1), vp.float()).to(q.dtype)
+    else:
+        out = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=keep, scale=scale)
+    # each packed token's (sequence, position): the rows to keep, in packed order
+    tok = torch.arange(total_q, device=dev)
+    seq = torch.searchsorted(cq[1:], tok, right=True)
+    return out.transpose(1, 2)[seq, tok - cq[seq]]
 
 
 def layer_norm(

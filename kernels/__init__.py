@@ -34,7 +34,7 @@ _TRITON_MIN = (3, 0)
 
 LIMITS = BackendLimits(
     name="triton",
-    ops=frozenset(OPS),
+    ops=frozenset(OPS) - {"attention_varlen"},
     devices=("cuda", "cpu"),
     min_capability=(8, 0),
     max_head_dim=256,  # q and the accumulator tiles (BLOCK_M x 256) must stay on chip
