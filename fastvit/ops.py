@@ -531,8 +531,7 @@ def attention_varlen(
     if rope is not None:
         _fail("rope", "None (attention_varlen applies no RoPE: rotate q / k before packing them)",
               f"a {type(rope).__name__}")
-    compiling = _is_compiling()
-    sig = None if compiling else _signature(q, k, v, cu_seqlens_q, cu_seqlens_k)
+    sig = None if _is_compiling() else _signature(q, k, v, cu_seqlens_q, cu_seqlens_k)
     key = plan = None
     if sig is not None:
         key = ("attention_varlen", backend, scale.__class__, sig)
@@ -545,9 +544,8 @@ def attention_varlen(
                       (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale),
                       _validate_attention_varlen, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                       scale)
-    else:
+    else:  # the plan fixed shapes and dtypes; the offsets' values and the max lengths are per call
         _check_seqlen_args(max_seqlen_q, max_seqlen_k)
-    if not compiling:
         _check_offsets(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     s = q.shape[-1] ** -0.5 if scale is None else float(scale)
     return plan(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, s)
@@ -618,6 +616,8 @@ def _validate_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q
             _fail(name, f"device {q.device} (as q)", f"device {t.device}")
     _check_seqlen_args(max_seqlen_q, max_seqlen_k)
     _scale(scale, d)
+    if not torch.compiler.is_compiling():  # traced offsets have no values
+        _check_offsets(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     return q.device, dict(dtype=q.dtype, head_dim=d)
 
 

@@ -23,18 +23,19 @@ import triton
 from fastvit.facts import ACTIVATIONS, OPS, BackendLimits
 
 from .attention import FP32_MAX_HEAD_DIM, attention_for, attention_fwd as attention, attention_probs_fwd as attention_probs
+from .attention_varlen import attention_varlen_for, attention_varlen_fwd as attention_varlen
 from .layer_norm import layer_norm_for, layer_norm_fwd as layer_norm
 from .linear import linear_for, linear_fwd as linear, mlp_for, mlp_fwd as mlp
 from .patch_embed import patch_embed_fwd as patch_embed
 
-__all__ = ["LIMITS", "available", "patch_embed", "attention", "attention_probs", "layer_norm", "linear", "mlp",
-           "attention_for", "layer_norm_for", "linear_for", "mlp_for"]
+__all__ = ["LIMITS", "available", "patch_embed", "attention", "attention_probs", "attention_varlen", "layer_norm",
+           "linear", "mlp", "attention_for", "attention_varlen_for", "layer_norm_for", "linear_for", "mlp_for"]
 
 _TRITON_MIN = (3, 0)
 
 LIMITS = BackendLimits(
     name="triton",
-    ops=frozenset(OPS) - {"attention_varlen"},
+    ops=frozenset(OPS),
     devices=("cuda", "cpu"),
     min_capability=(8, 0),
     max_head_dim=256,  # q and the accumulator tiles (BLOCK_M x 256) must stay on chip
