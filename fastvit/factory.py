@@ -20,6 +20,7 @@ from .convert import (convert_hf_state_dict, convert_timm_state_dict, hf_config_
                       model_kwargs, timm_model_kwargs)
 from .hub import hub_folder, is_hub_name, read_config, timm_hub_id, timm_pretrained_cfg
 from .model import VisionTransformer
+from .naflex import NaFlexPreprocessor, is_naflex, model_class, unpad_hf_inputs
 from .preprocess import Preprocessor
 from .registry import list_models, model_config, preprocess_config
 from .version import __version__
@@ -51,7 +52,7 @@ def create_model(name: str, checkpoint: Optional[str] = None, **overrides) -> Vi
     """
     cfg = model_config(name)
     cfg.update(overrides)
-    model = VisionTransformer(**cfg)
+    model = model_class(cfg)(**cfg)
     if checkpoint is not None:
         load_checkpoint(model, checkpoint)
     return model.eval()
@@ -73,7 +74,8 @@ def from_timm(timm_model: nn.Module, backend: Optional[str] = None) -> VisionTra
 
     Returns a fastvit model on the timm model's device and dtype, in its train / eval mode.
     """
-    model = VisionTransformer(backend=backend, **timm_model_kwargs(timm_model))
+    kwargs = timm_model_kwargs(timm_model)
+    model = model_class(kwargs)(backend=backend, **kwargs)
     p = next(timm_model.parameters())
     model.to(device=p.device, dtype=p.dtype)
     load_state_dict(model, convert_timm_state_dict(timm_model.state_dict(), model), source="timm_model")
@@ -99,8 +101,10 @@ def from_hf(hf_model_or_state_dict, config=None, backend: Optional[str] = None) 
     (CLIP: post_layernorm of the class token; SigLIP: the MAP head); for
     ``CLIPVisionModelWithProjection`` / ``CLIPModel`` the ``image_embeds`` (visual_projection, no
     bias); for ``BeitModel`` the ``pooler_output`` (fc_norm of the mean patch token, or the class
-    token). :func:`hf_outputs` gives them under HF's names. ``Siglip2VisionModel`` (NaFlex),
-    ``BeitForMaskedImageModeling``, ``BeitForSemanticSegmentation`` and ``BeitBackbone`` are refused.
+    token); for ``Siglip2VisionModel`` / ``Siglip2Model`` (NaFlex: a
+    :class:`~fastvit.naflex.NaFlexVisionTransformer`) the MAP head's ``pooler_output``. :func:`hf_outputs`
+    gives them under HF's names (NaFlex: from the padded ``pixel_values`` / ``pixel_attention_mask`` /
+    ``spatial_shapes``, packed inside). ``BeitForMaskedImageModeling``, ``BeitForSemanticSegmentation`` and ``BeitBackbone`` are refused.
     """
     if isinstance(hf_model_or_state_dict, nn.Module):
         hf = hf_model_or_state_dict
@@ -126,7 +130,7 @@ def from_hf(hf_model_or_state_dict, config=None, backend: Optional[str] = None) 
         kwargs.update(global_pool="", fc_norm=False, final_norm=False)
     if "dist_token" in sd and kwargs.get("reg_tokens") == 1:
         sd["reg_token"] = sd.pop("dist_token")
-    model = VisionTransformer(backend=backend, **kwargs)
+    model = model_class(kwargs)(backend=backend, **kwargs)
     if device is not None:
         model.to(device=device, dtype=dtype)
     load_state_dict(model, sd, source="Hugging Face state_dict")
@@ -138,7 +142,7 @@ def _timm_layout_model(config: dict, backend: Optional[str]) -> VisionTransforme
     arch = config["architecture"]
     args = dict(config.get("model_args") or {})
     if arch == "fastvit":
-        return VisionTransformer(backend=backend, **args)
+        return model_class(args)(backend=backend, **args)
     for k in ("num_classes", "global_pool"):
         if k in config and k not in args:
             args[k] = config[k]
@@ -146,7 +150,7 @@ def _timm_layout_model(config: dict, backend: Optional[str]) -> VisionTransforme
     if base in list_models():
         cfg = model_config(base)
         cfg.update(args)
-        return VisionTransformer(backend=backend, **cfg)
+        return model_class(cfg)(backend=backend, **cfg)
     try:
         import timm
     except ImportError:
@@ -214,6 +218,8 @@ def load_model(checkpoint: Optional[str], model_name: Optional[str] = None, back
         arch = model_name if model_name in list_models() else model_name.split(".")[0]
         model = create_model(arch, checkpoint=checkpoint, backend=backend)
         cfg = preprocess_config(arch)  # CLIP / SigLIP presets name their own processor
+        if is_naflex(model):
+            return model, NaFlexPreprocessor.from_preset(arch)
         if cfg is None:
             timm_cfg = timm_pretrained_cfg(model_name)
             cfg = timm_cfg.to_dict() if timm_cfg is not None else None
@@ -225,6 +231,8 @@ def load_model(checkpoint: Optional[str], model_name: Optional[str] = None, back
                                     f"got {checkpoint!r}")
         folder = hub_folder(checkpoint, local_files_only=local_files_only)
     model = from_pretrained(folder, backend=backend)
+    if is_naflex(model):
+        return model, NaFlexPreprocessor.from_pretrained(folder, model=model)
     return model, Preprocessor.from_pretrained(folder, model=model)
 
 
@@ -265,16 +273,30 @@ class ViTOutput(dict):
 
 
 def hf_outputs(model: VisionTransformer, pixel_values: torch.Tensor, output_hidden_states: bool = False,
-               output_attentions: Union[bool, Sequence[int]] = False) -> ViTOutput:
+               output_attentions: Union[bool, Sequence[int]] = False, *,
+               pixel_attention_mask: Optional[torch.Tensor] = None,
+               spatial_shapes: Optional[torch.Tensor] = None) -> ViTOutput:
     """Run ``model`` and return transformers-style outputs (see :class:`ViTOutput`).
 
     Args:
-        pixel_values: (B, C, H, W).
+        pixel_values: (B, C, H, W); or, with ``spatial_shapes`` (Siglip2VisionModel's NaFlex
+            inputs), patches (B, M, ph * pw * C), each image's first, zero rows after.
         output_hidden_states: also return the embeddings and every block's output, each (B, N, D)
             with N = prefix + patch tokens (HF ``hidden_states``).
         output_attentions: True for every layer, or a list of layer indices: only those compute
             probabilities (via :func:`fastvit.ops.attention_probs`), the rest stay on the fast path.
+        pixel_attention_mask: (B, M) 1 for each image's patches (NaFlex).
+        spatial_shapes: (B, 2) each image's patch grid (rows, cols) (NaFlex).
+
+    With ``spatial_shapes`` the valid patches are packed into one sequence
+    (:meth:`~fastvit.model.VisionTransformer.forward_packed`): no padding token is computed, and
+    ``last_hidden_state`` (B, T + M, D) holds each image's tokens (prefix first) and zeros at its
+    padding positions (Siglip2VisionModel computes rows there from the zero patches; they take
+    part in nothing); ``pooler_output`` is the pooling over each image's own tokens.
     """
+    if spatial_shapes is not None or pixel_attention_mask is not None:
+        return _hf_packed_outputs(model, pixel_values, pixel_attention_mask, spatial_shapes, output_hidden_states,
+                                  output_attentions)
     depth = len(model.blocks)
     if output_attentions is True:
         attn_layers = list(range(depth))
@@ -302,4 +324,27 @@ def hf_outputs(model: VisionTransformer, pixel_values: torch.Tensor, output_hidd
     if attn_layers:
         attns = rest[0]
         out["attentions"] = tuple(attns.get(i) for i in range(depth))
+    return out
+
+
+def _hf_packed_outputs(model, pixel_values, pixel_attention_mask, spatial_shapes, output_hidden_states,
+                       output_attentions) -> ViTOutput:
+    """:func:`hf_outputs` for NaFlex padded patches: unpad, run packed, pad the tokens back."""
+    if output_hidden_states or output_attentions:
+        raise ValueError("output_hidden_states / output_attentions: not available with pixel_attention_mask / "
+                         "spatial_shapes (packed NaFlex inputs); call hf_outputs without them")
+    patches, grids = unpad_hf_inputs(pixel_values, pixel_attention_mask, spatial_shapes)
+    res = model.forward_packed(patches, grids, pre_logits=True)
+    B, M = pixel_values.shape[:2]
+    T = model.num_prefix_tokens
+    tokens = res.tokens
+    last = tokens.new_zeros(B, T + M, tokens.shape[1])
+    for i, t in enumerate(res.split()):
+        last[i, :t.shape[0]] = t
+    pooled = res.pooled if model.global_pool else None
+    out = ViTOutput(last_hidden_state=last, pooler_output=pooled)
+    if model.num_classes and pooled is not None:
+        head = model.head
+        name = "image_embeds" if isinstance(head, nn.Linear) and head.bias is None else "logits"
+        out[name] = model._head(head, pooled)
     return out
