@@ -54,6 +54,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .imagefiles import batches_of, dist_info, expand_inputs, progress_bar, read_list_file, run_batches
+from .naflex import batch_runner
 from .preprocess import Preprocessor
 
 __all__ = ["EMBEDDINGS", "FORMATS", "RunMismatch", "has_projection", "embedding_fn", "iter_embeddings",
@@ -150,7 +151,7 @@ def _prepare(model, device, dtype):
 def iter_embeddings(model, preprocessor: Preprocessor, paths: Sequence[str], batch_size: int = 32,
                     embedding: str = "auto", normalize: bool = False, num_workers: int = 0,
                     device: Optional[str] = None, dtype: Optional[torch.dtype] = None, expand: bool = True,
-                    on_skip: Optional[Callable[[str, str], None]] = None
+                    on_skip: Optional[Callable[[str, str], None]] = None, max_tokens: Optional[int] = None
                     ) -> Iterator[Tuple[List[str], torch.Tensor]]:
     """Embed images batch by batch: yields ``(paths, embeddings (b, D) float32 on the CPU)``.
 
@@ -161,14 +162,17 @@ def iter_embeddings(model, preprocessor: Preprocessor, paths: Sequence[str], bat
         normalize: L2-normalise each embedding.
         on_skip: called ``on_skip(path, reason)`` for each file that cannot be read or decoded;
             by default a warning. Such files are left out of the batches (b <= batch_size).
+        max_tokens: NaFlex models (a NaFlexPreprocessor): at most this many tokens per packed
+            forward (a batch of mixed sizes is cut into runs; see :func:`fastvit.naflex.packed_batches`).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size: expected >= 1, got {batch_size}")
     files = expand_inputs(paths) if expand else list(paths)
     model, device, dtype = _prepare(model, device, dtype)
-    fn, _ = embedding_fn(model, embedding)
-    for idx, out, bad in run_batches(fn, files, preprocessor, batches_of(range(len(files)), batch_size), device,
-                                     dtype, num_workers):
+    fn, embedding = embedding_fn(model, embedding)
+    run = batch_runner(model, preprocessor, embedding, max_tokens, run_batches)
+    for idx, out, bad in run(fn, files, preprocessor, batches_of(range(len(files)), batch_size), device,
+                             dtype, num_workers):
         for i, reason in bad:
             if on_skip is not None:
                 on_skip(files[i], reason)
@@ -364,7 +368,7 @@ def embed_to_dir(model, preprocessor: Preprocessor, paths: Sequence[str], out_di
                  shard_size: int = 10000, num_workers: int = 0, device: Optional[str] = None,
                  dtype: Optional[torch.dtype] = None, rank: Optional[int] = None, world_size: Optional[int] = None,
                  overwrite: bool = False, progress: bool = False, model_id: Optional[str] = None,
-                 log: bool = True) -> Dict[str, Any]:
+                 log: bool = True, max_tokens: Optional[int] = None) -> Dict[str, Any]:
     """Embed every image of ``paths`` (+ ``list_files``) into shards in ``out_dir`` (see the module
     docstring for the layout and the guarantees); this process's share only when ``world_size > 1``.
 
@@ -381,6 +385,7 @@ def embed_to_dir(model, preprocessor: Preprocessor, paths: Sequence[str], out_di
             resumed either way, so a command line with ``--overwrite`` can be rerun safely).
         model_id: how the user named the model (recorded in the manifest; not compared).
         log: one line at the start and a summary at the end on stderr.
+        max_tokens: NaFlex models: at most this many tokens per packed forward (see :func:`iter_embeddings`).
 
     Returns:
         this process's summary: shards (its share), shards_reused, shards_written, embedded,
@@ -405,6 +410,7 @@ def embed_to_dir(model, preprocessor: Preprocessor, paths: Sequence[str], out_di
         raise ValueError("paths: expected at least one image, got none")
     model, device, dtype = _prepare(model, device, dtype)
     fn, embedding = embedding_fn(model, embedding)
+    run = batch_runner(model, preprocessor, embedding, max_tokens, run_batches)
     os.makedirs(out_dir, exist_ok=True)
     layout = _Layout(out_dir, len(files), shard_size, fmt)
     manifest: Dict[str, Any] = dict(
@@ -444,8 +450,8 @@ def embed_to_dir(model, preprocessor: Preprocessor, paths: Sequence[str], out_di
                 pass
         batches = [b for i in todo for b in batches_of(layout.range(i), batch_size)]
         cur, outs, rows, bad, seen = None, [], [], [], 0
-        for idx, out, skipped in run_batches(fn, files, preprocessor, batches, device, dtype, num_workers,
-                                             bar.update if bar is not None else None):
+        for idx, out, skipped in run(fn, files, preprocessor, batches, device, dtype, num_workers,
+                                     bar.update if bar is not None else None):
             first = idx[0] if idx else skipped[0][0]
             if cur is None:
                 cur = first // shard_size
@@ -534,6 +540,9 @@ def add_embed_parser(sub) -> None:
     s.add_argument("--normalize", action="store_true", help="L2-normalise each embedding")
     s.add_argument("--format", default="safetensors", choices=FORMATS, help="shard file format")
     s.add_argument("--shard-size", type=int, default=10000, help="images per shard (the unit of resumption)")
+    s.add_argument("--max-tokens", type=int, default=None,
+                   help="NaFlex models: at most this many tokens per packed forward (images of mixed sizes in one "
+                        "sequence; a batch is cut into runs within the budget)")
     s.add_argument("--overwrite", action="store_true",
                    help="start afresh in an output folder that holds another run (other inputs, model or options); "
                         "a folder of this same run is resumed either way")
@@ -555,12 +564,13 @@ def cmd_embed(args) -> int:
                      embedding=args.embedding, normalize=args.normalize, fmt=args.format,
                      shard_size=args.shard_size, num_workers=args.workers, device=device, dtype=DTYPES[args.dtype],
                      rank=rank, world_size=world, overwrite=args.overwrite, progress=not args.no_progress,
+                     max_tokens=args.max_tokens,
                      model_id=" ".join(f"--{k} {v}" for k, v in (("checkpoint", args.checkpoint),
                                                                 ("model", args.model)) if v))
     except (RunMismatch, FileNotFoundError) as e:
         raise SystemExit(f"{prog}: {e}") from None
     except ValueError as e:
-        if str(e).startswith(("embedding:", "inputs:")):
+        if str(e).startswith(("embedding:", "inputs:", "max_tokens:")):
             raise SystemExit(f"{prog}: {e}") from None
         raise
     return 0

@@ -464,3 +464,15 @@ def packed_batches(model, embedding: str, max_tokens: Optional[int] = None) -> C
             yield idx, out, bad
 
     return run
+
+
+def batch_runner(model, preprocessor, embedding: str, max_tokens: Optional[int], default: Callable) -> Callable:
+    """``fastvit embed``'s batch runner: :func:`packed_batches` when ``preprocessor`` is a
+    :class:`NaFlexPreprocessor` (images keep their own sizes), else ``default``
+    (:func:`fastvit.imagefiles.run_batches`); ``max_tokens`` is for the packed runner only."""
+    if isinstance(preprocessor, NaFlexPreprocessor):
+        return packed_batches(model, embedding, max_tokens)
+    if max_tokens is not None:
+        raise ValueError(f"max_tokens: a token budget is for NaFlex models (packed batches of mixed sizes), got "
+                         f"{max_tokens} with a fixed-size {type(preprocessor).__name__}")
+    return default
