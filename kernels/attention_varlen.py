@@ -37,7 +37,7 @@ from fastvit.facts import dtype_name
 from .attention import _CFG_16BIT, _CFG_FP32, LOG2E, _attn_tile, _precision, block_d_of
 from .attention import heuristic as _plain_heuristic, interpreter_heuristic as _plain_interpreter_heuristic
 from .attention import keep as _plain_keep
-from .autotune import Config, Tunable, cdiv, n_bucket
+from .autotune import Config, Tunable, cdiv, n_bucket, target_arch
 
 
 @triton.jit
@@ -112,15 +112,32 @@ def _plain_key(key: Tuple) -> Tuple:
     return (nq_b, nkv_b, d, dt, False, 1024, False, 0, False)
 
 
+def _spills(cfg: Config, key: Tuple) -> bool:
+    """Rows the fixed-length forward keeps that spill here: the varlen kernel holds a few more
+    scalars live (offsets, sequence lengths, int64 bases), and under triton 3.8 on sm_80 64 x 64 at
+    8 warps with 128-wide heads (d 72 / 80 / 96 / 128) reaches 255 registers + 8 B of spill, 128 x
+    64 at 8 warps and 3 stages with 32-wide heads 16 B (AOT table; triton 3.6 compiles both clean)."""
+    if target_arch() >= 90:
+        return False
+    row, block_d = (cfg["BLOCK_M"], cfg["BLOCK_N"], cfg.num_warps, cfg.num_stages), block_d_of(key[2])
+    return (block_d >= 128 and row == (64, 64, 8, 3)) or (block_d <= 32 and row == (128, 64, 8, 3))
+
+
 def keep(cfg: Config, key: Tuple) -> bool:
     """key: see :func:`_key`. The fixed-length forward's pruning (shared memory, registers per
-    arch, spills in the AOT table, tiles far larger than the sequences)."""
-    return _plain_keep(cfg, _plain_key(key))
+    arch, spills in the AOT table, tiles far larger than the sequences), minus :func:`_spills`."""
+    return _plain_keep(cfg, _plain_key(key)) and not _spills(cfg, key)
 
 
 def heuristic(key: Tuple) -> Config:
-    """Without tuning: the fixed-length forward's pick for a sequence of the longest length."""
-    return _plain_heuristic(_plain_key(key))
+    """Without tuning: the fixed-length forward's pick for a sequence of the longest length; where
+    that one spills here (:func:`_spills`), the first kept config, else 128 x 64 at 8 warps (the
+    128-wide heads' spill-free tile on sm_80 when short sequences prune every other)."""
+    cfg = _plain_heuristic(_plain_key(key))
+    if not _spills(cfg, key):
+        return cfg
+    kept = [c for c in _configs() if keep(c, key)]
+    return kept[0] if kept else Config.make(8, 3, BLOCK_M=128, BLOCK_N=64)
 
 
 def interpreter_heuristic(key: Tuple) -> Config:

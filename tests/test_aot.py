@@ -29,7 +29,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARTIFACT = os.path.join(ROOT, "artifacts", "aot_table.md")  # one table per triton version
 ARCHS = {90: 232448, 80: 166912}
-_TY = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
+_TY = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32", "int32": "i32"}
 
 
 # --------------------------------------------------------------------------- worker side
@@ -41,8 +41,9 @@ def _variants():
     from fastvit.kernels.autotune import next_pow2
 
     # import_module: the package re-exports functions named like its submodules (attention ...)
-    attention, layer_norm, linear, patch_embed = (importlib.import_module(f"fastvit.kernels.{m}")
-                                                  for m in ("attention", "layer_norm", "linear", "patch_embed"))
+    attention, attention_varlen, layer_norm, linear, patch_embed = (
+        importlib.import_module(f"fastvit.kernels.{m}")
+        for m in ("attention", "attention_varlen", "layer_norm", "linear", "patch_embed"))
 
     out = []
     plain = (False, 0, False)  # attention flags (HAS_BIAS, ROPE, ROPE_PER_HEAD): no bias, no RoPE
@@ -95,6 +96,22 @@ def _variants():
             for name in ("bias+rope", "rope_half per-head"):
                 key = (256, 256, d, dt, True, 1024) + features[name]
                 attn("_attn_probs_fwd", f"{dt} d={d} {name}", d, dt, attention.heuristic(key), features[name], False)
+    # attention_varlen (packed sequences, #23): every candidate at the NaFlex budgets (longest
+    # sequence 256 and 1024) for head dims 64, 72 (so400m) and 128 in float16 and bfloat16, the
+    # heuristic for every other head dim, for float32 and for short sequences (longest <= 64)
+    for dt in ("float16", "bfloat16", "float32"):
+        for d in (32, 48, 64, 72, 80, 96, 128):
+            if dt == "float32" and d > attention.FP32_MAX_HEAD_DIM:
+                continue
+            for n in (64, 256, 1024):
+                key = (n, n, d, dt)
+                every = dt != "float32" and d in (64, 72, 128) and n > 64
+                for cfg in attention_varlen.TUNE.candidates(key) if every else [attention_varlen.heuristic(key)]:
+                    const = dict(HEAD_DIM=d, BLOCK_D=attention.block_d_of(d),
+                                 PRECISION="ieee" if dt == "float32" else "tf32", **cfg.kwargs)
+                    ptrs = {"Q": dt, "K": dt, "V": dt, "O": dt, "CuQ": "int32", "CuK": "int32"}
+                    out.append(("attention_varlen", "_attn_varlen_fwd", f"{dt} d={d} max={n}", cfg, const, ptrs,
+                                dt != "float32"))
     # linear: every config for ViT-B qkv with the LN prologue (K=768, N=2304), heuristics for the
     # other flag sets (fc1 + GELU / tanh GELU / QuickGELU, fc2 / proj + gamma + residual) and for float32
     flavours = [("qkv+ln", dict(HAS_BIAS=True, ACT=0, HAS_GAMMA=False, HAS_RES=False, HAS_LN=True, HAS_LN_B=True), 768, 2304),
@@ -276,7 +293,8 @@ def test_every_config_compiles(aot_rows):
     bad = [f"{r['kernel']} {r['variant']} {r['config']} {r['arch']}: {r['error']}" for r in aot_rows if not r["ok"]]
     assert not bad, "configs that do not compile:\n" + "\n".join(bad)
     kernels = {r["kernel"] for r in aot_rows}
-    assert kernels == {"_attn_fwd", "_attn_probs_fwd", "_linear_fwd", "_ln_fwd", "_patch_embed_fwd"}, kernels
+    assert kernels == {"_attn_fwd", "_attn_probs_fwd", "_attn_varlen_fwd", "_linear_fwd", "_ln_fwd",
+                       "_patch_embed_fwd"}, kernels
     assert {r["arch"] for r in aot_rows} == {"sm_90", "sm_80"}
 
 
@@ -294,7 +312,8 @@ def test_no_register_spills(aot_rows):
 
 def test_wgmma_on_sm90(aot_rows):
     eligible = [r for r in aot_rows if r["ok"] and r.get("want_wgmma")]
-    assert {r["kernel"] for r in eligible} >= {"_attn_fwd", "_linear_fwd"}, "no wgmma-eligible GEMM/attention config"
+    assert {r["kernel"] for r in eligible} >= {"_attn_fwd", "_attn_varlen_fwd", "_linear_fwd"}, \
+        "no wgmma-eligible GEMM/attention config"
     bad = [f"{r['kernel']} {r['variant']} {r['config']}" for r in eligible if not r["wgmma"]]
     assert not bad, "sm_90 GEMM / attention configs without wgmma:\n" + "\n".join(bad)
 
