@@ -519,7 +519,8 @@ def attention_varlen(
 
     Offsets are checked by value (the first entry, order, totals against q / k, the longest
     sequence against max_seqlen), once per offsets tensor: the facts are cached on the tensor
-    object and its version counter (an in-place change re-checks). A new CUDA offsets tensor costs
+    object and its version counter (an in-place change re-checks; inference tensors have no
+    counter and are checked once). A new CUDA offsets tensor costs
     one device-to-host copy of its B + 1 entries (a sync) on its first use; offsets made by
     :func:`varlen_offsets` from host lengths are registered there and never read back. Skipped
     where the values cannot be read: while torch.compile traces (FakeTensors), during CUDA-graph
@@ -638,18 +639,27 @@ _OFFSETS: Dict[int, tuple] = {}
 _MAX_OFFSETS = 4096
 
 
+def _version(t: Tensor) -> int:
+    """The tensor's in-place version counter; -1 for an inference tensor, which has none (offsets
+    made under torch.inference_mode are then checked once per tensor, not per in-place change)."""
+    try:
+        return t._version
+    except RuntimeError:
+        return -1
+
+
 def _remember_offsets(t: Tensor, facts: _OffsetFacts) -> None:
     if len(_OFFSETS) >= _MAX_OFFSETS:
         _OFFSETS.clear()
     i = id(t)
-    _OFFSETS[i] = (weakref.ref(t, lambda _, i=i: _OFFSETS.pop(i, None)), t._version, facts)
+    _OFFSETS[i] = (weakref.ref(t, lambda _, i=i: _OFFSETS.pop(i, None)), _version(t), facts)
 
 
 def _offset_facts(t: Tensor, arg: str) -> Optional[_OffsetFacts]:
     """The checked facts of offsets tensor ``t`` (cached per tensor and version), or None where
     its values cannot be read (a tensor subclass, CUDA-graph capture)."""
     entry = _OFFSETS.get(id(t))
-    if entry is not None and entry[0]() is t and entry[1] == t._version:
+    if entry is not None and entry[0]() is t and entry[1] == _version(t):
         return entry[2]
     if t.__class__ is not torch.Tensor:
         return None

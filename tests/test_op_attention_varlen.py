@@ -270,6 +270,38 @@ def test_offsets_are_checked_once_per_tensor(monkeypatch):
         ops.attention_varlen(q, k, v, other, other, mx, 9, backend="torch")
 
 
+def test_offsets_made_in_inference_mode():
+    """Inference tensors have no version counter: checked once, then cached by identity."""
+    with torch.inference_mode():
+        q, k, v, cu, _, mx, _ = packed([4, 9], None, 1, 16, torch.float32)
+        other = cu.clone()
+        for _ in range(2):
+            out = ops.attention_varlen(q, k, v, other, other, mx, mx, backend="torch")
+        assert out.shape == q.shape
+        with pytest.raises(ValueError, match="max_seqlen_k: expected an int >= the longest sequence"):
+            ops.attention_varlen(q, k, v, other, other, mx, 3, backend="torch")
+
+
+class _NoLaunch:
+    """Stands in for the @triton.jit kernel: ``kernel[grid](...)`` launches nothing."""
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: None
+
+
+def test_poison_reaches_the_triton_launcher_output(poison, monkeypatch):
+    """With its kernel launch removed, the launcher's own allocation stays NaN under poison() and
+    the oracle check fails: the poisoned tests above can see an unwritten row."""
+    require("triton", OP, dtype=torch.float32, head_dim=16)
+    monkeypatch.setattr(_varlen_kernels(), "_attn_varlen_fwd", _NoLaunch())
+    args = packed([3, 9], None, 2, 16, torch.float32)
+    with poison():
+        out = ops.attention_varlen(*args, backend="triton")
+    assert torch.isnan(out).all()
+    with pytest.raises(AssertionError, match="never written"):
+        check_op(OP, "triton", args + (16 ** -0.5,), out, *TOLERANCES[torch.float32])
+
+
 def _bad(**over):
     """A valid call (2 sequences of 5 and 8 tokens, H 2, d 16) with ``over`` replacing arguments."""
     def call(backend):
