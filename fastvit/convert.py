@@ -16,8 +16,6 @@ import torch
 import torch.nn as nn
 
 from .checkpoint import CheckpointError
-from .convert_naflex import (convert_hf_siglip2_state_dict, convert_timm_naflex_state_dict, hf_siglip2_kwargs,
-                             is_timm_naflex_state_dict, timm_naflex_kwargs)
 from .facts import ACTIVATIONS
 from .model import HybridEmbed, LayerNorm, LayerScale, PatchEmbed, VisionTransformer
 from .reference import resample_pos_embed
@@ -54,9 +52,10 @@ def convert_timm_state_dict(state_dict: Mapping[str, torch.Tensor],
     :func:`_timm_beit_names`), and a relative position bias table stored for another grid is fitted
     to the model's (timm's ``resize_rel_pos_bias_table``, as its ``checkpoint_filter_fn``).
     """
-    if is_timm_naflex_state_dict(state_dict):  # timm NaFlexVit: embeds.* -> patch_embed / pos_embed / tokens
-        state_dict = convert_timm_naflex_state_dict(state_dict, model.patch_embed.patch_size,
-                                                    model.patch_embed.proj.in_channels)
+    if any(k.startswith("embeds.") for k in state_dict):
+        raise CheckpointError("state_dict: timm NaFlexVit keys (embeds.*); convert them with "
+                              "fastvit.convert_naflex.convert_timm_naflex_state_dict (fastvit.from_timm, "
+                              "create_model(checkpoint=) and from_pretrained do)")
     if model.rope is not None or any(_EVA_KEY.match(k) for k in state_dict):
         state_dict = _timm_eva_names(state_dict)  # before BEiT's: the names both families share go here
     sd = _timm_beit_names(state_dict) if any(_BEIT_KEY.match(k) for k in state_dict) else dict(state_dict)
@@ -198,7 +197,8 @@ def timm_model_kwargs(timm_model: nn.Module) -> dict:
     """
     m = timm_model
     if type(m).__name__ == "NaFlexVit":
-        return timm_naflex_kwargs(m)
+        raise TypeError("timm_model: a NaFlexVit is described by fastvit.convert_naflex.timm_naflex_kwargs "
+                        "(fastvit.from_timm calls it)")
     if not hasattr(m, "blocks") or not hasattr(m, "patch_embed"):
         raise TypeError(f"timm_model: expected a timm VisionTransformer, got {type(m).__name__}")
     arch = str((getattr(m, "pretrained_cfg", None) or {}).get("architecture") or "")
@@ -571,7 +571,8 @@ def convert_hf_state_dict(sd: Mapping[str, torch.Tensor], config) -> Dict[str, t
     Raises :class:`~fastvit.checkpoint.CheckpointError` listing every key it does not know.
     """
     if _get(config, "model_type", "") in ("siglip2", "siglip2_vision_model"):
-        return convert_hf_siglip2_state_dict(sd, config)
+        raise ValueError("config: a Siglip2 (NaFlex) state dict is converted by "
+                         "fastvit.convert_naflex.convert_hf_siglip2_state_dict (fastvit.from_hf calls it)")
     if _get(config, "model_type", "") == "beit":
         return _convert_hf_beit(sd)
     if _get(config, "model_type", "") == "dinov3_vit":
@@ -882,8 +883,9 @@ def hf_config_to_kwargs(config, arch: Optional[str] = None) -> dict:
     """
     model_type = _get(config, "model_type", "vit")
     arch = arch or (_get(config, "architectures") or [""])[0]
-    if model_type in ("siglip2", "siglip2_vision_model"):  # NaFlex (fastvit.naflex.NaFlexVisionTransformer)
-        return hf_siglip2_kwargs(config, arch)
+    if model_type in ("siglip2", "siglip2_vision_model"):
+        raise ValueError(f"config: model_type {model_type!r} (Siglip2VisionModel, NaFlex) is described by "
+                         "fastvit.convert_naflex.hf_siglip2_kwargs (fastvit.from_hf calls it)")
     if model_type in _HF_TOWERS:
         return _hf_tower_kwargs(config, model_type, arch)
     if model_type == "beit":

@@ -2,6 +2,9 @@
 ``NaFlexVit`` and Hugging Face ``Siglip2VisionModel`` / ``Siglip2Model``'s vision tower ->
 :class:`~fastvit.naflex.NaFlexVisionTransformer` constructor arguments and state dicts.
 
+A layer above :mod:`fastvit.convert` (it reuses its block / head mappings; convert never imports
+it): :mod:`fastvit.factory` picks these for NaFlex inputs (:func:`convert_hf`, :func:`convert_timm`).
+
 Both store the patch projection as a linear layer over patches flattened (ph, pw, C); fastvit
 holds it as the conv weight (D, C, ph, pw) (the same numbers, permuted), so the same checkpoint
 also runs on fixed-size image batches through the fused patch-embed kernel.
@@ -15,9 +18,12 @@ import torch
 import torch.nn as nn
 
 from .checkpoint import CheckpointError
+from .convert import (_HF_ACTS, _mlp_ratio, _timm_act, _timm_attn_pool_kwargs, convert_hf_state_dict,
+                      convert_timm_state_dict, hf_config_to_kwargs, timm_model_kwargs)
 
 __all__ = ["timm_naflex_kwargs", "convert_timm_naflex_state_dict", "is_timm_naflex_state_dict", "hf_siglip2_kwargs",
-           "convert_hf_siglip2_state_dict", "linear_to_conv_patch_weight"]
+           "convert_hf_siglip2_state_dict", "linear_to_conv_patch_weight", "is_siglip2_config", "timm_kwargs",
+           "convert_timm", "hf_kwargs", "convert_hf"]
 
 
 def linear_to_conv_patch_weight(w: torch.Tensor, patch_size, in_chans: int) -> torch.Tensor:
@@ -44,8 +50,6 @@ def timm_naflex_kwargs(m: nn.Module) -> dict:
     grid_sample position embeddings, input / embedding norms, channels-first patch layout, prefix
     tokens in the pooling, q / k norm.
     """
-    from .convert import _mlp_ratio, _timm_act, _timm_attn_pool_kwargs
-
     e = m.embeds
     if getattr(m, "rope", None) is not None:
         _unsupported("RoPE (rope_type set: the per-image tables are not packed)")
@@ -160,9 +164,8 @@ def hf_siglip2_kwargs(config, arch: Optional[str] = None) -> dict:
     'siglip2_vision_model') or ``Siglip2Model``'s vision tower ('siglip2'): no class token, the
     post-layernorm on every token, the MAP head (``vision_use_head``), a sqrt(num_patches)-square
     position grid resized per image bilinearly with antialias."""
-    from .convert import _HF_ACTS, _mlp_ratio
-
     model_type = _get(config, "model_type")
+    arch = arch or (_get(config, "architectures") or [""])[0]
     base = (arch or "").split(".")[-1]
     if base and base not in _SIGLIP2_ARCHS:
         raise ValueError(f"config: {base} is not supported for model_type {model_type!r}; load the image tower as "
@@ -201,8 +204,6 @@ def convert_hf_siglip2_state_dict(sd: Mapping[str, torch.Tensor], config) -> Dic
     any key it does not know raises a CheckpointError). The linear patch embedding becomes the conv
     weight; the rest maps as SigLIP's tower (q / k / v fused into ``attn.qkv``, the MAP head's
     ``in_proj`` split into ``q`` / ``kv``, the text tower of a Siglip2Model dropped)."""
-    from .convert import convert_hf_state_dict
-
     kw = hf_siglip2_kwargs(config)
     two_tower = _get(config, "model_type") == "siglip2"
     out = convert_hf_state_dict(sd, dict(model_type="siglip" if two_tower else "siglip_vision_model"))
@@ -210,3 +211,34 @@ def convert_hf_siglip2_state_dict(sd: Mapping[str, torch.Tensor], config) -> Dic
     if w is not None:
         out["patch_embed.proj.weight"] = linear_to_conv_patch_weight(w, kw["patch_size"], kw["in_chans"])
     return out
+
+
+# --------------------------------------------------------------------------- dispatch (every family)
+def is_siglip2_config(config) -> bool:
+    return _get(config, "model_type") in ("siglip2", "siglip2_vision_model")
+
+
+def timm_kwargs(timm_model: nn.Module) -> dict:
+    """Constructor arguments of any timm model fastvit builds (NaFlexVit included)."""
+    if type(timm_model).__name__ == "NaFlexVit":
+        return timm_naflex_kwargs(timm_model)
+    return timm_model_kwargs(timm_model)
+
+
+def convert_timm(state_dict: Mapping[str, torch.Tensor], model) -> Dict[str, torch.Tensor]:
+    """Any timm / fastvit state dict fitted to ``model``: NaFlexVit's ``embeds.*`` names first
+    (:func:`convert_timm_naflex_state_dict`), then :func:`fastvit.convert.convert_timm_state_dict`."""
+    if is_timm_naflex_state_dict(state_dict):
+        pe = model.patch_embed
+        state_dict = convert_timm_naflex_state_dict(state_dict, pe.patch_size, pe.proj.in_channels)
+    return convert_timm_state_dict(state_dict, model)
+
+
+def hf_kwargs(config, arch: Optional[str] = None) -> dict:
+    """Constructor arguments of any Hugging Face config fastvit builds (Siglip2 included)."""
+    return hf_siglip2_kwargs(config, arch) if is_siglip2_config(config) else hf_config_to_kwargs(config, arch)
+
+
+def convert_hf(sd: Mapping[str, torch.Tensor], config) -> Dict[str, torch.Tensor]:
+    """Any Hugging Face state dict fastvit loads -> fastvit names (Siglip2 included)."""
+    return convert_hf_siglip2_state_dict(sd, config) if is_siglip2_config(config) else convert_hf_state_dict(sd, config)

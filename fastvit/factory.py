@@ -16,8 +16,9 @@ import torch
 import torch.nn as nn
 
 from .checkpoint import CheckpointError, load_state_dict, read_folder_state_dict, read_state_dict
-from .convert import (convert_hf_state_dict, convert_timm_state_dict, hf_config_to_kwargs, is_hf_state_dict,
-                      model_kwargs, timm_model_kwargs)
+from .convert import is_hf_state_dict, model_kwargs
+# every family's converters, the NaFlex ones included (convert_naflex is the layer above convert)
+from .convert_naflex import convert_hf, convert_timm, hf_kwargs, timm_kwargs
 from .hub import hub_folder, is_hub_name, read_config, timm_hub_id, timm_pretrained_cfg
 from .model import VisionTransformer
 from .naflex import NaFlexPreprocessor, is_naflex, model_class, unpad_hf_inputs
@@ -64,7 +65,7 @@ def load_checkpoint(model: VisionTransformer, path: str) -> VisionTransformer:
     if is_hf_state_dict(sd):
         raise CheckpointError(f"checkpoint {path!r}: this is a Hugging Face state dict; use fastvit.from_pretrained "
                               "on its folder (config.json beside it)")
-    load_state_dict(model, convert_timm_state_dict(sd, model), source=f"checkpoint {path!r}")
+    load_state_dict(model, convert_timm(sd, model), source=f"checkpoint {path!r}")
     return model
 
 
@@ -74,11 +75,11 @@ def from_timm(timm_model: nn.Module, backend: Optional[str] = None) -> VisionTra
 
     Returns a fastvit model on the timm model's device and dtype, in its train / eval mode.
     """
-    kwargs = timm_model_kwargs(timm_model)
+    kwargs = timm_kwargs(timm_model)
     model = model_class(kwargs)(backend=backend, **kwargs)
     p = next(timm_model.parameters())
     model.to(device=p.device, dtype=p.dtype)
-    load_state_dict(model, convert_timm_state_dict(timm_model.state_dict(), model), source="timm_model")
+    load_state_dict(model, convert_timm(timm_model.state_dict(), model), source="timm_model")
     if model.distilled:
         model.distilled_training = getattr(timm_model, "distilled_training", False)
     return model.train(timm_model.training)
@@ -121,8 +122,8 @@ def from_hf(hf_model_or_state_dict, config=None, backend: Optional[str] = None) 
     else:
         raise TypeError(f"hf_model_or_state_dict: expected a transformers model or a state dict, "
                         f"got {type(hf_model_or_state_dict).__name__}")
-    kwargs = hf_config_to_kwargs(config, arch)
-    sd = convert_hf_state_dict(sd, config)
+    kwargs = hf_kwargs(config, arch)
+    sd = convert_hf(sd, config)
     if kwargs["num_classes"] == 0 and "head.weight" in sd:
         kwargs["num_classes"] = sd["head.weight"].shape[0]
     if kwargs.get("fc_norm") and kwargs.get("global_pool") == "avg" and "fc_norm.weight" not in sd \
@@ -186,7 +187,7 @@ def from_pretrained(name_or_path: str, backend: Optional[str] = None, revision: 
     config = read_config(path)
     if "architecture" in config:
         model = _timm_layout_model(config, backend)
-        sd = convert_timm_state_dict(read_folder_state_dict(path), model)
+        sd = convert_timm(read_folder_state_dict(path), model)
         load_state_dict(model, sd, source=f"checkpoint folder {path!r}")
         return model.eval()
     if "model_type" not in config:

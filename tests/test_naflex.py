@@ -276,7 +276,7 @@ def test_timm_naflexvit_parity_mixed_batch(photos, case):
 def test_timm_naflex_presets_and_preprocessing():
     names = fastvit.list_models("naflexvit_*")
     assert len(names) == 7
-    from fastvit.convert import convert_timm_state_dict
+    from fastvit.convert_naflex import convert_timm as convert_timm_state_dict
 
     for name in names:
         with torch.device("meta"):
@@ -309,7 +309,7 @@ def test_timm_naflex_refusals():
     fast = fastvit.create_model("naflexvit_base_patch16_gap", embed_dim=64, num_heads=4, depth=1, patch_size=8,
                                 img_size=32)
     from fastvit.checkpoint import load_state_dict
-    from fastvit.convert import convert_timm_state_dict
+    from fastvit.convert_naflex import convert_timm as convert_timm_state_dict
 
     load_state_dict(fast, convert_timm_state_dict(sd, fast), source="timm")  # strict: every key mapped
     with pytest.raises(CheckpointError, match=r"embeds\.patch_interp"):
