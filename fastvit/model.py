@@ -820,11 +820,11 @@ class VisionTransformer(nn.Module):
             raise ValueError("forward_packed: models with RoPE or a relative position bias are not supported in packed "
                              "batches (the per-image tables are not packed); use forward")
         patches, grids = self._packed_patches(images, grids)  # (P, ph * pw * C), [(gh, gw)] * B
-        x, cu, max_len, lens = self._packed_embed(patches, grids)
+        x, cu, max_len, lens, patch_rows = self._packed_embed(patches, grids)
         for blk in self.blocks:
             x = blk.forward_varlen(x, cu, max_len, self.backend)
         x = self._norm(x)
-        pooled = self._packed_pool(x, cu, lens)
+        pooled = self._packed_pool(x, cu, lens, patch_rows)
         if pooled is not None and isinstance(self.fc_norm, LayerNorm):
             pooled = self.fc_norm(pooled, backend=self.backend)
         logits = None
@@ -921,7 +921,8 @@ class VisionTransformer(nn.Module):
 
     def _packed_embed(self, patches: torch.Tensor, grids: List[Tuple[int, int]]):
         """Patch rows (P, K) -> packed tokens (P + B * T, D) after position embedding, prefix rows
-        and pre-norm; the int32 offsets (B + 1,), the longest sequence, and each image's patch count."""
+        and pre-norm; the int32 offsets (B + 1,), the longest sequence, each image's patch count, and
+        the patch tokens' rows (P,) (None without prefix tokens: then every row is a patch)."""
         pe = self.patch_embed
         w_rows, per_grid = self._packed_inputs(grids)
         lens = [g[0] * g[1] for g in grids]
@@ -931,36 +932,38 @@ class VisionTransformer(nn.Module):
         T = self.num_prefix_tokens
         # offsets built on the host: attention_varlen never reads them back from the GPU
         cu, max_len = ops.varlen_offsets([T + n for n in lens], device=y.device)
-        if T:
+        patch_rows = None
+        if T:  # each sequence is [prefix, patches]: rows found on the host, so no device sync
             prefix = per_grid[0][1]  # (T, D), the same for every grid
             total = y.shape[0] + T * len(lens)
-            is_prefix = torch.zeros(total, dtype=torch.bool, device=y.device)
-            is_prefix[(cu[:-1].long()[:, None] + torch.arange(T, device=y.device)).flatten()] = True
+            starts = torch.tensor([0] + [T + n for n in lens[:-1]]).cumsum(0)
+            is_prefix = torch.zeros(total, dtype=torch.bool)
+            is_prefix[(starts[:, None] + torch.arange(T)).flatten()] = True
+            patch_rows = (~is_prefix).nonzero().squeeze(1).to(y.device, non_blocking=True)
+            prefix_rows = is_prefix.nonzero().squeeze(1).to(y.device, non_blocking=True)
             x = y.new_empty(total, y.shape[1])
-            x[~is_prefix] = y
-            x[is_prefix] = prefix.to(y.dtype).repeat(len(lens), 1)
+            x.index_copy_(0, patch_rows, y)
+            x.index_copy_(0, prefix_rows, prefix.to(y.dtype).repeat(len(lens), 1))
             y = x
         if isinstance(self.norm_pre, LayerNorm):
             y = self.norm_pre(y, backend=self.backend)
-        return y, cu, max_len, lens
+        return y, cu, max_len, lens, patch_rows
 
-    def _packed_pool(self, x: torch.Tensor, cu: torch.Tensor, lens: List[int]) -> Optional[torch.Tensor]:
+    def _packed_pool(self, x: torch.Tensor, cu: torch.Tensor, lens: List[int],
+                     patch_rows: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
         """Packed tokens (T_all, D) -> (B, D) per image as :meth:`pool` (None for global_pool '')."""
-        T = self.num_prefix_tokens
         B = len(lens)
         if self.attn_pool is None and self.global_pool == "token":
             return x[cu[:-1].long()]
         if self.attn_pool is None and not self.global_pool:
             return None
-        if T:  # the patch tokens only, as pool() takes them
-            keep = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
-            keep[(cu[:-1].long()[:, None] + torch.arange(T, device=x.device)).flatten()] = False
-            x = x[keep]
+        if patch_rows is not None:  # the patch tokens only, as pool() takes them
+            x = x.index_select(0, patch_rows)
         if self.attn_pool is not None:
             cu_p, max_len = ops.varlen_offsets(lens, device=x.device)
             return self.attn_pool.forward_varlen(x, cu_p, max_len, backend=self.backend)
         counts = torch.tensor(lens, device=x.device)
-        seg = torch.repeat_interleave(torch.arange(B, device=x.device), counts)
+        seg = torch.repeat_interleave(torch.arange(B, device=x.device), counts, output_size=sum(lens))
         D = x.shape[1]
         out = []
         if self.global_pool in ("avg", "avgmax"):
