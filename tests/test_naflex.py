@@ -179,7 +179,9 @@ def test_hf_siglip2_without_head_and_two_tower_folders(tmp_path, photos):
     with torch.no_grad():
         ref = two.vision_model(**inputs)
         out = fastvit.hf_outputs(model, **inputs)
+        from_object = fastvit.hf_outputs(fastvit.from_hf(two), **inputs)
     assert_rel_close(out.pooler_output, ref.pooler_output, "Siglip2Model folder pooled", REL_TOL)
+    assert torch.equal(from_object.pooler_output, out.pooler_output)
     # fastvit convert writes a fastvit folder that reads back with the same processor and outputs
     dst = fastvit.factory.convert(folder, str(tmp_path / "converted"))
     again, pre2 = fastvit.factory.load_model(dst)
@@ -292,6 +294,33 @@ def test_timm_naflex_presets_and_preprocessing():
             cfg = ref.pretrained_cfg
             assert (pre.backend, pre.resample, pre.max_num_patches) == ("pil", cfg["interpolation"], 576)
             assert pre.mean == tuple(cfg["mean"]) and pre.std == tuple(cfg["std"])
+
+
+def test_timm_checkpoint_file_and_hub_folder(tmp_path, photos):
+    from safetensors.torch import save_file
+
+    small = dict(_TIMM_SMALL, depth=1)
+    torch.manual_seed(0)
+    ref = randomise_params(timm.create_model("naflexvit_base_patch16_map", pretrained=False, **small)).eval()
+    sd = {k: v.contiguous() for k, v in ref.state_dict().items()}
+    path = str(tmp_path / "naflex.safetensors")
+    save_file(sd, path)
+    fast = fastvit.create_model("naflexvit_base_patch16_map", checkpoint=path, embed_dim=64, num_heads=4, depth=1,
+                                patch_size=8, img_size=32)
+    # timm's hub layout: config.json (architecture, model_args, pretrained_cfg) + timm-named weights
+    folder = tmp_path / "hub"
+    folder.mkdir()
+    save_file(sd, str(folder / "model.safetensors"))
+    cfg = dict(architecture="naflexvit_base_patch16_map", num_classes=1000, pretrained_cfg=dict(ref.pretrained_cfg),
+               model_args=dict(embed_dim=64, num_heads=4, depth=1, patch_size=8, img_size=32))
+    (folder / "config.json").write_text(json.dumps(cfg, default=list))
+    hub, pre = fastvit.factory.load_model(str(folder))
+    assert isinstance(hub, NaFlexVisionTransformer) and (pre.backend, pre.max_num_patches) == ("pil", 576)
+    images = NaFlexPreprocessor.from_timm(ref.pretrained_cfg, patch_size=8, max_seq_len=48)(photos)
+    with torch.no_grad():
+        want = torch.cat([ref(x[None]) for x in images])  # timm's own fixed-size path, one image at a time
+        for m, what in ((fast, "checkpoint file"), (hub, "hub folder")):
+            assert_rel_close(m.forward_packed(images).logits, want, what, REL_TOL)
 
 
 def test_timm_naflex_refusals():
