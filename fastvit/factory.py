@@ -293,7 +293,8 @@ def hf_outputs(model: VisionTransformer, pixel_values: torch.Tensor, output_hidd
     (:meth:`~fastvit.model.VisionTransformer.forward_packed`): no padding token is computed, and
     ``last_hidden_state`` (B, T + M, D) holds each image's tokens (prefix first) and zeros at its
     padding positions (Siglip2VisionModel computes rows there from the zero patches; they take
-    part in nothing); ``pooler_output`` is the pooling over each image's own tokens.
+    part in nothing), as does each of ``hidden_states``; ``pooler_output`` is the pooling over each
+    image's own tokens. ``output_attentions`` is refused there.
     """
     if spatial_shapes is not None or pixel_attention_mask is not None:
         return _hf_packed_outputs(model, pixel_values, pixel_attention_mask, spatial_shapes, output_hidden_states,
@@ -331,19 +332,24 @@ def hf_outputs(model: VisionTransformer, pixel_values: torch.Tensor, output_hidd
 def _hf_packed_outputs(model, pixel_values, pixel_attention_mask, spatial_shapes, output_hidden_states,
                        output_attentions) -> ViTOutput:
     """:func:`hf_outputs` for NaFlex padded patches: unpad, run packed, pad the tokens back."""
-    if output_hidden_states or output_attentions:
-        raise ValueError("output_hidden_states / output_attentions: not available with pixel_attention_mask / "
-                         "spatial_shapes (packed NaFlex inputs); call hf_outputs without them")
+    if output_attentions:
+        raise ValueError("output_attentions: not available with pixel_attention_mask / spatial_shapes (packed NaFlex "
+                         "inputs: the attention runs without probabilities); call hf_outputs without it")
     patches, grids = unpad_hf_inputs(pixel_values, pixel_attention_mask, spatial_shapes)
-    res = model.forward_packed(patches, grids, pre_logits=True)
+    res = model.forward_packed(patches, grids, pre_logits=True, hidden_states=bool(output_hidden_states))
     B, M = pixel_values.shape[:2]
     T = model.num_prefix_tokens
-    tokens = res.tokens
-    last = tokens.new_zeros(B, T + M, tokens.shape[1])
-    for i, t in enumerate(res.split()):
-        last[i, :t.shape[0]] = t
+
+    def padded(packed: torch.Tensor) -> torch.Tensor:  # (T_all, D) -> (B, T + M, D), zeros at padding
+        out = packed.new_zeros(B, T + M, packed.shape[1])
+        for i, t in enumerate(res.split(packed)):
+            out[i, :t.shape[0]] = t
+        return out
+
     pooled = res.pooled if model.global_pool else None
-    out = ViTOutput(last_hidden_state=last, pooler_output=pooled)
+    out = ViTOutput(last_hidden_state=padded(res.tokens), pooler_output=pooled)
+    if output_hidden_states:
+        out["hidden_states"] = tuple(padded(h) for h in res.hidden_states)
     if model.num_classes and pooled is not None:
         head = model.head
         name = "image_embeds" if isinstance(head, nn.Linear) and head.bias is None else "logits"

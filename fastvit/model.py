@@ -787,7 +787,8 @@ class VisionTransformer(nn.Module):
 
     # ------------------------------------------------------------------ packed batches (mixed image sizes)
     def forward_packed(self, images: Union[torch.Tensor, Sequence[torch.Tensor]],
-                       grids: Optional[Sequence[Tuple[int, int]]] = None, pre_logits: bool = False) -> "PackedOutput":
+                       grids: Optional[Sequence[Tuple[int, int]]] = None, pre_logits: bool = False,
+                       hidden_states: bool = False) -> "PackedOutput":
         """Images of different sizes in one packed sequence: no padding token is computed.
 
         Every block runs once over the tokens of all images (the GEMMs over the total token count
@@ -803,6 +804,8 @@ class VisionTransformer(nn.Module):
                 patches row-major over the grid.
             grids: (gh_i, gw_i) of each image's patches, with pre-patchified input only.
             pre_logits: skip the head (``logits`` None).
+            hidden_states: also return the packed embeddings and every block's output, depth + 1
+                tensors (T, D) (Hugging Face's ``hidden_states``), in ``hidden_states``.
 
         Returns:
             :class:`PackedOutput`: ``tokens`` (T, D) normalised, image i's T_p + N_i tokens (prefix
@@ -821,8 +824,11 @@ class VisionTransformer(nn.Module):
                              "batches (the per-image tables are not packed); use forward")
         patches, grids = self._packed_patches(images, grids)  # (P, ph * pw * C), [(gh, gw)] * B
         x, cu, max_len, lens, patch_rows = self._packed_embed(patches, grids)
+        states = [x] if hidden_states else None
         for blk in self.blocks:
             x = blk.forward_varlen(x, cu, max_len, self.backend)
+            if states is not None:
+                states.append(x)
         x = self._norm(x)
         pooled = self._packed_pool(x, cu, lens, patch_rows)
         if pooled is not None and isinstance(self.fc_norm, LayerNorm):
@@ -830,8 +836,11 @@ class VisionTransformer(nn.Module):
         logits = None
         if not pre_logits and pooled is not None and isinstance(self.head, nn.Linear):
             logits = self._head(self.head, pooled)
-        return PackedOutput(tokens=x, cu_seqlens=cu, grids=grids, num_prefix_tokens=self.num_prefix_tokens,
-                            pooled=pooled, logits=logits)
+        out = PackedOutput(tokens=x, cu_seqlens=cu, grids=grids, num_prefix_tokens=self.num_prefix_tokens,
+                           pooled=pooled, logits=logits)
+        if states is not None:
+            out["hidden_states"] = states
+        return out
 
     def _packed_patches(self, images, grids) -> Tuple[torch.Tensor, List[Tuple[int, int]]]:
         """The packed patch rows (P, ph * pw * C) in the projection's dtype and device, and the grids."""
@@ -1048,7 +1057,8 @@ class VisionTransformer(nn.Module):
 class PackedOutput(dict):
     """What :meth:`VisionTransformer.forward_packed` returns (a dict with attribute access):
     ``tokens`` (T, D), ``cu_seqlens`` (B + 1,) int32, ``grids`` [(gh, gw)] * B, ``num_prefix_tokens``,
-    ``pooled`` (B, D) or None, ``logits`` (B, num_classes) or None."""
+    ``pooled`` (B, D) or None, ``logits`` (B, num_classes) or None; ``hidden_states`` (depth + 1
+    packed (T, D) tensors) when asked for."""
 
     def __getattr__(self, name):
         try:
@@ -1056,7 +1066,9 @@ class PackedOutput(dict):
         except KeyError:
             raise AttributeError(name) from None
 
-    def split(self) -> List[torch.Tensor]:
-        """Each image's tokens (T_p + gh * gw, D) (prefix first), views of ``tokens``."""
+    def split(self, packed: Optional[torch.Tensor] = None) -> List[torch.Tensor]:
+        """Each image's tokens (T_p + gh * gw, D) (prefix first), views of ``tokens`` (or of another
+        packed (T, D) tensor of the same layout, e.g. one of ``hidden_states``)."""
         cu = self["cu_seqlens"].tolist()
-        return [self["tokens"][a:b] for a, b in zip(cu[:-1], cu[1:])]
+        t = self["tokens"] if packed is None else packed
+        return [t[a:b] for a, b in zip(cu[:-1], cu[1:])]

@@ -135,13 +135,16 @@ def test_hf_siglip2_parity_mixed_batch(photos, budget):
     pre = NaFlexPreprocessor(patch_size=8, max_num_patches=budget)
     inputs = pre.hf_inputs(photos)
     with torch.no_grad():
-        ref = hf(**inputs)
-        out = fastvit.hf_outputs(fast, **inputs)
+        ref = hf(**inputs, output_hidden_states=True)
+        out = fastvit.hf_outputs(fast, **inputs, output_hidden_states=True)
         images = pre(photos)
     assert out.last_hidden_state.shape == ref.last_hidden_state.shape
+    assert len(out.hidden_states) == len(ref.hidden_states) == 3  # the embeddings, then each layer
     for i, (gh, gw) in enumerate(inputs["spatial_shapes"].tolist()):
         n = gh * gw
         assert_rel_close(out.last_hidden_state[i, :n], ref.last_hidden_state[i, :n], f"image {i} tokens", REL_TOL)
+        for j, (a, b) in enumerate(zip(out.hidden_states, ref.hidden_states)):
+            assert_rel_close(a[i, :n], b[i, :n], f"image {i} hidden state {j}", REL_TOL)
         assert not out.last_hidden_state[i, n:].any()  # padding rows: nothing computed
         with torch.no_grad():  # the padded (one image at a time) path of the same model
             alone = fast.forward_features(images[i][None])
@@ -214,8 +217,8 @@ def test_hf_outputs_refusals():
     fast = fastvit.from_hf(_hf_siglip2(num_hidden_layers=1))
     inputs = NaFlexPreprocessor(patch_size=8, max_num_patches=16).hf_inputs([np.zeros((40, 16, 3), np.uint8)])
     assert fastvit.hf_outputs is fastvit.factory.hf_outputs
-    with pytest.raises(ValueError, match="output_hidden_states / output_attentions: not available"):
-        fastvit.hf_outputs(fast, **inputs, output_hidden_states=True)
+    with pytest.raises(ValueError, match="output_attentions: not available"):
+        fastvit.hf_outputs(fast, **inputs, output_attentions=True)
     bad = inputs["pixel_attention_mask"].clone()
     bad[0, 0] = 0
     with pytest.raises(ValueError, match="pixel_attention_mask: image 0 expected 10 valid positions"):
