@@ -144,7 +144,8 @@ def convert_timm_naflex_state_dict(state_dict: Mapping[str, torch.Tensor], patch
         else:
             unknown.append(k)
     if unknown:
-        raise CheckpointError(f"state_dict: unexpected timm NaFlexVit embedding keys ({len(unknown)}): {sorted(unknown)}")
+        raise CheckpointError(f"state_dict: unexpected timm NaFlexVit embedding keys ({len(unknown)}): "
+                              f"{sorted(unknown)}")
     return out
 
 

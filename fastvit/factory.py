@@ -105,7 +105,8 @@ def from_hf(hf_model_or_state_dict, config=None, backend: Optional[str] = None) 
     token); for ``Siglip2VisionModel`` / ``Siglip2Model`` (NaFlex: a
     :class:`~fastvit.naflex.NaFlexVisionTransformer`) the MAP head's ``pooler_output``. :func:`hf_outputs`
     gives them under HF's names (NaFlex: from the padded ``pixel_values`` / ``pixel_attention_mask`` /
-    ``spatial_shapes``, packed inside). ``BeitForMaskedImageModeling``, ``BeitForSemanticSegmentation`` and ``BeitBackbone`` are refused.
+    ``spatial_shapes``, packed inside). ``BeitForMaskedImageModeling``, ``BeitForSemanticSegmentation`` and
+    ``BeitBackbone`` are refused.
     """
     if isinstance(hf_model_or_state_dict, nn.Module):
         hf = hf_model_or_state_dict

@@ -369,8 +369,9 @@ def unpad_hf_inputs(pixel_values: torch.Tensor, pixel_attention_mask: torch.Tens
     pixel_values (B, M, K); pixel_attention_mask (B, M) 1 for the image's patches, which come first
     (as Siglip2ImageProcessor writes them); spatial_shapes (B, 2) (gh, gw)."""
     if not isinstance(pixel_values, torch.Tensor) or pixel_values.dim() != 3:
+        got = tuple(pixel_values.shape) if isinstance(pixel_values, torch.Tensor) else type(pixel_values).__name__
         raise ValueError(f"pixel_values: expected patches (B, max_num_patches, ph * pw * C) with spatial_shapes, got "
-                         f"{tuple(pixel_values.shape) if isinstance(pixel_values, torch.Tensor) else type(pixel_values).__name__}")
+                         f"{got}")
     B, M, _ = pixel_values.shape
     shapes = torch.as_tensor(spatial_shapes).tolist() if spatial_shapes is not None else None
     if shapes is None or len(shapes) != B or any(len(s) != 2 for s in shapes):

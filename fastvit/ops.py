@@ -246,13 +246,14 @@ def _(q, k, v, scale, bias, rope, rope_half, backend):
 
 @torch.library.custom_op("fastvit::attention_varlen", mutates_args=())
 def _attention_varlen_op(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
-                         max_seqlen_q: int, max_seqlen_k: int, scale: float, backend: str) -> Tensor:
+                         max_seqlen_q: int, max_seqlen_k: int, scale: float, rope: Optional[Tensor], rope_half: bool,
+                         backend: str) -> Tensor:
     return _call_backend("attention_varlen", backend, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                         max_seqlen_k, scale)
+                         max_seqlen_k, scale, rope, rope_half)
 
 
 @_attention_varlen_op.register_fake
-def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, backend):
+def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, rope, rope_half, backend):
     return q.new_empty(q.shape)  # (total_q, H, d), contiguous
 
 
@@ -298,7 +299,7 @@ _TENSOR_ARGS = {
     "patch_embed": (0, 1, 2, 3, 4),
     "attention": (0, 1, 2, 4, 5),
     "attention_probs": (0, 1, 2, 4, 5),
-    "attention_varlen": (0, 1, 2, 3, 4),  # the offsets are saved for the backward, never differentiated
+    "attention_varlen": (0, 1, 2, 3, 4, 8),  # the offsets are saved for the backward, never differentiated
     "layer_norm": (0, 1, 2),
     "linear": (0, 1, 2, 4, 5, 6, 7),
     "mlp": (0, 1, 2, 3, 4, 6, 7, 8, 9, 11, 12),
@@ -493,7 +494,7 @@ def _validate_attention(op, q, k, v, scale, bias=None, rope=None, rope_half=Fals
 def attention_varlen(
     q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, max_seqlen_q: int,
     max_seqlen_k: int, scale: Optional[float] = None, *, bias: Optional[Tensor] = None, rope: Optional[Tensor] = None,
-    backend: Optional[str] = None,
+    rope_half: bool = False, backend: Optional[str] = None,
 ) -> Tensor:
     """Softmax attention over packed variable-length sequences, flash-attention's
     ``flash_attn_varlen_func`` semantics (no dropout, not causal): sequence i's queries
@@ -509,8 +510,15 @@ def attention_varlen(
         max_seqlen_q, max_seqlen_k: Python ints >= the longest query / key sequence (they size
             the launch grid; a larger value only costs idle programs).
         scale: softmax scale, default ``d ** -0.5``.
-        bias, rope: not supported for packed sequences (a per-sequence logit bias or RoPE table
-            has no single packed layout yet); must be None.
+        bias: not supported for packed sequences (a per-sequence (H, N_i, N_i) logit bias has no
+            single packed layout); must be None.
+        rope: rotary embedding per packed token, ``cat([sin, cos], -1)`` as timm builds it:
+            (total_q, 2 d) for every head or (H, total_q, 2 d) per head; q and k are rotated in
+            float32 and rounded to q's dtype (as :func:`attention`'s RoPE). Self attention only:
+            k's tokens are q's (same offsets, total_k == total_q). Tokens not to rotate (class /
+            register tokens) carry sin 0, cos 1. d must be even.
+        rope_half: rotate dim i with i + d / 2 (timm ``rotate_half``) instead of the interleaved
+            pairs (2 i, 2 i + 1).
         backend: see :func:`patch_embed`. The triton and torch backends run it; the cuda backend
             declares no attention_varlen kernel (auto falls back triton -> torch).
 
@@ -529,27 +537,24 @@ def attention_varlen(
     if bias is not None:
         _fail("bias", "None (attention_varlen takes no logit bias: a per-sequence (H, N_i, N_i) bias has no "
                       "packed layout)", f"a {type(bias).__name__}")
-    if rope is not None:
-        _fail("rope", "None (attention_varlen applies no RoPE: rotate q / k before packing them)",
-              f"a {type(rope).__name__}")
-    sig = None if _is_compiling() else _signature(q, k, v, cu_seqlens_q, cu_seqlens_k)
+    sig = None if _is_compiling() else _signature(q, k, v, cu_seqlens_q, cu_seqlens_k, rope)
     key = plan = None
     if sig is not None:
-        key = ("attention_varlen", backend, scale.__class__, sig)
+        key = ("attention_varlen", backend, scale.__class__, rope_half.__class__, rope_half, sig)
         try:
             plan = _PLANS.get(key)
         except TypeError:
             key = None
     if plan is None:
         plan = _build("attention_varlen", key, backend,
-                      (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale),
+                      (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, rope, rope_half),
                       _validate_attention_varlen, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                      scale)
+                      scale, rope, rope_half)
     else:  # the plan fixed shapes and dtypes; the offsets' values and the max lengths are per call
         _check_seqlen_args(max_seqlen_q, max_seqlen_k)
-        _check_offsets(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+        _check_offsets(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, rope is not None)
     s = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    return plan(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, s)
+    return plan(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, s, rope, rope_half)
 
 
 def varlen_offsets(seqlens, device=None) -> Tuple[Tensor, int]:
@@ -596,7 +601,8 @@ def _offsets_tensor(t, arg: str):
         _fail(arg, "a 1-D tensor of B + 1 offsets", f"shape {tuple(t.shape)}")
 
 
-def _validate_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale):
+def _validate_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, rope=None,
+                               rope_half=False):
     for name, t in (("q", q), ("k", k), ("v", v)):
         _tensor(t, name, ndim=3)
         _last_dim_contiguous(t, name)
@@ -617,9 +623,29 @@ def _validate_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q
             _fail(name, f"device {q.device} (as q)", f"device {t.device}")
     _check_seqlen_args(max_seqlen_q, max_seqlen_k)
     _scale(scale, d)
+    if not isinstance(rope_half, bool):
+        _fail("rope_half", "a bool", type(rope_half).__name__, TypeError)
+    features = []
+    if rope is not None:
+        _tensor(rope, "rope")
+        if d % 2:
+            _fail("q", "an even head dim with rope", f"head dim {d}")
+        if rope.dim() not in (2, 3) or rope.shape[-1] != 2 * d or rope.shape[-2] != total_q \
+                or (rope.dim() == 3 and rope.shape[0] != H):
+            _fail("rope", f"shape ({total_q}, {2 * d}) or ({H}, {total_q}, {2 * d}) (cat([sin, cos], -1) per packed "
+                          "token)", f"shape {tuple(rope.shape)}")
+        _last_dim_contiguous(rope, "rope")
+        if rope.device != q.device:
+            _fail("rope", f"device {q.device} (as q)", f"device {rope.device}")
+        if k.shape[0] != total_q:
+            _fail("k", f"total_k == total_q = {total_q} with rope (self attention: k's tokens are q's)",
+                  f"shape {tuple(k.shape)}")
+        features.append("attention_varlen.rope")
+        if rope.dim() == 3:
+            features.append("attention_varlen.rope_per_head")
     if not torch.compiler.is_compiling():  # traced offsets have no values
-        _check_offsets(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
-    return q.device, dict(dtype=q.dtype, head_dim=d)
+        _check_offsets(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, rope is not None)
+    return q.device, dict(dtype=q.dtype, head_dim=d, features=tuple(features))
 
 
 class _OffsetFacts:
@@ -678,8 +704,9 @@ def _offset_facts(t: Tensor, arg: str) -> Optional[_OffsetFacts]:
     return facts
 
 
-def _check_offsets(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k) -> None:
-    """The value checks of attention_varlen's offsets (cached facts: a few int compares a call)."""
+def _check_offsets(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, self_attention=False) -> None:
+    """The value checks of attention_varlen's offsets (cached facts: a few int compares a call);
+    ``self_attention`` (RoPE): both offsets must be equal."""
     fq = _offset_facts(cu_seqlens_q, "cu_seqlens_q")
     fk = _offset_facts(cu_seqlens_k, "cu_seqlens_k")
     for f, name, t, tname, m, mname in ((fq, "cu_seqlens_q", q, "q", max_seqlen_q, "max_seqlen_q"),
@@ -696,6 +723,10 @@ def _check_offsets(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
             if fq.lengths[i]:
                 _fail("cu_seqlens_k", "at least one key for every sequence with queries",
                       f"sequence {i} with 0 keys and {fq.lengths[i]} queries")
+        if self_attention and cu_seqlens_k is not cu_seqlens_q and fk.lengths != fq.lengths:
+            i = next(j for j, (a, b) in enumerate(zip(fq.lengths, fk.lengths)) if a != b)
+            _fail("cu_seqlens_k", "the offsets of cu_seqlens_q with rope (self attention)",
+                  f"sequence {i} with {fk.lengths[i]} keys and {fq.lengths[i]} queries")
 
 
 def layer_norm(

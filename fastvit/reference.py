@@ -29,6 +29,7 @@ __all__ = [
     "attention_probs",
     "attention_for",
     "attention_varlen",
+    "apply_rope_tokens",
     "layer_norm_for",
     "linear",
     "mlp",
@@ -44,7 +45,8 @@ LIMITS = BackendLimits(
     name="torch",
     ops=frozenset(OPS),
     devices=("cpu", "cuda"),
-    features=frozenset(f"{op}.{f}" for op in ("attention", "attention_probs") for f in ATTENTION_FEATURES),
+    features=frozenset(f"{op}.{f}" for op in ("attention", "attention_probs") for f in ATTENTION_FEATURES)
+    | {"attention_varlen.rope", "attention_varlen.rope_per_head"},
     note="fastvit/reference.py: ATen calls (SDPA, F.linear, F.layer_norm); the CPU path and the test oracle",
 )
 
@@ -176,6 +178,20 @@ def attention(
     return _contract_layout(F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale))
 
 
+def apply_rope_tokens(x: torch.Tensor, rope: torch.Tensor, half: bool = False) -> torch.Tensor:
+    """Rotate packed tokens x (total, H, d) by a per-token table ``rope`` ((total, 2 d), or (H,
+    total, 2 d) per head, ``cat([sin, cos], -1)``): the rotation of :func:`apply_rope` in float32
+    (float64 for float64 x), returned in x's dtype."""
+    ct = torch.promote_types(x.dtype, torch.float32)
+    sin, cos = rope.to(ct).tensor_split(2, dim=-1)
+    if rope.dim() == 3:
+        sin, cos = sin.transpose(0, 1), cos.transpose(0, 1)  # (total, H, d)
+    else:
+        sin, cos = sin[:, None], cos[:, None]
+    xf = x.to(ct)
+    return (xf * cos + rotate_pairs(xf, half) * sin).to(x.dtype)
+
+
 def rotate_pairs(x: torch.Tensor, half: bool) -> torch.Tensor:
     """The RoPE partner of every element with its sign: interleaved pairs (2 i, 2 i + 1) ->
     (-x[2 i + 1], x[2 i]) (timm ``rot``), or halves (i, i + d / 2) -> (-x[i + d / 2], x[i])
@@ -266,6 +282,8 @@ def attention_varlen(
     max_seqlen_q: int,
     max_seqlen_k: int,
     scale: Optional[float] = None,
+    rope: Optional[torch.Tensor] = None,
+    rope_half: bool = False,
     upcast: bool = False,
 ) -> torch.Tensor:
     """Softmax attention over packed sequences (flash-attention's varlen layout), no dropout:
@@ -279,6 +297,11 @@ def attention_varlen(
         max_seqlen_q, max_seqlen_k: at least the longest query / key sequence (the padded
             length this formulation works at).
         scale: softmax scale, default ``d ** -0.5``.
+        rope: rotary table per packed token, ``cat([sin, cos], -1)``: (total_q, 2 d) for every
+            head or (H, total_q, 2 d) per head; rotates q and k (self attention: k's tokens are
+            q's), see :func:`apply_rope_tokens`. Tokens that are not rotated (class / register
+            tokens) carry sin 0, cos 1.
+        rope_half: pair dim i with i + d / 2 (timm ``rotate_half``) instead of 2 i with 2 i + 1.
         upcast: explicit float32 math formulation (oracle mode).
 
     Returns:
@@ -295,6 +318,8 @@ def attention_varlen(
         scale = d ** -0.5
     if total_q == 0:
         return q.new_empty(0, H, d)
+    if rope is not None:
+        q, k = apply_rope_tokens(q, rope, rope_half), apply_rope_tokens(k, rope, rope_half)
     dev = q.device
     cq, ck = cu_seqlens_q.long().contiguous(), cu_seqlens_k.long().contiguous()
     len_k = ck[1:] - ck[:-1]  # (B,)

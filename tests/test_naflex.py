@@ -17,7 +17,6 @@ import os
 import numpy as np
 import pytest
 import torch
-import torch.nn as nn
 
 import fastvit
 from fastvit import NaFlexPreprocessor, NaFlexVisionTransformer, VisionTransformer
@@ -85,7 +84,8 @@ def test_hf_processor_bit_exact(photos, budget, pil_backend):
     pre = NaFlexPreprocessor.from_hf(cfg)
     assert pre.backend == ("pil" if pil_backend else "torch") and pre.max_num_patches == budget
     ref = hp([Image.fromarray(p) for p in photos], return_tensors="pt")
-    for inputs in (photos, [Image.fromarray(p) for p in photos], [torch.from_numpy(p).permute(2, 0, 1) for p in photos]):
+    as_tensors = [torch.from_numpy(p).permute(2, 0, 1) for p in photos]
+    for inputs in (photos, [Image.fromarray(p) for p in photos], as_tensors):
         got = pre.hf_inputs(inputs)
         for k in ("pixel_values", "pixel_attention_mask", "spatial_shapes"):
             assert got[k].dtype == ref[k].dtype, k
@@ -361,7 +361,8 @@ def _small_vit(**kw):
 
 
 @pytest.mark.parametrize("kw", [dict(), dict(global_pool="avg", fc_norm=True, reg_tokens=2),
-                                dict(global_pool="map", class_token=False, attn_pool_latent_len=3, attn_pool_type="avg"),
+                                dict(global_pool="map", class_token=False, attn_pool_latent_len=3,
+                                     attn_pool_type="avg"),
                                 dict(global_pool="max", init_values=0.5), dict(global_pool="", num_classes=0),
                                 dict(dynamic_img_pad=True, global_pool="avgmax", pre_norm=True)],
                          ids=["token", "avg-reg", "map-latent3", "max-ls", "no-pool", "pad-avgmax"])
