@@ -154,6 +154,23 @@ def test_hf_siglip2_parity_mixed_batch(photos, budget):
     assert_rel_close(out.pooler_output, ref.pooler_output, "pooler_output", REL_TOL)
 
 
+def test_hf_siglip2_mixed_budgets_in_one_pack(photos):
+    """Images preprocessed at different budgets (16 to 96 patches) in one packed forward, each
+    against Siglip2VisionModel run on that image alone at its own budget."""
+    hf = _hf_siglip2()
+    fast = fastvit.from_hf(hf)
+    budgets = [16, 96, 40, 64, 24]
+    pres = [NaFlexPreprocessor(patch_size=8, max_num_patches=b) for b in budgets]
+    images = [p.process(x) for p, x in zip(pres, photos)]
+    with torch.no_grad():
+        out = fast.forward_packed(images)
+        for i, (p, x) in enumerate(zip(pres, photos)):
+            ref = hf(**p.hf_inputs([x]))
+            n = out.split()[i].shape[0]
+            assert_rel_close(out.split()[i], ref.last_hidden_state[0, :n], f"budget {budgets[i]} tokens", REL_TOL)
+            assert_rel_close(out.pooled[i], ref.pooler_output[0], f"budget {budgets[i]} pooled", REL_TOL)
+
+
 def test_hf_siglip2_without_head_and_two_tower_folders(tmp_path, photos):
     hf = _hf_siglip2(vision_use_head=False, num_patches=25, hidden_act="gelu")
     fast = fastvit.from_hf(hf)
