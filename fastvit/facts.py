@@ -45,7 +45,8 @@ GATED_ACTS = frozenset({"swiglu"})
 #   attention.bias           additive logit bias (H, N, N_kv) / (B, H, N, N_kv) (BEiT relative position)
 #   attention.rope           rotary embedding of q / k in the prologue, one (N_r, 2 d) table for all heads
 #   attention.rope_per_head  a (H, N_r, 2 d) table (timm's mixed RoPE: learnt frequencies per head)
-# and the same three for attention_probs. A call names exactly the ones it uses.
+# and the same three for attention_probs; attention_varlen.rope / .rope_per_head (a table per packed
+# token, self attention). A call names exactly the ones it uses.
 ATTENTION_FEATURES = ("bias", "rope", "rope_per_head")
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)

@@ -301,6 +301,12 @@ class NaFlexPreprocessor:
         """None: every image keeps its own size."""
         return None
 
+    @property
+    def uint8_exact(self) -> bool:
+        """False: the packed runners take :meth:`process`'s normalised float images (the uint8
+        pixels are :meth:`geometry`'s)."""
+        return False
+
     def target_size(self, height: int, width: int) -> Tuple[int, int]:
         """(H, W) an image of ``height`` x ``width`` is resized to (see :func:`fit_to_patches`)."""
         return fit_to_patches(height, width, self.patch_size, self.max_num_patches)
@@ -437,11 +443,17 @@ def packed_batches(model, embedding: str, max_tokens: Optional[int] = None) -> C
     prefix = model.num_prefix_tokens
     ph, pw = model.patch_embed.patch_size
 
-    def run(fn, files, preprocessor, batches, device, dtype, num_workers=0, on_batch=None):
+    def run(fn, files, preprocessor, batches, device, dtype, num_workers=0, on_batch=None, mode="exact",
+            decode="cpu", stats=None, normalize=None):
+        # the fixed-size runner's options: images are decoded on the CPU and preprocessed exactly
+        # (mode 'fast' has no NaFlex variant), as normalised floats (``normalize`` is for uint8 batches)
         from torch.utils.data import DataLoader
 
         from .imagefiles import ImageFiles
 
+        if decode != "cpu":
+            raise ValueError(f"decode: NaFlex packed batches decode on the CPU, got {decode!r}")
+        device = torch.device(device)
         cuda = device.type == "cuda"
         loader = DataLoader(ImageFiles(files, preprocessor), batch_sampler=list(batches), num_workers=num_workers,
                             collate_fn=_collate_list, pin_memory=cuda, persistent_workers=False)

@@ -44,9 +44,11 @@ LIMITS = BackendLimits(
     gpu_max_head_dim={torch.float32: FP32_MAX_HEAD_DIM},
     # every activation, the gated swiglu too (two accumulators in the GEMM, kernels/linear.py)
     acts=ACTIVATIONS,
-    # bias and RoPE (shared or per-head tables) fused into both attention kernels
+    # bias and RoPE (shared or per-head tables) fused into both attention kernels; RoPE (per packed
+    # token) into the varlen kernel
     features=frozenset({"attention.bias", "attention.rope", "attention.rope_per_head",
-                        "attention_probs.bias", "attention_probs.rope", "attention_probs.rope_per_head"}),
+                        "attention_probs.bias", "attention_probs.rope", "attention_probs.rope_per_head",
+                        "attention_varlen.rope", "attention_varlen.rope_per_head"}),
     cpu_needs_interpreter=True,
     # the interpreter computes bfloat16 through numpy float32 bit tricks that round wrongly
     interpreter_dtypes=(torch.float32, torch.float16),

@@ -146,6 +146,59 @@ def test_matches_padded_attention_with_mask(backend, dtype, atol, rtol, poison):
                       name="packed vs padded")
 
 
+def rope_table(*lead, total, d):
+    """A per-token ``cat([sin, cos], -1)`` table (*lead, total, 2 d) of random angles (sin / cos
+    differ within each rotation pair: a kernel reading the partner's entry fails); every 7th
+    token gets sin 0, cos 1 (not rotated, as a class token)."""
+    theta = torch.rand(*lead, total, d, device=DEV) * 6.3
+    theta[..., ::7, :] = 0
+    return torch.cat([theta.sin(), theta.cos()], -1)
+
+
+ROPE_CASES = [
+    _case(MIX, None, 2, 64), _case([7, 1, 33], None, 3, 80), _case([5, 0, 17], None, 2, 48),
+    _case([29, 64], None, 2, 72), _case([2], None, 1, 32),
+    _case([256, 252, 160, 240, 1, 196], None, 12, 64, gpu=True), _case([1024, 3, 576], None, 16, 128, gpu=True),
+]
+
+
+@pytest.mark.parametrize("layout,per_head", [("interleaved", False), ("half", False), ("interleaved", True),
+                                             ("half", True)], ids=["interleaved", "half", "interleaved-perhead",
+                                                                   "half-perhead"])
+@pytest.mark.parametrize("lens_q,lens_k,H,d", ROPE_CASES)
+@pytest.mark.parametrize("dtype,atol,rtol", DTYPES)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_attention_varlen_rope(backend, dtype, atol, rtol, lens_q, lens_k, H, d, layout, per_head, poison):
+    """RoPE per packed token (shared or per-head table, both pair layouts, a per-head table as a
+    strided (H, total, 2 d) view of a (total, H, 2 d) buffer). The contract rounds the rotated
+    q / k to q's dtype before q k^T, so the oracle starts from them (as the fixed-length RoPE test)."""
+    features = ("attention_varlen.rope",) + (("attention_varlen.rope_per_head",) if per_head else ())
+    require(backend, OP, dtype=dtype, head_dim=d, features=features)
+    q, k, v, cu, _, mx, _ = packed(lens_q, lens_k, H, d, dtype)
+    total = q.shape[0]
+    rope = rope_table(*((H,) if per_head else ()), total=total, d=d).to(dtype)
+    if per_head:  # (H, total, 2 d) as a transposed view of a (total, H, 2 d) buffer
+        rope = rope.transpose(0, 1).contiguous().transpose(0, 1)
+    half = layout == "half"
+    with poison():
+        out = ops.attention_varlen(q, k, v, cu, cu, mx, mx, rope=rope, rope_half=half, backend=backend)
+    qr, kr = reference.apply_rope_tokens(q, rope, half), reference.apply_rope_tokens(k, rope, half)
+    check_op(OP, backend, (qr, kr, v, cu, cu, mx, mx, d ** -0.5), out, atol, rtol)
+    assert_layout(out, q)
+
+
+def test_rope_is_per_sequence_rope():
+    """Packed RoPE == the fixed-length attention's RoPE on each sequence alone (float64 reference)."""
+    q, k, v, cu, _, mx, _ = packed([1, 50, 9, 33], None, 2, 48, torch.float64)
+    for per_head, half in ((False, False), (True, True)):
+        rope = rope_table(*((2,) if per_head else ()), total=q.shape[0], d=48).double()
+        out = reference.attention_varlen(q, k, v, cu, cu, mx, mx, rope=rope, rope_half=half)
+        for a, b in zip(cu.tolist(), cu.tolist()[1:]):
+            view = lambda t: t[a:b].transpose(0, 1)[None]  # noqa: E731 - (1, H, n, d)
+            one = reference.attention(view(q), view(k), view(v), rope=rope[..., a:b, :], rope_half=half)
+            assert_close_rule(out[a:b], one[0].transpose(0, 1), None, atol=1e-12, rtol=1e-12, name=f"rows {a}:{b}")
+
+
 # --------------------------------------------------------------------------- the Triton kernel
 def test_kernel_equals_fixed_length_kernel_per_sequence():
     """The varlen kernel runs the fixed-length kernel's kv loop: at one launch config each
@@ -352,7 +405,17 @@ VALIDATION = [
      "cu_seqlens_q: expected device cpu .as q., got device meta"),
     ("scale", _bad(scale="0.1"), TypeError, "scale: expected a float or None, got str"),
     ("bias", _bad(bias=torch.zeros(2, 5, 5)), ValueError, "bias: expected None .attention_varlen takes no logit bias"),
-    ("rope", _bad(rope=torch.zeros(13, 32)), ValueError, "rope: expected None .attention_varlen applies no RoPE"),
+    ("rope-shape", _bad(rope=torch.zeros(12, 32)), ValueError, r"rope: expected shape \(13, 32\) or \(2, 13, 32\)"),
+    ("rope-heads", _bad(rope=torch.zeros(3, 13, 32)), ValueError, r"rope: expected shape \(13, 32\) or \(2, 13, 32\)"),
+    ("rope-dtype", _bad(rope=torch.zeros(13, 32, dtype=torch.int32)), TypeError, "rope: expected dtype float32"),
+    ("rope-half", _bad(rope=torch.zeros(13, 32), rope_half=1), TypeError, "rope_half: expected a bool, got int"),
+    ("rope-odd-d", _bad(q=torch.randn(13, 1, 15), k=torch.randn(13, 1, 15), v=torch.randn(13, 1, 15),
+                        rope=torch.zeros(13, 30)), ValueError, "q: expected an even head dim with rope, got head dim 15"),
+    ("rope-cross", _bad(k=lambda kw: kw["k"][:12], v=lambda kw: kw["v"][:12], cu_seqlens_k=_I32(0, 5, 12),
+                        rope=torch.zeros(13, 32)), ValueError,
+     r"k: expected total_k == total_q = 13 with rope \(self attention"),
+    ("rope-offsets", _bad(cu_seqlens_k=_I32(0, 6, 13), rope=torch.zeros(13, 32)), ValueError,
+     "cu_seqlens_k: expected the offsets of cu_seqlens_q with rope .self attention., got sequence 0 with 6 keys and 5"),
 ]
 test_validation_errors = validation_errors_test(VALIDATION)
 
@@ -379,6 +442,18 @@ def test_gradients(backend):
     (reference.attention_varlen(*ref, cu_q, cu_k, mq, mk, 0.2) * w.double()).sum().backward()
     for name, a, b in zip("qkv", leaves, ref):
         assert_close_rule(a.grad, b.grad, None, atol=1e-5, rtol=1e-5, name=f"d{name}")
+    # with RoPE (self attention): the table's gradient too
+    if skip_reason(backend, OP, dtype=torch.float32, head_dim=32, features=("attention_varlen.rope",)):
+        return
+    q, k, v, cu, _, mx, _ = packed([3, 40, 1], None, 2, 32, torch.float32)
+    table = rope_table(total=q.shape[0], d=32)
+    leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v, table)]
+    (ops.attention_varlen(*leaves[:3], cu, cu, mx, mx, rope=leaves[3], backend=backend) * w[:q.shape[0]]).sum() \
+        .backward()
+    ref = [t.detach().double().requires_grad_(True) for t in (q, k, v, table)]
+    (reference.attention_varlen(*ref[:3], cu, cu, mx, mx, rope=ref[3]) * w[:q.shape[0]].double()).sum().backward()
+    for name, a, b in zip(("q", "k", "v", "rope"), leaves, ref):
+        assert_close_rule(a.grad, b.grad, None, atol=1e-5, rtol=1e-5, name=f"d{name} with rope")
 
 
 _COMPILE_SCRIPT = r"""
