@@ -19,9 +19,12 @@ varlen kernels make the same choice.
 The kv loop is :func:`fastvit.kernels.attention._attn_tile`, the fixed-length kernel's (exp2
 online softmax, full tiles unmasked, the sequence's kv tail in one masked last tile), so both
 kernels share their arithmetic and their config space (``_configs()`` / ``keep()`` of the plain
-forward, minus the bias / RoPE / probs rows). The tuning key is (max_seqlen_q bucket,
-max_seqlen_k bucket, head dim, dtype): what changes the compiled code or the best tile, never
-the number of sequences.
+forward). RoPE (``ROPE`` / ``ROPE_PER_HEAD`` constexprs, as there) takes one table row per
+packed token: the fixed-length kernel's rotation (q in the prologue, each k tile as it is
+loaded, both as pair halves) with the table based at the sequence's first token; it is self
+attention only (k's tokens are q's, so one table base serves both). The tuning key is
+(max_seqlen_q bucket, max_seqlen_k bucket, head dim, dtype, RoPE mode, per-head table): what
+changes the compiled code or the best tile, never the number of sequences.
 """
 
 from __future__ import annotations

@@ -5,7 +5,9 @@ step, DESIGN.md rule) over sequence-length mixes with 1-token, off-block, empty 
 sequences, head dims of the awkward set, float32 / float16 / bfloat16 (bf16 and the larger mixes
 GPU-only for triton), outputs NaN-poisoned; q / k / v as strided views of one packed (total, 3,
 H, d) qkv buffer and as separate tensors with other key lengths (cross attention); the output
-layout ((total_q, H, d) contiguous); the reference against per-sequence SDPA and against padded
+layout ((total_q, H, d) contiguous); RoPE per packed token (shared / per-head tables, both pair
+layouts, unrotated tokens), the packed RoPE reference against the fixed-length attention's RoPE
+per sequence; the reference against per-sequence SDPA and against padded
 SDPA with a key-padding mask (the equality a padded NaFlex batch relies on); the Triton kernel
 bit-identical per sequence to the fixed-length kernel at the same launch config, every launch
 config of ``_configs()`` on a mix, a seeded random sweep of mixes; the offsets' value checks
@@ -196,7 +198,8 @@ def test_rope_is_per_sequence_rope():
         for a, b in zip(cu.tolist(), cu.tolist()[1:]):
             view = lambda t: t[a:b].transpose(0, 1)[None]  # noqa: E731 - (1, H, n, d)
             one = reference.attention(view(q), view(k), view(v), rope=rope[..., a:b, :], rope_half=half)
-            assert_close_rule(out[a:b], one[0].transpose(0, 1), None, atol=1e-12, rtol=1e-12, name=f"rows {a}:{b}")
+            # apply_rope rotates in float32 whatever the input dtype: float32 slack
+            assert_close_rule(out[a:b], one[0].transpose(0, 1), None, atol=1e-6, rtol=1e-6, name=f"rows {a}:{b}")
 
 
 # --------------------------------------------------------------------------- the Triton kernel
