@@ -469,14 +469,22 @@ cu, mx = ops.varlen_offsets(lens)
 w = torch.randn(3 * 2 * 16, 24) * 0.2
 
 
-def f(x, cu, mx, backend):
+theta = torch.rand(sum(lens), 16) * 6.3
+table = torch.cat([theta.sin(), theta.cos()], -1)  # RoPE per packed token
+
+
+def f(x, cu, mx, backend, rope=None):
     qkv = (x @ w.t()).view(x.shape[0], 3, 2, 16)   # (total, 3, H, d)
-    out = ops.attention_varlen(qkv[:, 0], qkv[:, 1], qkv[:, 2], cu, cu, mx, mx, backend=backend)
+    out = ops.attention_varlen(qkv[:, 0], qkv[:, 1], qkv[:, 2], cu, cu, mx, mx, rope=rope, backend=backend)
     return out.reshape(x.shape[0], 32).square().sum(-1)
 
 
 x = torch.randn(sum(lens), 24)
 for backend in {backends!r}:
+    eager = f(x, cu, mx, backend, table)  # eager first: the backend module is imported outside the trace
+    torch._dynamo.reset()
+    got = torch.compile(f, fullgraph=True, backend="aot_eager")(x, cu, mx, backend, table)
+    torch.testing.assert_close(got, eager, atol=1e-5, rtol=1e-5)
     torch._dynamo.reset()
     eager = f(x, cu, mx, backend)
     got = torch.compile(f, fullgraph=True, backend="aot_eager")(x, cu, mx, backend)  # a graph break raises
@@ -492,8 +500,10 @@ print("ok")
 
 def test_compiles_fullgraph():
     """torch.compile(fullgraph=True) through attention_varlen (torch backend traced, triton as
-    the opaque custom op with its fake), forward and backward, in a fresh process."""
-    names = [b for b in ("torch", "triton") if skip_reason(b, OP, dtype=torch.float32, head_dim=16) is None]
+    the opaque custom op with its fake), with and without RoPE, forward and backward, in a fresh
+    process."""
+    names = [b for b in ("torch", "triton") if skip_reason(b, OP, dtype=torch.float32, head_dim=16,
+                                                           features=("attention_varlen.rope",)) is None]
     script = _COMPILE_SCRIPT.replace("{backends!r}", repr(names))
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0 and "ok" in proc.stdout, f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
