@@ -96,28 +96,33 @@ def _variants():
             for name in ("bias+rope", "rope_half per-head"):
                 key = (256, 256, d, dt, True, 1024) + features[name]
                 attn("_attn_probs_fwd", f"{dt} d={d} {name}", d, dt, attention.heuristic(key), features[name], False)
-    # attention_varlen (packed sequences, #23): every candidate at the NaFlex budgets (longest
-    # sequence 256 and 1024; with RoPE 256) for head dims 64, 72 (so400m) and 128 in float16 and
-    # bfloat16, the heuristic for every other head dim, for float32 and for short sequences
-    # (longest <= 64)
+    # attention_varlen (packed sequences, #23). The code depends on the head dim, dtype, RoPE flags
+    # and config, not on the sequence lengths: per (dtype, d, RoPE) each config once, the union
+    # over the keys of short (longest <= 64) and NaFlex-budget (256, 1024) sequences. Every
+    # candidate for head dims 64, 72 (so400m) and 128 in float16 (with RoPE: 64 and 128), the
+    # heuristics elsewhere (bfloat16, float32, the other head dims)
     for dt in ("float16", "bfloat16", "float32"):
         for d in (32, 48, 64, 72, 80, 96, 128):
-            if dt == "float32" and d > attention.FP32_MAX_HEAD_DIM:
+            if dt == "float32" and d not in (32, 64):
                 continue
-            # RoPE per packed token: interleaved with a shared table, rotate_half per head (even d)
+            # RoPE per packed token: interleaved with a shared table, rotate_half per head
             for rope, per_head, name in ((0, False, ""), (1, False, " rope"), (2, True, " rope_half per-head")):
-                if rope and d % 2:
+                if rope and (d not in (48, 64, 72, 128) or (dt == "bfloat16" and d != 64)):
                     continue
+                every = dt == "float16" and d in ((64, 72, 128) if not rope else (64, 128))
+                cfgs = []
                 for n in (64, 256, 1024):
                     key = (n, n, d, dt, rope, per_head)
-                    every = dt != "float32" and d in (64, 72, 128) and n > 64 and (not rope or n == 256)
                     for cfg in attention_varlen.TUNE.candidates(key) if every else [attention_varlen.heuristic(key)]:
-                        const = dict(HEAD_DIM=d, BLOCK_D=attention.block_d_of(d, rope),
-                                     PRECISION="ieee" if dt == "float32" else "tf32", ROPE=rope,
-                                     ROPE_PER_HEAD=per_head, **cfg.kwargs)
-                        ptrs = {"Q": dt, "K": dt, "V": dt, "O": dt, "CuQ": "int32", "CuK": "int32", "Rope": "float32"}
-                        out.append(("attention_varlen", "_attn_varlen_fwd", f"{dt} d={d} max={n}{name}", cfg, const,
-                                    ptrs, dt != "float32"))
+                        if cfg not in cfgs:
+                            cfgs.append(cfg)
+                for cfg in cfgs:
+                    const = dict(HEAD_DIM=d, BLOCK_D=attention.block_d_of(d, rope),
+                                 PRECISION="ieee" if dt == "float32" else "tf32", ROPE=rope, ROPE_PER_HEAD=per_head,
+                                 **cfg.kwargs)
+                    ptrs = {"Q": dt, "K": dt, "V": dt, "O": dt, "CuQ": "int32", "CuK": "int32", "Rope": "float32"}
+                    out.append(("attention_varlen", "_attn_varlen_fwd", f"{dt} d={d}{name}", cfg, const, ptrs,
+                                dt != "float32"))
     # linear: every config for ViT-B qkv with the LN prologue (K=768, N=2304), heuristics for the
     # other flag sets (fc1 + GELU / tanh GELU / QuickGELU, fc2 / proj + gamma + residual) and for float32
     flavours = [("qkv+ln", dict(HAS_BIAS=True, ACT=0, HAS_GAMMA=False, HAS_RES=False, HAS_LN=True, HAS_LN_B=True), 768, 2304),
