@@ -267,7 +267,8 @@ NAFLEX_MODELS = {"siglip2-b16": (768, 12, 12, 3072), "siglip2-so400m16": (1152, 
 
 
 def packing_rows(sizes: Sequence[Tuple[int, int]], budgets: Sequence[int], model: str = "siglip2-b16",
-                 batch: Optional[int] = None, patch: int = 16, esize: int = 2, upscale: bool = True) -> Dict[str, float]:
+                 batch: Optional[int] = None, patch: int = 16, esize: int = 2,
+                 upscale: bool = True) -> Dict[str, float]:
     """Packed vs padded costs of ``sizes`` (height, width) split in batches of ``batch`` images (None:
     one batch), image j at token budget ``budgets[j % len(budgets)]`` (one budget, or a batch that
     mixes them), through ``model`` (:data:`NAFLEX_MODELS`); ``upscale`` as :func:`naflex_grid`.

@@ -266,7 +266,8 @@ def _varlen_mixes() -> Dict[str, List[int]]:
         return {"tiny": [1, 5, 17, 9]}
     sizes = FL.uniform_aspect_sizes(32)
     out = {}
-    for label, budgets, upscale, imgs in (("uniform-256", (256,), True, sizes), ("uniform-256-1024", (256, 1024), True, sizes),
+    for label, budgets, upscale, imgs in (("uniform-256", (256,), True, sizes),
+                                          ("uniform-256-1024", (256, 1024), True, sizes),
                                           ("skimage-native-1024", (1024,), False, None)):
         imgs = FL.skimage_photo_sizes() if imgs is None else imgs
         out[label] = [gh * gw for gh, gw in (FL.naflex_grid(h, w, 16, budgets[j % len(budgets)], upscale=upscale)
