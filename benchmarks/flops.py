@@ -10,13 +10,16 @@ Conventions (those of flash-attention and timm's GMAC counts, x2):
   i.e. what an ideally fused kernel must move; intermediates an unfused version round-trips
   through memory (the MLP hidden activation, attention scores) are *not* counted.
 
-``python -m benchmarks.flops`` prints the ViT-B/16 batch-256 table that NOTES.md carries.
+``python -m benchmarks.flops`` prints the ViT-B/16 batch-256 table that NOTES.md carries, then the
+packed-vs-padded table of variable-resolution (NaFlex) batches (:func:`render_packing_table`).
 """
 
 from __future__ import annotations
 
+import math
+import random
 from dataclasses import dataclass
-from typing import Dict, Optional
+from typing import Dict, List, Optional, Sequence, Tuple
 
 __all__ = [
     "Cost",
@@ -27,6 +30,13 @@ __all__ = [
     "model_flops_per_image",
     "floor_ms",
     "vit_b16_table",
+    "attention_varlen_cost",
+    "encoder_cost",
+    "naflex_grid",
+    "skimage_photo_sizes",
+    "uniform_aspect_sizes",
+    "packing_rows",
+    "render_packing_table",
 ]
 
 
@@ -158,5 +168,187 @@ def render_table(B: int = 256, peak_tflops: float = H100_GEMM_TFLOPS, bandwidth_
     return "\n".join(rows)
 
 
+# --------------------------------------------------------------------------- packed vs padded (#23)
+def attention_varlen_cost(seqlens_q: Sequence[int], H: int, d: int, seqlens_k: Optional[Sequence[int]] = None,
+                          esize: int = 2) -> Cost:
+    """Attention over packed sequences: 4 * H * d * sum_i(N_i * N_kv_i) FLOPs.
+
+    Bytes: q, o (total_q * H * d each), k, v (total_k * H * d each), the int32 offsets of q and k.
+    Padded attention over B sequences of length N is ``attention_cost(B, H, N, d)``: the same
+    formula with every N_i = N (its key-padding mask adds B * N bytes, see :func:`encoder_cost`).
+    """
+    seqlens_k = seqlens_q if seqlens_k is None else seqlens_k
+    if len(seqlens_k) != len(seqlens_q):
+        raise ValueError(f"seqlens_k: expected {len(seqlens_q)} lengths (as seqlens_q), got {len(seqlens_k)}")
+    pairs = sum(nq * nk for nq, nk in zip(seqlens_q, seqlens_k))
+    tq, tk = sum(seqlens_q), sum(seqlens_k)
+    nbytes = (2 * tq + 2 * tk) * H * d * esize + 2 * 4 * (len(seqlens_q) + 1)
+    return Cost(4.0 * H * d * pairs, nbytes, elementwise=5.0 * H * pairs)
+
+
+def encoder_cost(seqlens: Sequence[int], D: int, depth: int, heads: int, hidden: int, patch: int = 16,
+                 in_chans: int = 3, padded_to: Optional[int] = None, esize: int = 2) -> Cost:
+    """Patch embedding + ``depth`` pre-norm blocks (LN + qkv, attention, proj + residual, LN + MLP
+    + residual) of a NaFlex encoder (no prefix token) over one batch of images with ``seqlens``
+    patch tokens each.
+
+    ``padded_to`` None: packed (every GEMM over sum(seqlens) rows, varlen attention); else every
+    image padded to that many tokens (the HF Siglip2 processor pads to ``max_num_patches``, a
+    collate may pad to the batch's longest): the padding rows run through every GEMM and the
+    attention runs over (B, padded_to) with a (B, padded_to) key mask read once per block.
+    Bytes as the other costs (every input once, every output once, weights once per block).
+    """
+    B = len(seqlens)
+    lens = list(seqlens) if padded_to is None else [padded_to] * B
+    if padded_to is not None and max(seqlens, default=0) > padded_to:
+        raise ValueError(f"padded_to: expected >= the longest sequence {max(seqlens)}, got {padded_to}")
+    T, K, d = sum(lens), in_chans * patch * patch, D // heads
+    embed = Cost(2.0 * T * K * D, (T * K + K * D + D + 2 * T * D) * esize)  # patches, weight, bias, pos, out
+    attn = attention_varlen_cost(lens, heads, d, esize=esize)
+    mask = 0 if padded_to is None else B * padded_to  # bool key mask per block
+    blocks = [linear_cost(T, D, 3 * D, ln=True, esize=esize), attn, linear_cost(T, D, D, residual=True, esize=esize),
+              mlp_cost(T, D, hidden, residual=True, ln=True, esize=esize)]
+    flops = embed.flops + depth * sum(c.flops for c in blocks)
+    nbytes = embed.bytes + depth * (sum(c.bytes for c in blocks) + mask)
+    return Cost(flops, nbytes, elementwise=depth * sum(c.elementwise for c in blocks))
+
+
+def naflex_grid(height: int, width: int, patch: int, max_patches: int, eps: float = 1e-5,
+                upscale: bool = True) -> Tuple[int, int]:
+    """(rows, cols) of patches of a ``height x width`` image resized to fit ``max_patches`` keeping
+    its aspect ratio, the rule of Hugging Face's Siglip2 image processor: the largest scale s
+    (bisection to ``eps``) with ceil(h s / P) * ceil(w s / P) <= max_patches, each side at least
+    one patch. (fastvit's preprocessing implements it bit-exact; this count needs only the grid.)
+    ``upscale=False``: s <= 1, the native resolution capped at the budget (VLM towers' rule)."""
+    lo, hi = eps / 10, (100.0 if upscale else 1.0)
+    if not upscale and max(math.ceil(height / patch), 1) * max(math.ceil(width / patch), 1) <= max_patches:
+        return max(math.ceil(height / patch), 1), max(math.ceil(width / patch), 1)
+
+    def grid(s: float) -> Tuple[int, int]:
+        return max(math.ceil(height * s / patch), 1), max(math.ceil(width * s / patch), 1)
+
+    while hi - lo >= eps:
+        mid = (lo + hi) / 2
+        gh, gw = grid(mid)
+        if gh * gw <= max_patches:
+            lo = mid
+        else:
+            hi = mid
+    return grid(lo)
+
+
+# The photographs among scikit-image's bundled images (its drawings, textures and test patterns left out).
+SKIMAGE_PHOTOS = ("astronaut", "camera", "chelsea", "clock", "coffee", "coins", "hubble_deep_field",
+                  "immunohistochemistry", "moon", "page", "retina", "rocket", "text")
+
+
+def skimage_photo_sizes() -> List[Tuple[int, int]]:
+    """(height, width) of the scikit-image photos (:data:`SKIMAGE_PHOTOS`), read from the images."""
+    try:
+        from skimage import data
+    except ImportError as e:
+        raise ImportError('the scikit-image photos need scikit-image: pip install "fastvit[viz]"') from e
+    return [tuple(getattr(data, name)().shape[:2]) for name in SKIMAGE_PHOTOS]
+
+
+def uniform_aspect_sizes(n: int, lo: float = 0.5, hi: float = 2.0, area: int = 512 * 512,
+                         seed: int = 0) -> List[Tuple[int, int]]:
+    """``n`` (height, width) of ``area`` pixels with aspect ratios w / h uniform in [lo, hi] (seeded)."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        a = rng.uniform(lo, hi)
+        out.append((max(round(math.sqrt(area / a)), 1), max(round(math.sqrt(area * a)), 1)))
+    return out
+
+
+# SigLIP2 NaFlex encoders (HF Siglip2VisionModel): ViT-B/16 and so400m/16
+NAFLEX_MODELS = {"siglip2-b16": (768, 12, 12, 3072), "siglip2-so400m16": (1152, 27, 16, 4304)}
+
+
+def packing_rows(sizes: Sequence[Tuple[int, int]], budgets: Sequence[int], model: str = "siglip2-b16",
+                 batch: Optional[int] = None, patch: int = 16, esize: int = 2,
+                 upscale: bool = True) -> Dict[str, float]:
+    """Packed vs padded costs of ``sizes`` (height, width) split in batches of ``batch`` images (None:
+    one batch), image j at token budget ``budgets[j % len(budgets)]`` (one budget, or a batch that
+    mixes them), through ``model`` (:data:`NAFLEX_MODELS`); ``upscale`` as :func:`naflex_grid`.
+
+    Returns totals over the batches: images, tokens packed / padded to the largest budget (HF) /
+    padded to each batch's longest, the padding fraction of each, attention and encoder FLOPs and
+    bytes of each, and their padded / packed ratios."""
+    D, depth, heads, hidden = NAFLEX_MODELS[model]
+    lens = []
+    for j, (h, w) in enumerate(sizes):
+        gh, gw = naflex_grid(h, w, patch, budgets[j % len(budgets)], upscale=upscale)
+        lens.append(gh * gw)
+    batch = batch or len(lens)
+    pad_to = max(budgets)
+    tot: Dict[str, float] = dict(images=len(lens), tokens=0, tokens_budget=0, tokens_longest=0, attn_flops=0,
+                                 attn_flops_budget=0, attn_flops_longest=0, enc_flops=0, enc_flops_budget=0,
+                                 enc_flops_longest=0, enc_bytes=0, enc_bytes_budget=0)
+    d = D // heads
+    for i in range(0, len(lens), batch):
+        b = lens[i:i + batch]
+        longest = max(b)
+        tot["tokens"] += sum(b)
+        tot["tokens_budget"] += pad_to * len(b)
+        tot["tokens_longest"] += longest * len(b)
+        tot["attn_flops"] += attention_varlen_cost(b, heads, d, esize=esize).flops
+        tot["attn_flops_budget"] += attention_cost(len(b), heads, pad_to, d, esize=esize).flops
+        tot["attn_flops_longest"] += attention_cost(len(b), heads, longest, d, esize=esize).flops
+        packed = encoder_cost(b, D, depth, heads, hidden, patch, esize=esize)
+        padded = encoder_cost(b, D, depth, heads, hidden, patch, padded_to=pad_to, esize=esize)
+        tot["enc_flops"] += packed.flops
+        tot["enc_flops_budget"] += padded.flops
+        tot["enc_flops_longest"] += encoder_cost(b, D, depth, heads, hidden, patch, padded_to=longest,
+                                                 esize=esize).flops
+        tot["enc_bytes"] += packed.bytes
+        tot["enc_bytes_budget"] += padded.bytes
+    tot["pad_fraction_budget"] = 1 - tot["tokens"] / tot["tokens_budget"]
+    tot["pad_fraction_longest"] = 1 - tot["tokens"] / tot["tokens_longest"]
+    for what in ("attn_flops", "enc_flops"):
+        tot[f"{what}_ratio_budget"] = tot[f"{what}_budget"] / tot[what]
+        tot[f"{what}_ratio_longest"] = tot[f"{what}_longest"] / tot[what]
+    tot["enc_bytes_ratio_budget"] = tot["enc_bytes_budget"] / tot["enc_bytes"]
+    return tot
+
+
+def packing_mixes(photos: Optional[Sequence[Tuple[int, int]]] = None) -> List[tuple]:
+    """The realistic mixes of the table: (label, image sizes, budgets, batch, upscale). Resized to
+    the budget (SigLIP2 NaFlex) every image nearly fills it, so one budget pads little; a batch
+    that mixes budgets, or images kept at native resolution under a cap (VLM towers), pads a lot."""
+    photos = skimage_photo_sizes() if photos is None else photos
+    uniform = uniform_aspect_sizes(256)
+    return [
+        ("skimage photos, budget 256", photos, (256,), None, True),
+        ("skimage photos, budget 1024", photos, (1024,), None, True),
+        ("skimage photos, budgets 256/576/1024 mixed", photos, (256, 576, 1024), None, True),
+        ("skimage photos, native size capped at 1024", photos, (1024,), None, False),
+        ("uniform aspect 0.5-2.0, budget 256, bs32", uniform, (256,), 32, True),
+        ("uniform aspect 0.5-2.0, budget 1024, bs32", uniform, (1024,), 32, True),
+        ("uniform aspect 0.5-2.0, budgets 256/1024 mixed, bs32", uniform, (256, 1024), 32, True),
+    ]
+
+
+def render_packing_table(model: str = "siglip2-b16", photos: Optional[Sequence[Tuple[int, int]]] = None) -> str:
+    """Markdown table: packed vs padded tokens, attention and whole-encoder FLOPs for the mixes of
+    :func:`packing_mixes` (padded = to the largest budget, as the HF processor; 'longest' = to each
+    batch's longest image, the best a padded collate can do)."""
+    rows = [f"| mix ({model}, P16, bf16) | images | tokens packed | padding (budget / longest) | attention GFLOP "
+            "packed | attention padded / packed (budget / longest) | encoder GFLOP packed | encoder padded / packed "
+            "(budget / longest) | encoder bytes padded / packed |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for label, sizes, budgets, batch, upscale in packing_mixes(photos):
+        t = packing_rows(sizes, budgets, model, batch, upscale=upscale)
+        rows.append(f"| {label} | {int(t['images'])} | {int(t['tokens'])} | {100 * t['pad_fraction_budget']:.1f}% / "
+                    f"{100 * t['pad_fraction_longest']:.1f}% | {t['attn_flops'] / 1e9:.1f} | "
+                    f"{t['attn_flops_ratio_budget']:.2f}x / {t['attn_flops_ratio_longest']:.2f}x | "
+                    f"{t['enc_flops'] / 1e9:.0f} | {t['enc_flops_ratio_budget']:.2f}x / "
+                    f"{t['enc_flops_ratio_longest']:.2f}x | {t['enc_bytes_ratio_budget']:.2f}x |")
+    return "\n".join(rows)
+
+
 if __name__ == "__main__":
     print(render_table())
+    print()
+    print(render_packing_table())

@@ -254,3 +254,84 @@ test_patch_embed = _op_benchmark("patch_embed")
 test_attention = _op_benchmark("attention")
 test_linear = _op_benchmark("linear")
 test_mlp = _op_benchmark("mlp")
+
+
+# --------------------------------------------------------------------------- packed vs padded (#23)
+def _varlen_mixes() -> Dict[str, List[int]]:
+    """Sequence lengths (patch tokens per image) of the packed-vs-padded cases. GPU: NaFlex batches
+    from benchmarks.flops (SigLIP2's resize-to-budget rule): 32 images of the uniform 0.5-2.0
+    aspect mix at one budget (256: little padding) and at budgets 256 / 1024 mixed (~38% padding),
+    the scikit-image photos at native size capped at 1024 tokens. Smoke (CPU): one tiny mix."""
+    if not HAS_CUDA:
+        return {"tiny": [1, 5, 17, 9]}
+    sizes = FL.uniform_aspect_sizes(32)
+    out = {}
+    for label, budgets, upscale, imgs in (("uniform-256", (256,), True, sizes),
+                                          ("uniform-256-1024", (256, 1024), True, sizes),
+                                          ("skimage-native-1024", (1024,), False, None)):
+        imgs = FL.skimage_photo_sizes() if imgs is None else imgs
+        out[label] = [gh * gw for gh, gw in (FL.naflex_grid(h, w, 16, budgets[j % len(budgets)], upscale=upscale)
+                                             for j, (h, w) in enumerate(imgs))]
+        out[label + "-pad"] = max(budgets)  # the HF processor pads every image to the largest budget
+    return out
+
+
+_VARLEN_IMPLS = ("fastvit-triton", "fastvit-torch", "sdpa-padded-mask", "sdpa-padded")
+
+
+@pytest.mark.parametrize("impl", _VARLEN_IMPLS)
+@pytest.mark.parametrize("mix", [m for m in _varlen_mixes() if not m.endswith("-pad")])
+def test_attention_varlen(benchmark, peaks, mix, impl):
+    """attention_varlen over a packed NaFlex batch against padded SDPA on the same images: every
+    image padded to the largest budget with a (B, 1, 1, N) key-padding mask (what HF's Siglip2
+    attention runs), and the same padded batch without a mask (the flash kernel, a lower bound of
+    the padded work). Speedups come out per case in the same process (conftest); ``goal_speedup``
+    is the issue's target for the packed kernel vs the masked padded SDPA, 0.8 / (1 - padding)."""
+    mixes = _varlen_mixes()
+    lens = mixes[mix]
+    dt = torch.bfloat16 if HAS_CUDA else torch.float32
+    H, d = (12, 64) if HAS_CUDA else (2, 32)
+    pad_to = mixes.get(mix + "-pad", max(lens))
+    B, T = len(lens), sum(lens)
+    cu, mx = ops.varlen_offsets(lens, device=DEVICE)
+    starts = cu[:-1].tolist()
+    valid = torch.arange(pad_to, device=DEVICE)[None] < torch.tensor(lens, device=DEVICE)[:, None]  # (B, pad_to)
+    mask = valid[:, None, None, :]
+
+    def make():
+        qkv = _rand((T, 3, H, d), dt)
+        padded = torch.zeros(B, pad_to, 3, H, d, device=DEVICE, dtype=dt)
+        for b, (s, n) in enumerate(zip(starts, lens)):
+            padded[b, :n] = qkv[s:s + n]
+        return qkv, padded
+
+    if impl.startswith("fastvit-"):
+        name = impl.split("-", 1)[1]
+        _fastvit_or_skip(name, "attention_varlen")
+        fn = lambda qkv, padded: ops.attention_varlen(*qkv.unbind(1), cu, cu, mx, mx, backend=name)  # noqa: E731
+    elif impl == "sdpa-padded-mask":
+        fn = lambda qkv, padded: F.scaled_dot_product_attention(*_qkv_views(padded), attn_mask=mask)  # noqa: E731
+    else:
+        fn = lambda qkv, padded: F.scaled_dot_product_attention(*_qkv_views(padded))  # noqa: E731
+    first = make()
+    set_bytes = sum(t.numel() * t.element_size() for t in first)
+    sets = [first] + [make() for _ in range(rotation(set_bytes, env_info()["l2_bytes"]) - 1)]
+    with torch.no_grad():
+        out = fn(*first)
+        if HAS_CUDA:
+            torch.cuda.synchronize()
+        if out.dim() == 4:  # padded (B, H, pad_to, d) -> the valid rows, packed (T, H, d)
+            out = out.transpose(1, 2)[valid] if impl == "sdpa-padded-mask" else None
+        if out is not None:  # the unmasked padded run attends to padding: timed for scale only
+            q, k, v = first[0].unbind(1)
+            ref32 = R.attention_varlen(q.float(), k.float(), v.float(), cu, cu, mx, mx, upcast=True)
+            ref_lowp = R.attention_varlen(q, k, v, cu, cu, mx, mx) if dt != torch.float32 else None
+            check_output(out, ref32, ref_lowp, baseline=not impl.startswith("fastvit"), name=f"{mix} {impl}")
+        stats = bench(benchmark, fn, sets)
+    k = FL.attention_varlen_cost(lens, H, d, esize=torch.finfo(dt).bits // 8)  # useful work, for every impl
+    pad_fraction = 1 - T / (B * pad_to)
+    record(benchmark, case=f"attention_varlen|{mix}|B{B}|T{T}|{'bf16' if HAS_CUDA else 'fp32'}", impl=impl,
+           stats=stats, flops=k.flops, nbytes=k.bytes, kind="kernel", op="attention_varlen", variant=mix,
+           model="vit_b" if HAS_CUDA else "tiny", B=B, N=pad_to, dtype="bf16" if HAS_CUDA else "fp32", heads=H,
+           head_dim=d, D=H * d, intensity=k.intensity, tokens=T, pad_fraction=pad_fraction,
+           goal_speedup=0.8 / (1 - pad_fraction))

@@ -44,8 +44,9 @@ __all__ = ["LIMITS", "available", "patch_embed", "attention", "layer_norm", "lin
 
 LIMITS = BackendLimits(
     name="cuda",
-    # attention_probs would materialise N x N probabilities: the torch backend does it
-    ops=frozenset(OPS) - {"attention_probs"},
+    # attention_probs would materialise N x N probabilities: the torch backend does it; attention_varlen
+    # (packed sequences) has no CUDA C++ kernel yet: the triton backend runs it, else torch
+    ops=frozenset(OPS) - {"attention_probs", "attention_varlen"},
     devices=("cuda",),
     min_capability=(8, 0),  # bf16 wmma tiles, and the attention tiles' shared memory (sm_80's 163 KiB)
     max_head_dim=128,  # csrc/fastvit_cuda.h kMaxHeadDim: the attention tiles are sized for it

@@ -52,6 +52,10 @@ def convert_timm_state_dict(state_dict: Mapping[str, torch.Tensor],
     :func:`_timm_beit_names`), and a relative position bias table stored for another grid is fitted
     to the model's (timm's ``resize_rel_pos_bias_table``, as its ``checkpoint_filter_fn``).
     """
+    if any(k.startswith("embeds.") for k in state_dict):
+        raise CheckpointError("state_dict: timm NaFlexVit keys (embeds.*); convert them with "
+                              "fastvit.convert_naflex.convert_timm_naflex_state_dict (fastvit.from_timm, "
+                              "create_model(checkpoint=) and from_pretrained do)")
     if model.rope is not None or any(_EVA_KEY.match(k) for k in state_dict):
         state_dict = _timm_eva_names(state_dict)  # before BEiT's: the names both families share go here
     sd = _timm_beit_names(state_dict) if any(_BEIT_KEY.match(k) for k in state_dict) else dict(state_dict)
@@ -192,6 +196,9 @@ def timm_model_kwargs(timm_model: nn.Module) -> dict:
     (timm's HybridEmbed) becomes ``embed_layer``: a :class:`HybridEmbed` around a copy of the backbone.
     """
     m = timm_model
+    if type(m).__name__ == "NaFlexVit":
+        raise TypeError("timm_model: a NaFlexVit is described by fastvit.convert_naflex.timm_naflex_kwargs "
+                        "(fastvit.from_timm calls it)")
     if not hasattr(m, "blocks") or not hasattr(m, "patch_embed"):
         raise TypeError(f"timm_model: expected a timm VisionTransformer, got {type(m).__name__}")
     arch = str((getattr(m, "pretrained_cfg", None) or {}).get("architecture") or "")
@@ -563,6 +570,9 @@ def convert_hf_state_dict(sd: Mapping[str, torch.Tensor], config) -> Dict[str, t
     ``head.*`` -> ``attn_pool.*`` with ``in_proj`` (3D, D) split into ``q`` (D, D) and ``kv`` (2D, D).
     Raises :class:`~fastvit.checkpoint.CheckpointError` listing every key it does not know.
     """
+    if _get(config, "model_type", "") in ("siglip2", "siglip2_vision_model"):
+        raise ValueError("config: a Siglip2 (NaFlex) state dict is converted by "
+                         "fastvit.convert_naflex.convert_hf_siglip2_state_dict (fastvit.from_hf calls it)")
     if _get(config, "model_type", "") == "beit":
         return _convert_hf_beit(sd)
     if _get(config, "model_type", "") == "dinov3_vit":
@@ -872,11 +882,10 @@ def hf_config_to_kwargs(config, arch: Optional[str] = None) -> dict:
     ...); default the config's first ``architectures`` entry.
     """
     model_type = _get(config, "model_type", "vit")
-    if str(model_type).startswith("siglip2"):
-        raise ValueError(f"config: model_type {model_type!r} (Siglip2VisionModel, NaFlex: variable resolution and "
-                         "aspect ratio over packed patches) is not supported yet; SigLIP 2 fixed-resolution weights "
-                         "load as timm vit_*_siglip_* models (tag v2_webli) or as a SiglipVisionModel")
     arch = arch or (_get(config, "architectures") or [""])[0]
+    if model_type in ("siglip2", "siglip2_vision_model"):
+        raise ValueError(f"config: model_type {model_type!r} (Siglip2VisionModel, NaFlex) is described by "
+                         "fastvit.convert_naflex.hf_siglip2_kwargs (fastvit.from_hf calls it)")
     if model_type in _HF_TOWERS:
         return _hf_tower_kwargs(config, model_type, arch)
     if model_type == "beit":
@@ -998,6 +1007,7 @@ def model_kwargs(model: VisionTransformer) -> dict:
         dynamic_img_size=model.dynamic_img_size, dynamic_img_pad=pe.dynamic_img_pad, act=blk.mlp.act,
         norm_eps=blk.norm1.eps, distilled=model.distilled, pos_embed_antialias=model.pos_embed_antialias,
         head_bias=model.head_bias, **pool, **_rope_model_kwargs(model),
+        **(model.naflex_kwargs() if hasattr(model, "naflex_kwargs") else {}),
     )
 
 

@@ -67,6 +67,7 @@ import torch.nn.functional as F
 
 from .data.writers import RunMismatch
 from .imagefiles import batches_of, dist_info, expand_inputs, input_model, progress_bar, read_list_file, run_batches
+from .naflex import batch_runner
 from .preprocess import Preprocessor
 
 __all__ = ["EMBEDDINGS", "FORMATS", "ALL_FORMATS", "RunMismatch", "ModelSpec", "has_projection", "embedding_fn",
@@ -172,7 +173,8 @@ def iter_embeddings(model, preprocessor: Preprocessor, paths: Sequence[str], bat
                     embedding: str = "auto", normalize: bool = False, num_workers: int = 0,
                     device: Optional[str] = None, dtype: Optional[torch.dtype] = None, expand: bool = True,
                     on_skip: Optional[Callable[[str, str], None]] = None, preprocess: str = "exact",
-                    decode: str = "cpu") -> Iterator[Tuple[List[str], torch.Tensor]]:
+                    decode: str = "cpu", max_tokens: Optional[int] = None
+                    ) -> Iterator[Tuple[List[str], torch.Tensor]]:
     """Embed images batch by batch: yields ``(paths, embeddings (b, D) float32 on the CPU)``.
 
     Args:
@@ -184,15 +186,18 @@ def iter_embeddings(model, preprocessor: Preprocessor, paths: Sequence[str], bat
             by default a warning. Such files are left out of the batches (b <= batch_size).
         preprocess: 'exact' or 'fast' (:meth:`fastvit.Preprocessor.load`).
         decode: 'cpu' (in the workers) or 'cuda' (batched nvJPEG on the model's GPU).
+        max_tokens: NaFlex models (a NaFlexPreprocessor): at most this many tokens per packed
+            forward (a batch of mixed sizes is cut into runs; see :func:`fastvit.naflex.packed_batches`).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size: expected >= 1, got {batch_size}")
     files = expand_inputs(paths) if expand else list(paths)
     model, device, dtype = _prepare(model, device, dtype)
     to_float = input_model(model, preprocessor)
-    fn, _ = embedding_fn(model, embedding)
-    for idx, out, bad in run_batches(fn, files, preprocessor, batches_of(range(len(files)), batch_size), device,
-                                     dtype, num_workers, mode=preprocess, decode=decode, normalize=to_float):
+    fn, embedding = embedding_fn(model, embedding)
+    run = batch_runner(model, preprocessor, embedding, max_tokens, run_batches)
+    for idx, out, bad in run(fn, files, preprocessor, batches_of(range(len(files)), batch_size), device,
+                             dtype, num_workers, mode=preprocess, decode=decode, normalize=to_float):
         for i, reason in bad:
             if on_skip is not None:
                 on_skip(files[i], reason)
@@ -388,7 +393,8 @@ def embed_to_dir(model, preprocessor: Preprocessor, paths: Sequence[str], out_di
                  shard_size: int = 10000, num_workers: int = 0, device: Optional[str] = None,
                  dtype: Optional[torch.dtype] = None, rank: Optional[int] = None, world_size: Optional[int] = None,
                  overwrite: bool = False, progress: bool = False, model_id: Optional[str] = None,
-                 log: bool = True, preprocess: str = "exact", decode: str = "cpu") -> Dict[str, Any]:
+                 log: bool = True, preprocess: str = "exact", decode: str = "cpu",
+                 max_tokens: Optional[int] = None) -> Dict[str, Any]:
     """Embed every image of ``paths`` (+ ``list_files``) into shards in ``out_dir`` (see the module
     docstring for the layout and the guarantees); this process's share only when ``world_size > 1``.
 
@@ -407,6 +413,7 @@ def embed_to_dir(model, preprocessor: Preprocessor, paths: Sequence[str], out_di
         log: one line at the start and a summary at the end on stderr.
         preprocess: 'exact' or 'fast' (:meth:`fastvit.Preprocessor.load`); decode: 'cpu' or 'cuda'.
             Both are part of the run: a folder made with others is another run.
+        max_tokens: NaFlex models: at most this many tokens per packed forward (see :func:`iter_embeddings`).
 
     Returns:
         this process's summary: shards (its share), shards_reused, shards_written, embedded,
@@ -432,6 +439,7 @@ def embed_to_dir(model, preprocessor: Preprocessor, paths: Sequence[str], out_di
     model, device, dtype = _prepare(model, device, dtype)
     to_float = input_model(model, preprocessor)
     fn, embedding = embedding_fn(model, embedding)
+    run = batch_runner(model, preprocessor, embedding, max_tokens, run_batches)
     os.makedirs(out_dir, exist_ok=True)
     layout = _Layout(out_dir, len(files), shard_size, fmt)
     manifest: Dict[str, Any] = dict(
@@ -472,9 +480,9 @@ def embed_to_dir(model, preprocessor: Preprocessor, paths: Sequence[str], out_di
                 pass
         batches = [b for i in todo for b in batches_of(layout.range(i), batch_size)]
         cur, outs, rows, bad, seen = None, [], [], [], 0
-        for idx, out, skipped in run_batches(fn, files, preprocessor, batches, device, dtype, num_workers,
-                                             bar.update if bar is not None else None, mode=preprocess,
-                                             decode=decode, normalize=to_float):
+        for idx, out, skipped in run(fn, files, preprocessor, batches, device, dtype, num_workers,
+                                     bar.update if bar is not None else None, mode=preprocess,
+                                     decode=decode, normalize=to_float):
             first = idx[0] if idx else skipped[0][0]
             if cur is None:
                 cur = first // shard_size

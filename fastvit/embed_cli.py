@@ -37,6 +37,9 @@ def add_embed_parser(sub) -> None:
     s.add_argument("--shard-size", type=int, default=10000,
                    help="images per output shard for image files / folders (the unit of resumption); a tar or "
                         "parquet input shard is one output shard")
+    s.add_argument("--max-tokens", type=int, default=None,
+                   help="NaFlex models: at most this many tokens per packed forward (images of mixed sizes in one "
+                        "sequence; a batch is cut into runs within the budget)")
     s.add_argument("--image-column", help="parquet: the image column (encoded bytes, a path, or a {bytes, path} "
                                           "struct); default: the first of jpg, png, webp, image, ...")
     s.add_argument("--key-column", help="parquet: the key column (default: 'key', else the row number)")
@@ -83,6 +86,9 @@ def cmd_embed(args) -> int:
     # image folders keep their layout of always (embed_to_dir) unless a sharded-run option asks otherwise
     legacy = (args.engine == "local" and not sharded and fmt in FORMATS and args.embedding_dtype == "float32"
               and args.image_column is None and args.key_column is None)
+    if args.max_tokens is not None and not legacy:
+        raise SystemExit(f"{prog}: --max-tokens (NaFlex packing) runs on image files / folders with the local engine "
+                         "and --format safetensors / npy")
     common = dict(list_files=args.list_files, batch_size=args.batch_size, embedding=args.embedding,
                   normalize=args.normalize, fmt=fmt, shard_size=args.shard_size, overwrite=args.overwrite,
                   progress=not args.no_progress, model_id=_model_id(args), preprocess=args.preprocess,
@@ -104,7 +110,7 @@ def cmd_embed(args) -> int:
         model, pre = cli_model(args, prog)
         if legacy:
             embed_to_dir(model, pre, args.paths, args.out_dir, num_workers=args.workers, device=device,
-                         dtype=DTYPES[args.dtype], rank=rank, world_size=world, **common)
+                         dtype=DTYPES[args.dtype], rank=rank, world_size=world, max_tokens=args.max_tokens, **common)
         else:
             embed_shards(model, pre, args.paths, args.out_dir, embedding_dtype=args.embedding_dtype,
                          image_column=args.image_column, key_column=args.key_column, num_workers=args.workers,
@@ -112,7 +118,7 @@ def cmd_embed(args) -> int:
     except (RunMismatch, FileNotFoundError, ImportError) as e:
         raise SystemExit(f"{prog}: {e}") from None
     except ValueError as e:
-        if str(e).startswith(("embedding:", "inputs:", "paths:", "model_spec", "decode:")):
+        if str(e).startswith(("embedding:", "inputs:", "paths:", "model_spec", "decode:", "max_tokens:")):
             raise SystemExit(f"{prog}: {e}") from None
         raise
     return 0

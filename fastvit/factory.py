@@ -16,10 +16,12 @@ import torch
 import torch.nn as nn
 
 from .checkpoint import CheckpointError, load_state_dict, read_folder_state_dict, read_state_dict
-from .convert import (convert_hf_state_dict, convert_timm_state_dict, hf_config_to_kwargs, is_hf_state_dict,
-                      model_kwargs, timm_model_kwargs)
+from .convert import is_hf_state_dict, model_kwargs
+# every family's converters, the NaFlex ones included (convert_naflex is the layer above convert)
+from .convert_naflex import convert_hf, convert_timm, hf_kwargs, timm_kwargs
 from .hub import hub_folder, is_hub_name, read_config, timm_hub_id, timm_pretrained_cfg
 from .model import VisionTransformer
+from .naflex import NaFlexPreprocessor, is_naflex, model_class, unpad_hf_inputs
 from .preprocess import Preprocessor
 from .registry import follows_timm_tags, list_models, model_config, preprocess_config
 from .version import __version__
@@ -51,7 +53,7 @@ def create_model(name: str, checkpoint: Optional[str] = None, **overrides) -> Vi
     """
     cfg = model_config(name)
     cfg.update(overrides)
-    model = VisionTransformer(**cfg)
+    model = model_class(cfg)(**cfg)
     if checkpoint is not None:
         load_checkpoint(model, checkpoint)
     pre = preprocess_config(name)
@@ -66,7 +68,7 @@ def load_checkpoint(model: VisionTransformer, path: str) -> VisionTransformer:
     if is_hf_state_dict(sd):
         raise CheckpointError(f"checkpoint {path!r}: this is a Hugging Face state dict; use fastvit.from_pretrained "
                               "on its folder (config.json beside it)")
-    load_state_dict(model, convert_timm_state_dict(sd, model), source=f"checkpoint {path!r}")
+    load_state_dict(model, convert_timm(sd, model), source=f"checkpoint {path!r}")
     return model
 
 
@@ -76,10 +78,11 @@ def from_timm(timm_model: nn.Module, backend: Optional[str] = None) -> VisionTra
 
     Returns a fastvit model on the timm model's device and dtype, in its train / eval mode.
     """
-    model = VisionTransformer(backend=backend, **timm_model_kwargs(timm_model))
+    kwargs = timm_kwargs(timm_model)
+    model = model_class(kwargs)(backend=backend, **kwargs)
     p = next(timm_model.parameters())
     model.to(device=p.device, dtype=p.dtype)
-    load_state_dict(model, convert_timm_state_dict(timm_model.state_dict(), model), source="timm_model")
+    load_state_dict(model, convert_timm(timm_model.state_dict(), model), source="timm_model")
     if model.distilled:
         model.distilled_training = getattr(timm_model, "distilled_training", False)
     return model.train(timm_model.training)
@@ -102,8 +105,11 @@ def from_hf(hf_model_or_state_dict, config=None, backend: Optional[str] = None) 
     (CLIP: post_layernorm of the class token; SigLIP: the MAP head); for
     ``CLIPVisionModelWithProjection`` / ``CLIPModel`` the ``image_embeds`` (visual_projection, no
     bias); for ``BeitModel`` the ``pooler_output`` (fc_norm of the mean patch token, or the class
-    token). :func:`hf_outputs` gives them under HF's names. ``Siglip2VisionModel`` (NaFlex),
-    ``BeitForMaskedImageModeling``, ``BeitForSemanticSegmentation`` and ``BeitBackbone`` are refused.
+    token); for ``Siglip2VisionModel`` / ``Siglip2Model`` (NaFlex: a
+    :class:`~fastvit.naflex.NaFlexVisionTransformer`) the MAP head's ``pooler_output``. :func:`hf_outputs`
+    gives them under HF's names (NaFlex: from the padded ``pixel_values`` / ``pixel_attention_mask`` /
+    ``spatial_shapes``, packed inside). ``BeitForMaskedImageModeling``, ``BeitForSemanticSegmentation`` and
+    ``BeitBackbone`` are refused.
     """
     if isinstance(hf_model_or_state_dict, nn.Module):
         hf = hf_model_or_state_dict
@@ -120,8 +126,8 @@ def from_hf(hf_model_or_state_dict, config=None, backend: Optional[str] = None) 
     else:
         raise TypeError(f"hf_model_or_state_dict: expected a transformers model or a state dict, "
                         f"got {type(hf_model_or_state_dict).__name__}")
-    kwargs = hf_config_to_kwargs(config, arch)
-    sd = convert_hf_state_dict(sd, config)
+    kwargs = hf_kwargs(config, arch)
+    sd = convert_hf(sd, config)
     if kwargs["num_classes"] == 0 and "head.weight" in sd:
         kwargs["num_classes"] = sd["head.weight"].shape[0]
     if kwargs.get("fc_norm") and kwargs.get("global_pool") == "avg" and "fc_norm.weight" not in sd \
@@ -129,7 +135,7 @@ def from_hf(hf_model_or_state_dict, config=None, backend: Optional[str] = None) 
         kwargs.update(global_pool="", fc_norm=False, final_norm=False)
     if "dist_token" in sd and kwargs.get("reg_tokens") == 1:
         sd["reg_token"] = sd.pop("dist_token")
-    model = VisionTransformer(backend=backend, **kwargs)
+    model = model_class(kwargs)(backend=backend, **kwargs)
     if device is not None:
         model.to(device=device, dtype=dtype)
     load_state_dict(model, sd, source="Hugging Face state_dict")
@@ -141,7 +147,7 @@ def _timm_layout_model(config: dict, backend: Optional[str]) -> VisionTransforme
     arch = config["architecture"]
     args = dict(config.get("model_args") or {})
     if arch == "fastvit":
-        return VisionTransformer(backend=backend, **args)
+        return model_class(args)(backend=backend, **args)
     for k in ("num_classes", "global_pool"):
         if k in config and k not in args:
             args[k] = config[k]
@@ -149,7 +155,7 @@ def _timm_layout_model(config: dict, backend: Optional[str]) -> VisionTransforme
     if base in list_models():
         cfg = model_config(base)
         cfg.update(args)
-        return VisionTransformer(backend=backend, **cfg)
+        return model_class(cfg)(backend=backend, **cfg)
     try:
         import timm
     except ImportError:
@@ -185,7 +191,7 @@ def from_pretrained(name_or_path: str, backend: Optional[str] = None, revision: 
     config = read_config(path)
     if "architecture" in config:
         model = _timm_layout_model(config, backend)
-        sd = convert_timm_state_dict(read_folder_state_dict(path), model)
+        sd = convert_timm(read_folder_state_dict(path), model)
         load_state_dict(model, sd, source=f"checkpoint folder {path!r}")
         return _folder_normalization(model.eval(), path)
     if "model_type" not in config:
@@ -198,7 +204,8 @@ def _folder_normalization(model: VisionTransformer, path: str) -> VisionTransfor
     """Set the model's uint8 input normalisation from the folder's own preprocessing, when it has
     one (preprocessor_config.json, or config.json with ``preprocess`` / ``pretrained_cfg``)."""
     try:
-        pre = Preprocessor.from_pretrained(path)
+        pre = NaFlexPreprocessor.from_pretrained(path, model=model) if is_naflex(model) else \
+            Preprocessor.from_pretrained(path)
     except FileNotFoundError:  # the folder names no preprocessing: float input only
         return model
     return model.set_input_normalization(pre)
@@ -226,6 +233,9 @@ def load_model(checkpoint: Optional[str], model_name: Optional[str] = None, back
         # a preset of that exact name (CLIP '.openai' towers), else the architecture without the tag
         arch = model_name if model_name in list_models() else model_name.split(".")[0]
         model = create_model(arch, checkpoint=checkpoint, backend=backend)
+        if is_naflex(model):
+            pre = NaFlexPreprocessor.from_preset(arch)
+            return model.set_input_normalization(pre), pre
         # a tagged name's own pretrained_cfg (a tag may change mean / std / crop), else the preset's
         timm_cfg = timm_pretrained_cfg(model_name) if arch != model_name and follows_timm_tags(arch) else None
         cfg = timm_cfg.to_dict() if timm_cfg is not None else preprocess_config(arch)
@@ -238,7 +248,10 @@ def load_model(checkpoint: Optional[str], model_name: Optional[str] = None, back
                                     f"got {checkpoint!r}")
         folder = hub_folder(checkpoint, local_files_only=local_files_only)
     model = from_pretrained(folder, backend=backend)
-    pre = Preprocessor.from_pretrained(folder, model=model)
+    if is_naflex(model):
+        pre = NaFlexPreprocessor.from_pretrained(folder, model=model)
+    else:
+        pre = Preprocessor.from_pretrained(folder, model=model)
     return model.set_input_normalization(pre), pre
 
 
@@ -279,16 +292,31 @@ class ViTOutput(dict):
 
 
 def hf_outputs(model: VisionTransformer, pixel_values: torch.Tensor, output_hidden_states: bool = False,
-               output_attentions: Union[bool, Sequence[int]] = False) -> ViTOutput:
+               output_attentions: Union[bool, Sequence[int]] = False, *,
+               pixel_attention_mask: Optional[torch.Tensor] = None,
+               spatial_shapes: Optional[torch.Tensor] = None) -> ViTOutput:
     """Run ``model`` and return transformers-style outputs (see :class:`ViTOutput`).
 
     Args:
-        pixel_values: (B, C, H, W).
+        pixel_values: (B, C, H, W); or, with ``spatial_shapes`` (Siglip2VisionModel's NaFlex
+            inputs), patches (B, M, ph * pw * C), each image's first, zero rows after.
         output_hidden_states: also return the embeddings and every block's output, each (B, N, D)
             with N = prefix + patch tokens (HF ``hidden_states``).
         output_attentions: True for every layer, or a list of layer indices: only those compute
             probabilities (via :func:`fastvit.ops.attention_probs`), the rest stay on the fast path.
+        pixel_attention_mask: (B, M) 1 for each image's patches (NaFlex).
+        spatial_shapes: (B, 2) each image's patch grid (rows, cols) (NaFlex).
+
+    With ``spatial_shapes`` the valid patches are packed into one sequence
+    (:meth:`~fastvit.model.VisionTransformer.forward_packed`): no padding token is computed, and
+    ``last_hidden_state`` (B, T + M, D) holds each image's tokens (prefix first) and zeros at its
+    padding positions (Siglip2VisionModel computes rows there from the zero patches; they take
+    part in nothing), as does each of ``hidden_states``; ``pooler_output`` is the pooling over each
+    image's own tokens. ``output_attentions`` is refused there.
     """
+    if spatial_shapes is not None or pixel_attention_mask is not None:
+        return _hf_packed_outputs(model, pixel_values, pixel_attention_mask, spatial_shapes, output_hidden_states,
+                                  output_attentions)
     depth = len(model.blocks)
     if output_attentions is True:
         attn_layers = list(range(depth))
@@ -316,4 +344,32 @@ def hf_outputs(model: VisionTransformer, pixel_values: torch.Tensor, output_hidd
     if attn_layers:
         attns = rest[0]
         out["attentions"] = tuple(attns.get(i) for i in range(depth))
+    return out
+
+
+def _hf_packed_outputs(model, pixel_values, pixel_attention_mask, spatial_shapes, output_hidden_states,
+                       output_attentions) -> ViTOutput:
+    """:func:`hf_outputs` for NaFlex padded patches: unpad, run packed, pad the tokens back."""
+    if output_attentions:
+        raise ValueError("output_attentions: not available with pixel_attention_mask / spatial_shapes (packed NaFlex "
+                         "inputs: the attention runs without probabilities); call hf_outputs without it")
+    patches, grids = unpad_hf_inputs(pixel_values, pixel_attention_mask, spatial_shapes)
+    res = model.forward_packed(patches, grids, pre_logits=True, hidden_states=bool(output_hidden_states))
+    B, M = pixel_values.shape[:2]
+    T = model.num_prefix_tokens
+
+    def padded(packed: torch.Tensor) -> torch.Tensor:  # (T_all, D) -> (B, T + M, D), zeros at padding
+        out = packed.new_zeros(B, T + M, packed.shape[1])
+        for i, t in enumerate(res.split(packed)):
+            out[i, :t.shape[0]] = t
+        return out
+
+    pooled = res.pooled if model.global_pool else None
+    out = ViTOutput(last_hidden_state=padded(res.tokens), pooler_output=pooled)
+    if output_hidden_states:
+        out["hidden_states"] = tuple(padded(h) for h in res.hidden_states)
+    if model.num_classes and pooled is not None:
+        head = model.head
+        name = "image_embeds" if isinstance(head, nn.Linear) and head.bias is None else "logits"
+        out[name] = model._head(head, pooled)
     return out

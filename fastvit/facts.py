@@ -27,7 +27,9 @@ __all__ = [
 ]
 
 # The public ops, in data-flow order. Every backend implements a subset (declared in its limits).
-OPS = ("patch_embed", "attention", "attention_probs", "layer_norm", "linear", "mlp")
+# attention_varlen is attention over packed sequences (flash-attention's varlen layout: (total,
+# H, d) tokens, int32 cumulative offsets), the NaFlex models' mixed-size batches.
+OPS = ("patch_embed", "attention", "attention_probs", "attention_varlen", "layer_norm", "linear", "mlp")
 
 # Epilogue activations of linear / mlp. The integer codes cross into the kernels (Triton
 # constexpr ACT, csrc/fastvit_cuda.h enum Act): their order is part of the contract.
@@ -43,7 +45,8 @@ GATED_ACTS = frozenset({"swiglu"})
 #   attention.bias           additive logit bias (H, N, N_kv) / (B, H, N, N_kv) (BEiT relative position)
 #   attention.rope           rotary embedding of q / k in the prologue, one (N_r, 2 d) table for all heads
 #   attention.rope_per_head  a (H, N_r, 2 d) table (timm's mixed RoPE: learnt frequencies per head)
-# and the same three for attention_probs. A call names exactly the ones it uses.
+# and the same three for attention_probs; attention_varlen.rope / .rope_per_head (a table per packed
+# token, self attention). A call names exactly the ones it uses.
 ATTENTION_FEATURES = ("bias", "rope", "rope_per_head")
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)

@@ -29,7 +29,7 @@ from .relpos import RESIZE_MODES, RelativePositionBias
 from .rope import build_rope
 
 __all__ = ["VisionTransformer", "Block", "Attention", "Mlp", "PatchEmbed", "HybridEmbed", "LayerScale", "LayerNorm",
-           "AttentionPoolLatent"]
+           "AttentionPoolLatent", "PackedOutput"]
 
 _ACTS = tuple(a for a in ACTIVATIONS if a is not None)  # an MLP always has one
 _POOLS = ("", "avg", "avgmax", "max", "token", "map")  # timm's, less 'prr'
@@ -277,10 +277,30 @@ class Block(nn.Module):
         """x (B, N, D) -> (B, N, D); with ``return_attn`` also the probs (B, H, N, N), float32.
 
         rope, attn_bias: this block's position inputs of the attention (see :meth:`Attention.attend`)."""
-        n1, n2 = self.norm1, self.norm2
+        n1 = self.norm1
         qkv = ops.linear(x, self.attn.qkv.weight, self.attn.qkv.bias, ln_weight=n1.weight, ln_bias=n1.bias,
                          ln_eps=n1.eps, backend=backend)  # (B, N, 3D)
         o, probs = self.attn.attend(qkv, backend, probs=return_attn, rope=rope, bias=attn_bias)  # (B, N, D)
+        x = self._proj_mlp(o, x, backend)
+        return (x, probs) if return_attn else x
+
+    def forward_varlen(self, x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
+                       backend: Optional[str] = None) -> torch.Tensor:
+        """Packed sequences x (T, D) -> (T, D): the block over the tokens of many images at once, the
+        GEMMs over all T tokens and the attention within each sequence (:func:`fastvit.ops.attention_varlen`).
+
+        cu_seqlens: (S + 1,) int32 offsets of the S sequences in x; max_seqlen: the longest one."""
+        n1, a = self.norm1, self.attn
+        T = x.shape[0]
+        qkv = ops.linear(x, a.qkv.weight, a.qkv.bias, ln_weight=n1.weight, ln_bias=n1.bias, ln_eps=n1.eps,
+                         backend=backend)  # (T, 3D)
+        q, k, v = qkv.view(T, 3, a.num_heads, a.head_dim).unbind(1)  # (T, H, d) strided views
+        o = ops.attention_varlen(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, a.scale, backend=backend)
+        return self._proj_mlp(o.reshape(T, -1), x, backend)
+
+    def _proj_mlp(self, o: torch.Tensor, x: torch.Tensor, backend: Optional[str]) -> torch.Tensor:
+        """The rest of the block after the attention: o, x (..., D) -> x + ls1(proj(o)), then the MLP branch."""
+        n2 = self.norm2
         an = self.attn.norm
         if an is None:
             x = ops.linear(o, self.attn.proj.weight, self.attn.proj.bias, gamma=self._gamma(self.ls1), residual=x,
@@ -291,13 +311,11 @@ class Block(nn.Module):
         m = self.mlp
         hn = m.norm
         if hn is None:
-            x = ops.mlp(x, m.fc1.weight, m.fc1.bias, m.fc2.weight, m.fc2.bias, m.act, gamma=self._gamma(self.ls2),
-                        residual=x, ln_weight=n2.weight, ln_bias=n2.bias, ln_eps=n2.eps, backend=backend)
-        else:
-            x = ops.mlp(x, m.fc1.weight, m.fc1.bias, m.fc2.weight, m.fc2.bias, m.act, gamma=self._gamma(self.ls2),
-                        residual=x, ln_weight=n2.weight, ln_bias=n2.bias, ln_eps=n2.eps, hidden_ln_weight=hn.weight,
-                        hidden_ln_bias=hn.bias, hidden_ln_eps=hn.eps, backend=backend)
-        return (x, probs) if return_attn else x
+            return ops.mlp(x, m.fc1.weight, m.fc1.bias, m.fc2.weight, m.fc2.bias, m.act, gamma=self._gamma(self.ls2),
+                           residual=x, ln_weight=n2.weight, ln_bias=n2.bias, ln_eps=n2.eps, backend=backend)
+        return ops.mlp(x, m.fc1.weight, m.fc1.bias, m.fc2.weight, m.fc2.bias, m.act, gamma=self._gamma(self.ls2),
+                       residual=x, ln_weight=n2.weight, ln_bias=n2.bias, ln_eps=n2.eps, hidden_ln_weight=hn.weight,
+                       hidden_ln_bias=hn.bias, hidden_ln_eps=hn.eps, backend=backend)
 
 
 class AttentionPoolLatent(nn.Module):
@@ -351,7 +369,27 @@ class AttentionPoolLatent(nn.Module):
         kv = ops.linear(x, self.kv.weight, self.kv.bias, backend=backend)  # (B, N, 2D)
         k, v = kv.view(B, N, 2, H, d).permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, N, d) views
         o = ops.attention(q, k, v, self.scale, backend=backend)  # (B, H, L, d) view of (B, L, H, d)
-        o = o.transpose(1, 2).reshape(B, L, D)
+        return self._head(o.transpose(1, 2).reshape(B, L, D), backend)
+
+    def forward_varlen(self, x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
+                       backend: Optional[str] = None) -> torch.Tensor:
+        """Packed tokens x (T, D) of B images -> (B, D) (or (B, L, D) for pool_type ''): each image's
+        latent queries attend over that image's tokens only (:func:`fastvit.ops.attention_varlen`).
+
+        cu_seqlens: (B + 1,) int32 offsets of the images' tokens in x; max_seqlen: the most tokens of one."""
+        T, D = x.shape
+        B = cu_seqlens.shape[0] - 1
+        H, d, L = self.num_heads, self.head_dim, self.latent_len
+        q = ops.linear(self.latent[0], self.q.weight, self.q.bias, backend=backend)  # (L, D), one GEMM for all
+        q = q.view(1, L, H, d).expand(B, L, H, d).reshape(B * L, H, d)
+        kv = ops.linear(x, self.kv.weight, self.kv.bias, backend=backend)  # (T, 2D)
+        k, v = kv.view(T, 2, H, d).unbind(1)  # (T, H, d) views
+        cu_q, _ = ops.varlen_offsets([L] * B, device=x.device)
+        o = ops.attention_varlen(q, k, v, cu_q, cu_seqlens, L, max_seqlen, self.scale, backend=backend)
+        return self._head(o.reshape(B, L, D), backend)
+
+    def _head(self, o: torch.Tensor, backend: Optional[str]) -> torch.Tensor:
+        """Attended latents o (B, L, D) -> proj, ``x + mlp(norm(x))``, then the pooling over L."""
         x = ops.linear(o, self.proj.weight, self.proj.bias, backend=backend)  # (B, L, D)
         m, n = self.mlp, self.norm
         x = ops.mlp(x, m.fc1.weight, m.fc1.bias, m.fc2.weight, m.fc2.bias, m.act, residual=x, ln_weight=n.weight,
@@ -859,6 +897,204 @@ class VisionTransformer(nn.Module):
         """Image (B, C, H, W) -> logits (B, num_classes)."""
         return self.forward_head(self.forward_features(x))
 
+    # ------------------------------------------------------------------ packed batches (mixed image sizes)
+    def forward_packed(self, images: Union[torch.Tensor, Sequence[torch.Tensor]],
+                       grids: Optional[Sequence[Tuple[int, int]]] = None, pre_logits: bool = False,
+                       hidden_states: bool = False) -> "PackedOutput":
+        """Images of different sizes in one packed sequence: no padding token is computed.
+
+        Every block runs once over the tokens of all images (the GEMMs over the total token count
+        T, the attention within each image: :func:`fastvit.ops.attention_varlen`); each image gets
+        the position embedding of its own grid, as :meth:`forward_features` would give it alone.
+
+        Args:
+            images: a list of B images (C, H_i, W_i) (float, any device; sizes multiples of the patch,
+                or any with ``dynamic_img_pad``; other sizes than ``img_size`` need ``dynamic_img_size``);
+                or, with ``grids``, pre-patchified input: a list of B (N_i, ph * pw * C) tensors or one
+                packed (sum N_i, ph * pw * C) tensor, each patch flattened (ph, pw, C) (channel fastest,
+                the layout of Hugging Face's Siglip2ImageProcessor and timm's NaFlex ``Patchify``),
+                patches row-major over the grid.
+            grids: (gh_i, gw_i) of each image's patches, with pre-patchified input only.
+            pre_logits: skip the head (``logits`` None).
+            hidden_states: also return the packed embeddings and every block's output, depth + 1
+                tensors (T, D) (Hugging Face's ``hidden_states``), in ``hidden_states``.
+
+        Returns:
+            :class:`PackedOutput`: ``tokens`` (T, D) normalised, image i's T_p + N_i tokens (prefix
+            first) at ``cu_seqlens[i]:cu_seqlens[i + 1]``; ``pooled`` (B, D) (``forward_head(...,
+            pre_logits=True)`` per image; None with ``global_pool=''``); ``logits`` (B, num_classes)
+            from the head, or None.
+        """
+        pe = self.patch_embed
+        if not isinstance(pe, PatchEmbed):
+            raise ValueError(f"forward_packed: expected a PatchEmbed patch embedding, got {type(pe).__name__}")
+        if self.distilled:
+            raise ValueError("forward_packed: DeiT distillation (two heads over the class and distillation tokens) "
+                             "is not supported in packed batches; use forward")
+        if self._pos_sources:
+            raise ValueError("forward_packed: models with RoPE or a relative position bias are not supported in packed "
+                             "batches (the per-image tables are not packed); use forward")
+        patches, grids = self._packed_patches(images, grids)  # (P, ph * pw * C), [(gh, gw)] * B
+        x, cu, max_len, lens, patch_rows = self._packed_embed(patches, grids)
+        states = [x] if hidden_states else None
+        for blk in self.blocks:
+            x = blk.forward_varlen(x, cu, max_len, self.backend)
+            if states is not None:
+                states.append(x)
+        x = self._norm(x)
+        pooled = self._packed_pool(x, cu, lens, patch_rows)
+        if pooled is not None and isinstance(self.fc_norm, LayerNorm):
+            pooled = self.fc_norm(pooled, backend=self.backend)
+        logits = None
+        if not pre_logits and pooled is not None and isinstance(self.head, nn.Linear):
+            logits = self._head(self.head, pooled)
+        out = PackedOutput(tokens=x, cu_seqlens=cu, grids=grids, num_prefix_tokens=self.num_prefix_tokens,
+                           pooled=pooled, logits=logits)
+        if states is not None:
+            out["hidden_states"] = states
+        return out
+
+    def _packed_patches(self, images, grids) -> Tuple[torch.Tensor, List[Tuple[int, int]]]:
+        """The packed patch rows (P, ph * pw * C) in the projection's dtype and device, and the grids."""
+        pe = self.patch_embed
+        w = pe.proj.weight
+        C = w.shape[1]
+        ph, pw = pe.patch_size
+        K = C * ph * pw
+        if grids is not None:
+            grids = [_pair(g) for g in grids]
+            if not grids or any(g[0] < 1 or g[1] < 1 for g in grids):
+                raise ValueError(f"grids: expected one (rows, cols) >= 1 per image, got {grids}")
+            n = [g[0] * g[1] for g in grids]
+            if isinstance(images, torch.Tensor):
+                if images.dim() != 2 or images.shape != (sum(n), K):
+                    raise ValueError(f"images: expected packed patches ({sum(n)}, {K}) (sum of the grids' patches, "
+                                     f"ph * pw * C), got shape {tuple(images.shape)}")
+                return images.to(device=w.device, dtype=w.dtype).contiguous(), grids
+            if not isinstance(images, (list, tuple)) or len(images) != len(grids):
+                raise ValueError(f"images: expected {len(grids)} patch tensors (one per grid), got "
+                                 f"{len(images) if isinstance(images, (list, tuple)) else type(images).__name__}")
+            for i, (t, k) in enumerate(zip(images, n)):
+                if not isinstance(t, torch.Tensor) or t.shape != (k, K):
+                    raise ValueError(f"images[{i}]: expected patches ({k}, {K}) for grid {grids[i]}, got "
+                                     f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+            return torch.cat([t.to(device=w.device, dtype=w.dtype) for t in images]), grids
+        if isinstance(images, torch.Tensor) and images.dim() == 4:
+            images = list(images.unbind(0))
+        if not isinstance(images, (list, tuple)) or not images:
+            raise TypeError(f"images: expected a non-empty list of images (C, H, W), got "
+                            f"{type(images).__name__ if not isinstance(images, (list, tuple)) else 'an empty list'}")
+        grids = []
+        for i, img in enumerate(images):
+            if not isinstance(img, torch.Tensor) or img.dim() != 3 or img.shape[0] != C:
+                raise ValueError(f"images[{i}]: expected an image ({C}, H, W), got "
+                                 f"{tuple(img.shape) if isinstance(img, torch.Tensor) else type(img).__name__}")
+            if not img.is_floating_point():
+                raise TypeError(f"images[{i}]: expected a float image (normalised), got dtype {img.dtype}")
+            H, W = img.shape[1:]
+            if not self.dynamic_img_size and (H, W) != tuple(pe.img_size):
+                raise ValueError(f"images[{i}]: expected image size {tuple(pe.img_size)} (set dynamic_img_size=True "
+                                 f"to accept other sizes), got {(H, W)}")
+            if not pe.dynamic_img_pad and (H % ph or W % pw):
+                raise ValueError(f"images[{i}]: expected height and width multiples of the patch size {(ph, pw)} "
+                                 f"(or dynamic_img_pad=True), got image size {(H, W)}")
+            grids.append(pe.dynamic_feat_size((H, W)))
+        n = [g[0] * g[1] for g in grids]
+        out = torch.empty(sum(n), K, device=w.device, dtype=w.dtype)
+        start = 0
+        for img, (gh, gw), k in zip(images, grids, n):
+            H, W = img.shape[1:]
+            if (H, W) != (gh * ph, gw * pw):  # dynamic_img_pad: zeros below and right, as the conv path
+                img = F.pad(img, (0, gw * pw - W, 0, gh * ph - H))
+            # (C, gh, ph, gw, pw) -> (gh, gw, ph, pw, C), written in place (one copy, cast included)
+            out[start:start + k].view(gh, gw, ph, pw, C).copy_(img.view(C, gh, ph, gw, pw).permute(1, 3, 2, 4, 0))
+            start += k
+        return out, grids
+
+    def _packed_inputs(self, grids: Sequence[Tuple[int, int]]):
+        """Per grid (pos (gh * gw, D) or None, prefix (T, D) or None), and the projection weight as
+        (D, ph * pw * C) (the patch rows' layout); kept per grid for inference (refreshed when a
+        parameter changes, bypassed when autograd records or torch.compile traces)."""
+        w = self.patch_embed.proj.weight
+        params = [p for p in (w, self.pos_embed, *self._prefix_params()) if p is not None]
+        use_cache = not torch.compiler.is_compiling() and not (
+            torch.is_grad_enabled() and any(p.requires_grad for p in params))
+        cache = getattr(self, "_packed_cache", None)
+        stamp = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
+        if cache is None or cache.get("stamp") != stamp:
+            cache = {"stamp": stamp}
+            if use_cache:
+                self._packed_cache = cache
+        w_rows = cache.get("weight") if use_cache else None
+        if w_rows is None:
+            w_rows = w.permute(0, 2, 3, 1).reshape(w.shape[0], -1)  # (D, C, ph, pw) -> (D, ph * pw * C)
+            if use_cache:
+                cache["weight"] = w_rows
+        per_grid = []
+        for g in grids:
+            hit = cache.get(g) if use_cache else None
+            if hit is None:
+                hit = self._compute_embed_inputs(g)
+                if use_cache and len(cache) < 258:  # a bounded number of grids (a token budget allows few)
+                    cache[g] = hit
+            per_grid.append(hit)
+        return w_rows, per_grid
+
+    def _packed_embed(self, patches: torch.Tensor, grids: List[Tuple[int, int]]):
+        """Patch rows (P, K) -> packed tokens (P + B * T, D) after position embedding, prefix rows
+        and pre-norm; the int32 offsets (B + 1,), the longest sequence, each image's patch count, and
+        the patch tokens' rows (P,) (None without prefix tokens: then every row is a patch)."""
+        pe = self.patch_embed
+        w_rows, per_grid = self._packed_inputs(grids)
+        lens = [g[0] * g[1] for g in grids]
+        pos = [p for p, _ in per_grid]
+        pos = torch.cat(pos) if pos[0] is not None else None  # (P, D), added in the GEMM's epilogue
+        y = ops.linear(patches, w_rows, pe.proj.bias, residual=pos, backend=self.backend)  # (P, D)
+        T = self.num_prefix_tokens
+        # offsets built on the host: attention_varlen never reads them back from the GPU
+        cu, max_len = ops.varlen_offsets([T + n for n in lens], device=y.device)
+        patch_rows = None
+        if T:  # each sequence is [prefix, patches]: rows found on the host, so no device sync
+            prefix = per_grid[0][1]  # (T, D), the same for every grid
+            total = y.shape[0] + T * len(lens)
+            starts = torch.tensor([0] + [T + n for n in lens[:-1]]).cumsum(0)
+            is_prefix = torch.zeros(total, dtype=torch.bool)
+            is_prefix[(starts[:, None] + torch.arange(T)).flatten()] = True
+            patch_rows = (~is_prefix).nonzero().squeeze(1).to(y.device, non_blocking=True)
+            prefix_rows = is_prefix.nonzero().squeeze(1).to(y.device, non_blocking=True)
+            x = y.new_empty(total, y.shape[1])
+            x.index_copy_(0, patch_rows, y)
+            x.index_copy_(0, prefix_rows, prefix.to(y.dtype).repeat(len(lens), 1))
+            y = x
+        if isinstance(self.norm_pre, LayerNorm):
+            y = self.norm_pre(y, backend=self.backend)
+        return y, cu, max_len, lens, patch_rows
+
+    def _packed_pool(self, x: torch.Tensor, cu: torch.Tensor, lens: List[int],
+                     patch_rows: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """Packed tokens (T_all, D) -> (B, D) per image as :meth:`pool` (None for global_pool '')."""
+        B = len(lens)
+        if self.attn_pool is None and self.global_pool == "token":
+            return x[cu[:-1].long()]
+        if self.attn_pool is None and not self.global_pool:
+            return None
+        if patch_rows is not None:  # the patch tokens only, as pool() takes them
+            x = x.index_select(0, patch_rows)
+        if self.attn_pool is not None:
+            cu_p, max_len = ops.varlen_offsets(lens, device=x.device)
+            return self.attn_pool.forward_varlen(x, cu_p, max_len, backend=self.backend)
+        counts = torch.tensor(lens, device=x.device)
+        seg = torch.repeat_interleave(torch.arange(B, device=x.device), counts, output_size=sum(lens))
+        D = x.shape[1]
+        out = []
+        if self.global_pool in ("avg", "avgmax"):
+            sums = torch.zeros(B, D, device=x.device, dtype=torch.float32).index_add_(0, seg, x.float())
+            out.append((sums / counts[:, None].float()).to(x.dtype))
+        if self.global_pool in ("max", "avgmax"):
+            mx = torch.full((B, D), float("-inf"), device=x.device, dtype=x.dtype)
+            out.append(mx.scatter_reduce_(0, seg[:, None].expand(-1, D), x, "amax"))
+        return out[0] if len(out) == 1 else 0.5 * (out[1] + out[0])
+
     # ------------------------------------------------------------------ intermediates and attention
     def _take_indices(self, indices) -> List[int]:
         n = len(self.blocks)
@@ -928,3 +1164,23 @@ class VisionTransformer(nn.Module):
         """DINO-style interface (as timm): outputs of the last ``n`` blocks (or the listed ones)."""
         return self.forward_intermediates(x, n, return_prefix_tokens=return_prefix_tokens, norm=norm,
                                           output_fmt="NCHW" if reshape else "NLC", intermediates_only=True)
+
+
+class PackedOutput(dict):
+    """What :meth:`VisionTransformer.forward_packed` returns (a dict with attribute access):
+    ``tokens`` (T, D), ``cu_seqlens`` (B + 1,) int32, ``grids`` [(gh, gw)] * B, ``num_prefix_tokens``,
+    ``pooled`` (B, D) or None, ``logits`` (B, num_classes) or None; ``hidden_states`` (depth + 1
+    packed (T, D) tensors) when asked for."""
+
+    def __getattr__(self, name):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def split(self, packed: Optional[torch.Tensor] = None) -> List[torch.Tensor]:
+        """Each image's tokens (T_p + gh * gw, D) (prefix first), views of ``tokens`` (or of another
+        packed (T, D) tensor of the same layout, e.g. one of ``hidden_states``)."""
+        cu = self["cu_seqlens"].tolist()
+        t = self["tokens"] if packed is None else packed
+        return [t[a:b] for a, b in zip(cu[:-1], cu[1:])]

@@ -21,7 +21,8 @@ flags and the backend argument); the result - the backend function to call - is 
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional, Sequence, Tuple
+import weakref
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -30,7 +31,8 @@ from . import backends, reference
 from .signature import signature as _signature
 from .facts import ACTIVATIONS, FLOAT_DTYPES, GATED_ACTS, IMAGE_DTYPES, MAX_HEAD_DIM, dtype_name, patch_grid
 
-__all__ = ["patch_embed", "attention", "attention_probs", "linear", "mlp", "layer_norm", "clear_plans"]
+__all__ = ["patch_embed", "attention", "attention_probs", "attention_varlen", "varlen_offsets", "linear", "mlp",
+           "layer_norm", "clear_plans"]
 
 
 # --------------------------------------------------------------------------- validation helpers
@@ -244,6 +246,19 @@ def _(q, k, v, scale, bias, rope, rope_half, backend):
     return _attention_layout(q), q.new_empty(B, H, N, k.shape[2], dtype=torch.float32)
 
 
+@torch.library.custom_op("fastvit::attention_varlen", mutates_args=())
+def _attention_varlen_op(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
+                         max_seqlen_q: int, max_seqlen_k: int, scale: float, rope: Optional[Tensor], rope_half: bool,
+                         backend: str) -> Tensor:
+    return _call_backend("attention_varlen", backend, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                         max_seqlen_k, scale, rope, rope_half)
+
+
+@_attention_varlen_op.register_fake
+def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, rope, rope_half, backend):
+    return q.new_empty(q.shape)  # (total_q, H, d), contiguous
+
+
 @torch.library.custom_op("fastvit::layer_norm", mutates_args=())
 def _layer_norm_op(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float, backend: str) -> Tensor:
     return _call_backend("layer_norm", backend, x, weight, bias, eps)
@@ -286,13 +301,14 @@ _TENSOR_ARGS = {
     "patch_embed": (0, 1, 2, 3, 4),
     "attention": (0, 1, 2, 4, 5),
     "attention_probs": (0, 1, 2, 4, 5),
+    "attention_varlen": (0, 1, 2, 3, 4, 8),  # the offsets are saved for the backward, never differentiated
     "layer_norm": (0, 1, 2),
     "linear": (0, 1, 2, 4, 5, 6, 7),
     "mlp": (0, 1, 2, 3, 4, 6, 7, 8, 9, 11, 12),
 }
 CUSTOM_OPS = {
     "patch_embed": _patch_embed_op, "attention": _attention_op, "attention_probs": _attention_probs_op,
-    "layer_norm": _layer_norm_op, "linear": _linear_op, "mlp": _mlp_op,
+    "attention_varlen": _attention_varlen_op, "layer_norm": _layer_norm_op, "linear": _linear_op, "mlp": _mlp_op,
 }
 for _name, _op in CUSTOM_OPS.items():
     _register_reference_backward(_op, getattr(reference, _name), _TENSOR_ARGS[_name])
@@ -478,6 +494,245 @@ def _validate_attention(op, q, k, v, scale, bias=None, rope=None, rope_half=Fals
         if rope.dim() == 3:
             features.append(op + ".rope_per_head")
     return q.device, dict(dtype=q.dtype, head_dim=d, features=tuple(features))
+
+
+# --------------------------------------------------------------------------- attention_varlen
+def attention_varlen(
+    q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, max_seqlen_q: int,
+    max_seqlen_k: int, scale: Optional[float] = None, *, bias: Optional[Tensor] = None, rope: Optional[Tensor] = None,
+    rope_half: bool = False, backend: Optional[str] = None,
+) -> Tensor:
+    """Softmax attention over packed variable-length sequences, flash-attention's
+    ``flash_attn_varlen_func`` semantics (no dropout, not causal): sequence i's queries
+    ``q[cu_seqlens_q[i]:cu_seqlens_q[i + 1]]`` attend to ``k`` / ``v[cu_seqlens_k[i]:cu_seqlens_k[i + 1]]``
+    only, ``softmax(q k^T * scale) v`` per sequence; no attention across sequences.
+
+    Args:
+        q: (total_q, H, d); k, v: (total_k, H, d). Any strides with a unit-stride last dim, so
+            views of a packed (total, 3, H, d) qkv buffer need no copy. d <= 256.
+        cu_seqlens_q, cu_seqlens_k: (B + 1,) int32 cumulative offsets on q's device: 0 first,
+            total_q / total_k last, non-decreasing (empty sequences are allowed; a sequence with
+            queries must have keys). Build them with :func:`varlen_offsets`.
+        max_seqlen_q, max_seqlen_k: Python ints >= the longest query / key sequence (they size
+            the launch grid; a larger value only costs idle programs).
+        scale: softmax scale, default ``d ** -0.5``.
+        bias: not supported for packed sequences (a per-sequence (H, N_i, N_i) logit bias has no
+            single packed layout); must be None.
+        rope: rotary embedding per packed token, ``cat([sin, cos], -1)`` as timm builds it:
+            (total_q, 2 d) for every head or (H, total_q, 2 d) per head; q and k are rotated in
+            float32 and rounded to q's dtype (as :func:`attention`'s RoPE). Self attention only:
+            k's tokens are q's (same offsets, total_k == total_q). Tokens not to rotate (class /
+            register tokens) carry sin 0, cos 1. d must be even.
+        rope_half: rotate dim i with i + d / 2 (timm ``rotate_half``) instead of the interleaved
+            pairs (2 i, 2 i + 1).
+        backend: see :func:`patch_embed`. The triton and torch backends run it; the cuda backend
+            declares no attention_varlen kernel (auto falls back triton -> torch).
+
+    Returns:
+        (total_q, H, d) contiguous, in q's dtype (the projection reads it as (total_q, H * d)).
+
+    Offsets are checked by value (the first entry, order, totals against q / k, the longest
+    sequence against max_seqlen), once per offsets tensor: the facts are cached on the tensor
+    object and its version counter (an in-place change re-checks; inference tensors have no
+    counter and are checked once). A new CUDA offsets tensor costs
+    one device-to-host copy of its B + 1 entries (a sync) on its first use; offsets made by
+    :func:`varlen_offsets` from host lengths are registered there and never read back. Skipped
+    where the values cannot be read: while torch.compile traces (FakeTensors), during CUDA-graph
+    capture (check them eagerly first: ``fastvit.warmup`` does), for tensor subclasses.
+    """
+    if bias is not None:
+        _fail("bias", "None (attention_varlen takes no logit bias: a per-sequence (H, N_i, N_i) bias has no "
+                      "packed layout)", f"a {type(bias).__name__}")
+    sig = None if _is_compiling() else _signature(q, k, v, cu_seqlens_q, cu_seqlens_k, rope)
+    key = plan = None
+    if sig is not None:
+        key = ("attention_varlen", backend, scale.__class__, rope_half.__class__, rope_half, sig)
+        try:
+            plan = _PLANS.get(key)
+        except TypeError:
+            key = None
+    if plan is None:
+        plan = _build("attention_varlen", key, backend,
+                      (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, rope, rope_half),
+                      _validate_attention_varlen, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                      scale, rope, rope_half)
+    else:  # the plan fixed shapes and dtypes; the offsets' values and the max lengths are per call
+        _check_seqlen_args(max_seqlen_q, max_seqlen_k)
+        _check_offsets(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, rope is not None)
+    s = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    return plan(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, s, rope, rope_half)
+
+
+def varlen_offsets(seqlens, device=None) -> Tuple[Tensor, int]:
+    """(cu_seqlens, max_seqlen) for sequences of lengths ``seqlens`` (a sequence of ints or a
+    1-D integer CPU tensor): cu_seqlens (B + 1,) int32 on ``device``, 0 first. Computed on the
+    host and registered as checked, so :func:`attention_varlen` never reads them back from the GPU."""
+    if isinstance(seqlens, Tensor):
+        if seqlens.dim() != 1 or seqlens.is_floating_point() or seqlens.is_complex():
+            _fail("seqlens", "a 1-D integer tensor or a sequence of ints",
+                  f"a {seqlens.dim()}-D {seqlens.dtype} tensor")
+        seqlens = seqlens.tolist()
+    lengths = []
+    for i, n in enumerate(seqlens):
+        if isinstance(n, bool) or not isinstance(n, int):
+            _fail(f"seqlens[{i}]", "an int", type(n).__name__, TypeError)
+        if n < 0:
+            _fail(f"seqlens[{i}]", "a length >= 0", n)
+        lengths.append(n)
+    cu = [0]
+    for n in lengths:
+        cu.append(cu[-1] + n)
+    if cu[-1] >= 2 ** 31:
+        _fail("seqlens", "a total below 2 ** 31 (int32 offsets)", f"total {cu[-1]}")
+    t = torch.tensor(cu, dtype=torch.int32, device=device)
+    _remember_offsets(t, _OffsetFacts(cu[-1], tuple(lengths)))
+    return t, max(lengths, default=0)
+
+
+def _check_seqlen_args(max_seqlen_q, max_seqlen_k):
+    for name, m in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
+        if m.__class__ is not int and not isinstance(m, torch.SymInt):
+            if isinstance(m, bool) or not isinstance(m, int):
+                _fail(name, "an int", type(m).__name__, TypeError)
+        if m < 0:
+            _fail(name, "an int >= 0", m)
+
+
+def _offsets_tensor(t, arg: str):
+    if not isinstance(t, torch.Tensor):
+        _fail(arg, "a torch.Tensor", type(t).__name__, TypeError)
+    if t.dtype != torch.int32:
+        _fail(arg, "dtype int32 (flash-attention's cu_seqlens)", t.dtype, TypeError)
+    if t.dim() != 1 or t.shape[0] < 1:
+        _fail(arg, "a 1-D tensor of B + 1 offsets", f"shape {tuple(t.shape)}")
+
+
+def _validate_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, rope=None,
+                               rope_half=False):
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _tensor(t, name, ndim=3)
+        _last_dim_contiguous(t, name)
+    total_q, H, d = q.shape
+    if k.shape[1:] != q.shape[1:]:
+        _fail("k", f"shape (total_k, {H}, {d}) matching q (total_q, H, d)", f"shape {tuple(k.shape)}")
+    _shape(v, "v", k.shape)
+    _same(q, "q", k=k, v=v)
+    if d > MAX_HEAD_DIM:
+        _fail("q", f"head dim <= {MAX_HEAD_DIM}", f"head dim {d}")
+    _offsets_tensor(cu_seqlens_q, "cu_seqlens_q")
+    _offsets_tensor(cu_seqlens_k, "cu_seqlens_k")
+    if cu_seqlens_k.shape != cu_seqlens_q.shape:
+        _fail("cu_seqlens_k", f"shape {tuple(cu_seqlens_q.shape)} (B + 1 as cu_seqlens_q)",
+              f"shape {tuple(cu_seqlens_k.shape)}")
+    for name, t in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+        if t.device != q.device:
+            _fail(name, f"device {q.device} (as q)", f"device {t.device}")
+    _check_seqlen_args(max_seqlen_q, max_seqlen_k)
+    _scale(scale, d)
+    if not isinstance(rope_half, bool):
+        _fail("rope_half", "a bool", type(rope_half).__name__, TypeError)
+    features = []
+    if rope is not None:
+        _tensor(rope, "rope")
+        if d % 2:
+            _fail("q", "an even head dim with rope", f"head dim {d}")
+        if rope.dim() not in (2, 3) or rope.shape[-1] != 2 * d or rope.shape[-2] != total_q \
+                or (rope.dim() == 3 and rope.shape[0] != H):
+            _fail("rope", f"shape ({total_q}, {2 * d}) or ({H}, {total_q}, {2 * d}) (cat([sin, cos], -1) per packed "
+                          "token)", f"shape {tuple(rope.shape)}")
+        _last_dim_contiguous(rope, "rope")
+        if rope.device != q.device:
+            _fail("rope", f"device {q.device} (as q)", f"device {rope.device}")
+        if k.shape[0] != total_q:
+            _fail("k", f"total_k == total_q = {total_q} with rope (self attention: k's tokens are q's)",
+                  f"shape {tuple(k.shape)}")
+        features.append("attention_varlen.rope")
+        if rope.dim() == 3:
+            features.append("attention_varlen.rope_per_head")
+    if not torch.compiler.is_compiling():  # traced offsets have no values
+        _check_offsets(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, rope is not None)
+    return q.device, dict(dtype=q.dtype, head_dim=d, features=tuple(features))
+
+
+class _OffsetFacts:
+    """What the values of one offsets tensor say: the total and each sequence's length."""
+
+    __slots__ = ("total", "lengths", "longest", "argmax", "empty")
+
+    def __init__(self, total: int, lengths: Tuple[int, ...]):
+        self.total, self.lengths = total, lengths
+        self.longest = max(lengths, default=0)
+        self.argmax = lengths.index(self.longest) if lengths else -1
+        self.empty = tuple(i for i, n in enumerate(lengths) if n == 0)
+
+
+# id(tensor) -> (weakref to it, its _version when read, facts): an entry leaves with its tensor
+_OFFSETS: Dict[int, tuple] = {}
+_MAX_OFFSETS = 4096
+
+
+def _version(t: Tensor) -> int:
+    """The tensor's in-place version counter; -1 for an inference tensor, which has none (offsets
+    made under torch.inference_mode are then checked once per tensor, not per in-place change)."""
+    try:
+        return t._version
+    except RuntimeError:
+        return -1
+
+
+def _remember_offsets(t: Tensor, facts: _OffsetFacts) -> None:
+    if len(_OFFSETS) >= _MAX_OFFSETS:
+        _OFFSETS.clear()
+    i = id(t)
+    _OFFSETS[i] = (weakref.ref(t, lambda _, i=i: _OFFSETS.pop(i, None)), _version(t), facts)
+
+
+def _offset_facts(t: Tensor, arg: str) -> Optional[_OffsetFacts]:
+    """The checked facts of offsets tensor ``t`` (cached per tensor and version), or None where
+    its values cannot be read (a tensor subclass, CUDA-graph capture)."""
+    entry = _OFFSETS.get(id(t))
+    if entry is not None and entry[0]() is t and entry[1] == _version(t):
+        return entry[2]
+    if t.__class__ is not torch.Tensor:
+        return None
+    if t.is_cuda and torch.cuda.is_current_stream_capturing():
+        return None
+    vals: List[int] = t.tolist()  # on CUDA one small device-to-host copy, once per tensor
+    if vals[0] != 0:
+        _fail(arg, f"{arg}[0] == 0", f"{arg}[0] = {vals[0]}")
+    lengths = tuple(b - a for a, b in zip(vals, vals[1:]))
+    for i, n in enumerate(lengths):
+        if n < 0:
+            _fail(arg, f"non-decreasing offsets ({arg}[i + 1] >= {arg}[i])",
+                  f"{arg}[{i + 1}] = {vals[i + 1]} < {arg}[{i}] = {vals[i]}")
+    facts = _OffsetFacts(vals[-1], lengths)
+    _remember_offsets(t, facts)
+    return facts
+
+
+def _check_offsets(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, self_attention=False) -> None:
+    """The value checks of attention_varlen's offsets (cached facts: a few int compares a call);
+    ``self_attention`` (RoPE): both offsets must be equal."""
+    fq = _offset_facts(cu_seqlens_q, "cu_seqlens_q")
+    fk = _offset_facts(cu_seqlens_k, "cu_seqlens_k")
+    for f, name, t, tname, m, mname in ((fq, "cu_seqlens_q", q, "q", max_seqlen_q, "max_seqlen_q"),
+                                        (fk, "cu_seqlens_k", k, "k", max_seqlen_k, "max_seqlen_k")):
+        if f is None:
+            continue
+        if f.total != t.shape[0]:
+            _fail(name, f"{name}[-1] == {tname}.shape[0] = {t.shape[0]} (the packed total)",
+                  f"{name}[-1] = {f.total}")
+        if f.longest > m:
+            _fail(mname, f"an int >= the longest sequence ({f.longest}, sequence {f.argmax})", m)
+    if fq is not None and fk is not None:
+        for i in fk.empty:
+            if fq.lengths[i]:
+                _fail("cu_seqlens_k", "at least one key for every sequence with queries",
+                      f"sequence {i} with 0 keys and {fq.lengths[i]} queries")
+        if self_attention and cu_seqlens_k is not cu_seqlens_q and fk.lengths != fq.lengths:
+            i = next(j for j, (a, b) in enumerate(zip(fq.lengths, fk.lengths)) if a != b)
+            _fail("cu_seqlens_k", "the offsets of cu_seqlens_q with rope (self attention)",
+                  f"sequence {i} with {fk.lengths[i]} keys and {fq.lengths[i]} queries")
 
 
 def layer_norm(

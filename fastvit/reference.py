@@ -28,6 +28,8 @@ __all__ = [
     "attention",
     "attention_probs",
     "attention_for",
+    "attention_varlen",
+    "apply_rope_tokens",
     "layer_norm_for",
     "linear",
     "mlp",
@@ -43,7 +45,8 @@ LIMITS = BackendLimits(
     name="torch",
     ops=frozenset(OPS),
     devices=("cpu", "cuda"),
-    features=frozenset(f"{op}.{f}" for op in ("attention", "attention_probs") for f in ATTENTION_FEATURES),
+    features=frozenset(f"{op}.{f}" for op in ("attention", "attention_probs") for f in ATTENTION_FEATURES)
+    | {"attention_varlen.rope", "attention_varlen.rope_per_head"},
     note="fastvit/reference.py: ATen calls (SDPA, F.linear, F.layer_norm); the CPU path and the test oracle",
 )
 
@@ -175,6 +178,20 @@ def attention(
     return _contract_layout(F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale))
 
 
+def apply_rope_tokens(x: torch.Tensor, rope: torch.Tensor, half: bool = False) -> torch.Tensor:
+    """Rotate packed tokens x (total, H, d) by a per-token table ``rope`` ((total, 2 d), or (H,
+    total, 2 d) per head, ``cat([sin, cos], -1)``): the rotation of :func:`apply_rope` in float32
+    (float64 for float64 x), returned in x's dtype."""
+    ct = torch.promote_types(x.dtype, torch.float32)
+    sin, cos = rope.to(ct).tensor_split(2, dim=-1)
+    if rope.dim() == 3:
+        sin, cos = sin.transpose(0, 1), cos.transpose(0, 1)  # (total, H, d)
+    else:
+        sin, cos = sin[:, None], cos[:, None]
+    xf = x.to(ct)
+    return (xf * cos + rotate_pairs(xf, half) * sin).to(x.dtype)
+
+
 def rotate_pairs(x: torch.Tensor, half: bool) -> torch.Tensor:
     """The RoPE partner of every element with its sign: interleaved pairs (2 i, 2 i + 1) ->
     (-x[2 i + 1], x[2 i]) (timm ``rot``), or halves (i, i + d / 2) -> (-x[i + d / 2], x[i])
@@ -254,6 +271,77 @@ def attention_probs(
         q, k = apply_rope(q, rope, rope_half), apply_rope(k, rope, rope_half)
     out, p = _attention_math(q, k, v, scale, bias)
     return _contract_layout(out.to(q.dtype)), p
+
+
+def attention_varlen(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    scale: Optional[float] = None,
+    rope: Optional[torch.Tensor] = None,
+    rope_half: bool = False,
+    upcast: bool = False,
+) -> torch.Tensor:
+    """Softmax attention over packed sequences (flash-attention's varlen layout), no dropout:
+    sequence i's queries ``q[cu_seqlens_q[i]:cu_seqlens_q[i + 1]]`` attend to its keys / values
+    ``k, v[cu_seqlens_k[i]:cu_seqlens_k[i + 1]]`` and to nothing else.
+
+    Args:
+        q: (total_q, H, d); k, v: (total_k, H, d); any strides (views of a packed qkv buffer).
+        cu_seqlens_q, cu_seqlens_k: (B + 1,) integer cumulative offsets, 0 first, the totals
+            last, non-decreasing (a sequence may be empty; one with queries has keys).
+        max_seqlen_q, max_seqlen_k: at least the longest query / key sequence (the padded
+            length this formulation works at).
+        scale: softmax scale, default ``d ** -0.5``.
+        rope: rotary table per packed token, ``cat([sin, cos], -1)``: (total_q, 2 d) for every
+            head or (H, total_q, 2 d) per head; rotates q and k (self attention: k's tokens are
+            q's), see :func:`apply_rope_tokens`. Tokens that are not rotated (class / register
+            tokens) carry sin 0, cos 1.
+        rope_half: pair dim i with i + d / 2 (timm ``rotate_half``) instead of 2 i with 2 i + 1.
+        upcast: explicit float32 math formulation (oracle mode).
+
+    Returns:
+        (total_q, H, d) contiguous, in q's dtype.
+
+    The sequences are gathered into a padded (B, H, max_seqlen, d) batch by index (no host read
+    of the offsets: no GPU sync, traceable by torch.compile), attended with the padding keys
+    masked out, and the valid rows gathered back. Padding query rows attend to their sequence's
+    keys (any valid row would do) and are dropped, so no row is all-masked and the backward
+    sees no NaN.
+    """
+    total_q, H, d = q.shape
+    if scale is None:
+        scale = d ** -0.5
+    if total_q == 0:
+        return q.new_empty(0, H, d)
+    if rope is not None:
+        q, k = apply_rope_tokens(q, rope, rope_half), apply_rope_tokens(k, rope, rope_half)
+    dev = q.device
+    cq, ck = cu_seqlens_q.long().contiguous(), cu_seqlens_k.long().contiguous()
+    len_k = ck[1:] - ck[:-1]  # (B,)
+    pos_q = torch.arange(max_seqlen_q, device=dev)
+    pos_k = torch.arange(max_seqlen_k, device=dev)
+    idx_q = (cq[:-1, None] + pos_q).clamp(max=total_q - 1)  # (B, Mq): padding rows read a valid token
+    idx_k = (ck[:-1, None] + pos_k).clamp(max=max(k.shape[0] - 1, 0))
+    qp, kp, vp = q[idx_q].transpose(1, 2), k[idx_k].transpose(1, 2), v[idx_k].transpose(1, 2)  # (B, H, M, d)
+    # (B, 1, 1, Mk): keys of the sequence; an empty sequence (no queries either) attends to its
+    # padding rather than to nothing, so its dropped rows are finite
+    keep = (pos_k < len_k[:, None]) | (len_k == 0)[:, None]
+    keep = keep[:, None, None, :]
+    if upcast:
+        s = torch.matmul(qp.float(), kp.float().transpose(-2, -1)) * scale  # (B, H, Mq, Mk)
+        s = s.masked_fill(~keep, float("-inf"))
+        out = torch.matmul(torch.softmax(s, dim=-1), vp.float()).to(q.dtype)
+    else:
+        out = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=keep, scale=scale)
+    # each packed token's (sequence, position): the rows to keep, in packed order
+    tok = torch.arange(total_q, device=dev)
+    seq = torch.searchsorted(cq[1:], tok, right=True)
+    return out.transpose(1, 2)[seq, tok - cq[seq]]
 
 
 def layer_norm(

@@ -244,6 +244,37 @@ for _size, _dim, _depth, _heads, _reg, _bias, _mean, _std in _SBB:
          rope_type="cat", ref_feat_shape=(16, 16))
 
 
+# NaFlex (timm's naflexvit_* names; fastvit.naflex.NaFlexVisionTransformer, chosen by its
+# pos_embed_interp argument): a 16 x 16 learnt position grid resized per image, no position on the
+# prefix tokens, any image size, packed batches of mixed sizes. The SigLIP 2 towers (timm's
+# v2_webli weights, the same architecture as Hugging Face's Siglip2VisionModel) preprocess as
+# Hugging Face's Siglip2ImageProcessor (bilinear, 256 patches); the others as timm's NaFlex eval
+# transform (bicubic, 576 patches, mean = std = 0.5). The factorized-position variant
+# (naflexvit_base_patch16_parfac_gap) is not built.
+def _naflex_pre(hf: bool) -> dict:
+    if hf:
+        return dict(kind="naflex", patch_size=(16, 16), max_num_patches=256, resample="bilinear", mean=(0.5,) * 3,
+                    std=(0.5,) * 3, backend="torch", fuse_rescale=True)
+    return dict(kind="naflex", patch_size=(16, 16), max_num_patches=576, resample="bicubic", mean=(0.5,) * 3,
+                std=(0.5,) * 3, backend="pil", fuse_rescale=False)
+
+
+_NAFLEX = dict(img_size=256, patch_size=16, class_token=False, pos_embed_interp="bicubic")
+for _name, _extra in [
+        ("naflexvit_base_patch16_gap", dict(init_values=1e-5, global_pool="avg", reg_tokens=4, fc_norm=True)),
+        ("naflexvit_base_patch16_par_gap", dict(init_values=1e-5, global_pool="avg", reg_tokens=4, fc_norm=True,
+                                                pos_embed_ar_preserving=True)),
+        ("naflexvit_base_patch16_map", dict(init_values=1e-5, global_pool="map", reg_tokens=1))]:
+    _add(_name, preprocess=_naflex_pre(False), num_classes=1000, **dict(_NAFLEX, **_SIZES["base"], **_extra))
+for _pool in ("gap", "map"):
+    _add(f"naflexvit_so150m2_patch16_reg1_{_pool}", preprocess=_naflex_pre(False), num_classes=1000,
+         **dict(_NAFLEX, embed_dim=832, depth=21, num_heads=13, mlp_ratio=34 / 13, init_values=1e-5, qkv_bias=False,
+                reg_tokens=1, **(dict(global_pool="avg", fc_norm=True) if _pool == "gap" else dict(global_pool="map"))))
+for _size, _dims in (("base", _SIZES["base"]), ("so400m", _SIGLIP_SIZES["so400m"])):
+    _add(f"naflexvit_{_size}_patch16_siglip", preprocess=_naflex_pre(True), num_classes=0,
+         **dict(_NAFLEX, **_dims, act="gelu_tanh", global_pool="map", pos_embed_interp="bilinear"))
+
+
 def model_config(name: str) -> dict:
     """The constructor arguments of preset ``name`` (a copy)."""
     if name not in _PRESETS:

@@ -23,12 +23,13 @@ import triton
 from fastvit.facts import ACTIVATIONS, OPS, BackendLimits
 
 from .attention import FP32_MAX_HEAD_DIM, attention_for, attention_fwd as attention, attention_probs_fwd as attention_probs
+from .attention_varlen import attention_varlen_for, attention_varlen_fwd as attention_varlen
 from .layer_norm import layer_norm_for, layer_norm_fwd as layer_norm
 from .linear import linear_for, linear_fwd as linear, mlp_for, mlp_fwd as mlp
 from .patch_embed import patch_embed_fwd as patch_embed
 
-__all__ = ["LIMITS", "available", "patch_embed", "attention", "attention_probs", "layer_norm", "linear", "mlp",
-           "attention_for", "layer_norm_for", "linear_for", "mlp_for"]
+__all__ = ["LIMITS", "available", "patch_embed", "attention", "attention_probs", "attention_varlen", "layer_norm",
+           "linear", "mlp", "attention_for", "attention_varlen_for", "layer_norm_for", "linear_for", "mlp_for"]
 
 _TRITON_MIN = (3, 0)
 
@@ -43,9 +44,11 @@ LIMITS = BackendLimits(
     gpu_max_head_dim={torch.float32: FP32_MAX_HEAD_DIM},
     # every activation, the gated swiglu too (two accumulators in the GEMM, kernels/linear.py)
     acts=ACTIVATIONS,
-    # bias and RoPE (shared or per-head tables) fused into both attention kernels
+    # bias and RoPE (shared or per-head tables) fused into both attention kernels; RoPE (per packed
+    # token) into the varlen kernel
     features=frozenset({"attention.bias", "attention.rope", "attention.rope_per_head",
-                        "attention_probs.bias", "attention_probs.rope", "attention_probs.rope_per_head"}),
+                        "attention_probs.bias", "attention_probs.rope", "attention_probs.rope_per_head",
+                        "attention_varlen.rope", "attention_varlen.rope_per_head"}),
     cpu_needs_interpreter=True,
     # the interpreter computes bfloat16 through numpy float32 bit tricks that round wrongly
     interpreter_dtypes=(torch.float32, torch.float16),

@@ -29,7 +29,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARTIFACT = os.path.join(ROOT, "artifacts", "aot_table.md")  # one table per triton version
 ARCHS = {90: 232448, 80: 166912}
-_TY = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32", "uint8": "u8"}
+_TY = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32", "uint8": "u8", "int32": "i32"}
 
 
 # --------------------------------------------------------------------------- worker side
@@ -41,8 +41,9 @@ def _variants():
     from fastvit.kernels.autotune import next_pow2
 
     # import_module: the package re-exports functions named like its submodules (attention ...)
-    attention, layer_norm, linear, patch_embed = (importlib.import_module(f"fastvit.kernels.{m}")
-                                                  for m in ("attention", "layer_norm", "linear", "patch_embed"))
+    attention, attention_varlen, layer_norm, linear, patch_embed = (
+        importlib.import_module(f"fastvit.kernels.{m}")
+        for m in ("attention", "attention_varlen", "layer_norm", "linear", "patch_embed"))
 
     out = []
     plain = (False, 0, False)  # attention flags (HAS_BIAS, ROPE, ROPE_PER_HEAD): no bias, no RoPE
@@ -95,6 +96,33 @@ def _variants():
             for name in ("bias+rope", "rope_half per-head"):
                 key = (256, 256, d, dt, True, 1024) + features[name]
                 attn("_attn_probs_fwd", f"{dt} d={d} {name}", d, dt, attention.heuristic(key), features[name], False)
+    # attention_varlen (packed sequences, #23). The code depends on the head dim, dtype, RoPE flags
+    # and config, not on the sequence lengths: per (dtype, d, RoPE) each config once, the union
+    # over the keys of short (longest <= 64) and NaFlex-budget (256, 1024) sequences. Every
+    # candidate for head dims 64, 72 (so400m) and 128 in float16 (with RoPE: 64 and 128), the
+    # heuristics elsewhere (bfloat16, float32, the other head dims)
+    for dt in ("float16", "bfloat16", "float32"):
+        for d in (32, 48, 64, 72, 80, 96, 128):
+            if dt == "float32" and d not in (32, 64):
+                continue
+            # RoPE per packed token: interleaved with a shared table, rotate_half per head
+            for rope, per_head, name in ((0, False, ""), (1, False, " rope"), (2, True, " rope_half per-head")):
+                if rope and (d not in (48, 64, 72, 128) or (dt == "bfloat16" and d != 64)):
+                    continue
+                every = dt == "float16" and d in ((64, 72, 128) if not rope else (64, 128))
+                cfgs = []
+                for n in (64, 256, 1024):
+                    key = (n, n, d, dt, rope, per_head)
+                    for cfg in attention_varlen.TUNE.candidates(key) if every else [attention_varlen.heuristic(key)]:
+                        if cfg not in cfgs:
+                            cfgs.append(cfg)
+                for cfg in cfgs:
+                    const = dict(HEAD_DIM=d, BLOCK_D=attention.block_d_of(d, rope),
+                                 PRECISION="ieee" if dt == "float32" else "tf32", ROPE=rope, ROPE_PER_HEAD=per_head,
+                                 **cfg.kwargs)
+                    ptrs = {"Q": dt, "K": dt, "V": dt, "O": dt, "CuQ": "int32", "CuK": "int32", "Rope": "float32"}
+                    out.append(("attention_varlen", "_attn_varlen_fwd", f"{dt} d={d}{name}", cfg, const, ptrs,
+                                dt != "float32"))
     # linear: every config for ViT-B qkv with the LN prologue (K=768, N=2304), heuristics for the
     # other flag sets (fc1 + GELU / tanh GELU / QuickGELU, fc2 / proj + gamma + residual) and for float32
     flavours = [("qkv+ln", dict(HAS_BIAS=True, ACT=0, HAS_GAMMA=False, HAS_RES=False, HAS_LN=True, HAS_LN_B=True), 768, 2304),
@@ -286,7 +314,8 @@ def test_every_config_compiles(aot_rows):
     bad = [f"{r['kernel']} {r['variant']} {r['config']} {r['arch']}: {r['error']}" for r in aot_rows if not r["ok"]]
     assert not bad, "configs that do not compile:\n" + "\n".join(bad)
     kernels = {r["kernel"] for r in aot_rows}
-    assert kernels == {"_attn_fwd", "_attn_probs_fwd", "_linear_fwd", "_ln_fwd", "_patch_embed_fwd"}, kernels
+    assert kernels == {"_attn_fwd", "_attn_probs_fwd", "_attn_varlen_fwd", "_linear_fwd", "_ln_fwd",
+                       "_patch_embed_fwd"}, kernels
     assert {r["arch"] for r in aot_rows} == {"sm_90", "sm_80"}
 
 
@@ -304,7 +333,8 @@ def test_no_register_spills(aot_rows):
 
 def test_wgmma_on_sm90(aot_rows):
     eligible = [r for r in aot_rows if r["ok"] and r.get("want_wgmma")]
-    assert {r["kernel"] for r in eligible} >= {"_attn_fwd", "_linear_fwd"}, "no wgmma-eligible GEMM/attention config"
+    assert {r["kernel"] for r in eligible} >= {"_attn_fwd", "_attn_varlen_fwd", "_linear_fwd"}, \
+        "no wgmma-eligible GEMM/attention config"
     bad = [f"{r['kernel']} {r['variant']} {r['config']}" for r in eligible if not r["wgmma"]]
     assert not bad, "sm_90 GEMM / attention configs without wgmma:\n" + "\n".join(bad)
 

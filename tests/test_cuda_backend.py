@@ -480,7 +480,7 @@ def test_cublas_status_names_and_fallback_policy(built):
 # ------------------------------------------------------------------------------ limits and reasons
 def test_face_is_limits_available_and_one_function_per_declared_op():
     lim = cuda.LIMITS
-    assert lim.name == "cuda" and lim.ops == frozenset(OPS) - {"attention_probs"}
+    assert lim.name == "cuda" and lim.ops == frozenset(OPS) - {"attention_probs", "attention_varlen"}
     assert lim.devices == ("cuda",) and lim.min_capability == (8, 0) and lim.acts == ACTIVATIONS
     assert lim.features == {"attention.bias", "attention.rope", "attention.rope_per_head"}
     assert set(cuda.__all__) == {"LIMITS", "available"} | set(lim.ops)

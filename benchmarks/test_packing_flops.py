@@ -1,0 +1,101 @@
+"""Packed vs padded cost formulas of benchmarks/flops.py (#23), and the table they give.
+
+The formulas are checked against the fixed-length ones they must reduce to (equal lengths:
+packed == padded), against the whole-model count (one square image), and the NaFlex grid rule
+against an independent exhaustive search over the scales where the grid changes. The table of
+realistic mixes (scikit-image photos, a uniform 0.5-2.0 aspect mix, token budgets 256 / 576 /
+1024) is printed and written to ``artifacts/packing_table.md``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+
+from benchmarks import flops as FL
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_varlen_attention_reduces_to_fixed_length():
+    fixed = FL.attention_cost(5, 12, 197, 64)
+    packed = FL.attention_varlen_cost([197] * 5, 12, 64)
+    assert packed.flops == fixed.flops and packed.elementwise == fixed.elementwise
+    assert packed.bytes == fixed.bytes + 2 * 4 * 6  # + the two int32 offset arrays
+    cross = FL.attention_varlen_cost([3, 10], 2, 16, seqlens_k=[7, 1])
+    assert cross.flops == 4 * 2 * 16 * (3 * 7 + 10 * 1)
+    with pytest.raises(ValueError, match="seqlens_k: expected 2 lengths"):
+        FL.attention_varlen_cost([3, 10], 2, 16, seqlens_k=[7])
+
+
+def test_encoder_cost():
+    # one 224 x 224 image, no prefix token, no head: the model formula's blocks + patch embed
+    one = FL.encoder_cost([196], 768, 12, 12, 3072)
+    assert one.flops == pytest.approx(FL.model_flops_per_image(768, 12, 12, 224, 16, num_prefix=0, num_classes=0))
+    lens = [256, 100, 31]
+    packed = FL.encoder_cost(lens, 768, 12, 12, 3072)
+    assert FL.encoder_cost([256] * 3, 768, 12, 12, 3072).flops == FL.encoder_cost(lens, 768, 12, 12, 3072,
+                                                                                   padded_to=256).flops
+    padded = FL.encoder_cost(lens, 768, 12, 12, 3072, padded_to=256)
+    assert padded.flops > packed.flops and padded.bytes > packed.bytes
+    # GEMM rows scale with the tokens, attention with sum N_i^2: between the two ratios
+    tok_ratio, sq_ratio = 3 * 256 / sum(lens), 3 * 256 ** 2 / sum(n * n for n in lens)
+    assert tok_ratio < padded.flops / packed.flops < sq_ratio
+    with pytest.raises(ValueError, match="padded_to: expected >= the longest sequence 256"):
+        FL.encoder_cost(lens, 768, 12, 12, 3072, padded_to=200)
+
+
+def _grid_exhaustive(h, w, P, budget):
+    """The grid on the last interval of scales that fits: ceil(h s / P) and ceil(w s / P) change
+    only at s = k P / h and k P / w, so the grid is constant between consecutive breakpoints."""
+    bps = sorted({k * P / h for k in range(1, 4 * budget)} | {k * P / w for k in range(1, 4 * budget)})
+    best = (1, 1)
+    for a, b in zip(bps, bps[1:]):
+        s = (a + b) / 2
+        gh, gw = max(math.ceil(h * s / P), 1), max(math.ceil(w * s / P), 1)
+        if gh * gw > budget:
+            break
+        best = (gh, gw)
+    return best
+
+
+@pytest.mark.parametrize("h,w", [(512, 512), (300, 451), (191, 384), (1411, 1411), (872, 1000), (100, 1000), (37, 9)])
+@pytest.mark.parametrize("budget", [256, 576, 1024])
+def test_naflex_grid_is_the_largest_that_fits(h, w, budget):
+    gh, gw = FL.naflex_grid(h, w, 16, budget)
+    assert gh * gw <= budget
+    assert (gh, gw) == _grid_exhaustive(h, w, 16, budget)
+    # aspect kept to within one patch
+    assert abs(gw / gh - w / h) <= (w / h) / min(gh, gw) + 1e-9
+    native = FL.naflex_grid(h, w, 16, budget, upscale=False)
+    assert native[0] * native[1] <= budget and native[0] <= max(math.ceil(h / 16), 1)
+
+
+def test_uniform_aspect_sizes():
+    sizes = FL.uniform_aspect_sizes(500, seed=3)
+    assert sizes == FL.uniform_aspect_sizes(500, seed=3)
+    aspects = [w / h for h, w in sizes]
+    assert 0.49 < min(aspects) < 0.6 and 1.9 < max(aspects) < 2.01
+
+
+def test_packing_rows_and_table():
+    pytest.importorskip("skimage")
+    photos = FL.skimage_photo_sizes()
+    assert len(photos) == len(FL.SKIMAGE_PHOTOS) and (512, 512) in photos
+    one = FL.packing_rows(photos, (256,))
+    mixed = FL.packing_rows(photos, (256, 576, 1024))
+    for t in (one, mixed):
+        assert t["pad_fraction_budget"] == pytest.approx(1 - t["tokens"] / t["tokens_budget"])
+        assert t["enc_flops_ratio_budget"] >= 1 and t["attn_flops_ratio_budget"] >= t["enc_flops_ratio_budget"]
+    # resized to one budget every image nearly fills it; mixed budgets pad to the largest
+    assert one["pad_fraction_budget"] < 0.05 < 0.3 < mixed["pad_fraction_budget"]
+    assert mixed["enc_flops_ratio_budget"] > 1.5
+    table = FL.render_packing_table(photos=photos)
+    assert table.count("\n") == 2 + len(FL.packing_mixes(photos)) - 1
+    path = os.path.join(ROOT, "artifacts", "packing_table.md")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        f.write("# Packed vs padded (generated by benchmarks/test_packing_flops.py)\n\n" + table + "\n")
+    print("\n" + table)
