@@ -86,9 +86,21 @@ def _data_summary(tr) -> None:
                           f"|diff| {r['pixel_mean_abs_diff']:.2f}")
 
 
+def _serve_summary(tr) -> None:
+    from benchmarks.serve_load import format_table
+    from benchmarks.test_serve_load import MODEL, SERVE_RESULTS
+
+    if not SERVE_RESULTS:
+        return
+    tr.section(f"fastvit serve load ({MODEL}, {SERVE_RESULTS[0]['device']}, loopback)")
+    for line in format_table(SERVE_RESULTS).splitlines():
+        tr.write_line(line)
+
+
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     _host_summary(terminalreporter)
     _data_summary(terminalreporter)
+    _serve_summary(terminalreporter)
     results = list(harness.RESULTS.values())
     if not results:
         return
