@@ -443,3 +443,19 @@ def test_cli_refuses_missing_model(capsys):
         main(["serve"])
     with pytest.raises(SystemExit, match="--max-batch-size expected >= 1"):
         main(["serve", "--model", "vit_tiny_patch16_224", "--max-batch-size", "0"])
+
+
+@pytest.mark.gpu
+def test_cuda_replica_serves_from_graph_buckets(photos):
+    model, pre = tiny_model()
+    paths = [p for p, _ in photos]
+    (_, ref), = list(fastvit.iter_embeddings(model, pre, paths, expand=False, device="cpu"))
+    app = create_app(model, pre, devices=["cuda"], max_batch_size=8, max_delay_ms=20)
+    runner = app.state.replicas[0].fn.runner
+    assert isinstance(runner, fastvit.graphs.GraphedModel) and runner.fallback_reason is None
+    assert runner.buckets == [1, 2, 4, 8] and runner.dtype == torch.uint8
+    with Server(app) as s, httpx.Client(base_url=s.url, timeout=60) as c:
+        r = c.post("/v1/embeddings", json={"input": [data_uri(b) for _, b in photos][:3]})  # bucket 4, padded
+        assert r.status_code == 200, r.text
+        got = torch.tensor([d["embedding"] for d in r.json()["data"]])
+        torch.testing.assert_close(got, ref[:3], atol=2e-3, rtol=2e-3)  # TF32 / fused kernels vs the CPU

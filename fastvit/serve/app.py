@@ -17,6 +17,7 @@ import hmac
 import json
 import os
 import time
+from contextlib import nullcontext
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -101,11 +102,13 @@ def _replica_fn(model, preprocessor, device: torch.device, dtype: Optional[torch
         size = preprocessor.output_size
         # uint8 batches go straight into the graphs' static inputs (the model normalises them)
         graph_in = torch.uint8 if x_dtype == torch.uint8 and normalize is None else mdtype
-        runner = graph_compile(heads, batch_sizes=_buckets(max_batch_size), img_size=size, in_chans=3,
-                               input_dtype=graph_in)
+        with torch.cuda.device(device):  # capture on the replica's own device
+            runner = graph_compile(heads, batch_sizes=_buckets(max_batch_size), img_size=size, in_chans=3,
+                                   input_dtype=graph_in)
 
     def run(x: torch.Tensor) -> torch.Tensor:
-        with torch.inference_mode():
+        # the worker thread's current CUDA device is 0 unless set: replay where the graphs live
+        with torch.inference_mode(), (torch.cuda.device(device) if device.type == "cuda" else nullcontext()):
             if device.type == "cuda":
                 x = x.pin_memory().to(device, non_blocking=True)
             if x.dtype == torch.uint8 and normalize is not None:
@@ -114,6 +117,7 @@ def _replica_fn(model, preprocessor, device: torch.device, dtype: Optional[torch
                 x = x.to(device=device, dtype=mdtype)
             return runner(x).float().cpu()
 
+    run.runner = runner  # the eager heads, or the GraphedModel on CUDA (inspected by tests)
     return run
 
 
