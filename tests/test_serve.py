@@ -459,3 +459,30 @@ def test_cuda_replica_serves_from_graph_buckets(photos):
         assert r.status_code == 200, r.text
         got = torch.tensor([d["embedding"] for d in r.json()["data"]])
         torch.testing.assert_close(got, ref[:3], atol=2e-3, rtol=2e-3)  # TF32 / fused kernels vs the CPU
+
+
+def test_import_stays_light_and_a_missing_extra_is_named():
+    code = """
+import sys
+for m in ("fastapi", "uvicorn", "ray", "prometheus_client"):
+    sys.modules[m] = None  # as if not installed
+import fastvit, fastvit.serve, fastvit.cli
+from fastvit.serve import create_app, deployment
+fastvit.cli.build_parser()
+model = fastvit.VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2, num_classes=0)
+for call in (lambda: create_app(model, None), lambda: deployment(preset="vit_tiny_patch16_224")):
+    try:
+        call()
+    except ImportError as e:
+        print(e)
+try:
+    fastvit.cli.main(["serve", "--model", "vit_tiny_patch16_224"])
+except SystemExit as e:
+    print(e)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert len(lines) == 3 and 'pip install "fastvit[serve]"' in lines[0], lines
+    assert 'pip install "fastvit[ray,serve]"' in lines[1] and lines[2].startswith("fastvit serve: ") and \
+        'fastvit[serve]' in lines[2], lines

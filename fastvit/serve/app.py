@@ -321,6 +321,12 @@ def create_app(model, preprocessor, *, model_name: str = "fastvit", max_batch_si
         metrics.errors.labels(e.kind).inc()
         return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
+    @app.exception_handler(Exception)
+    async def _unexpected(request, e: Exception):
+        metrics.errors.labels("internal").inc()
+        return JSONResponse({"error": {"message": f"{type(e).__name__}: {e}", "type": "internal", "code": 500}},
+                            status_code=500)
+
     def check_key(request) -> None:
         if key is None:
             return
@@ -410,10 +416,13 @@ def create_app(model, preprocessor, *, model_name: str = "fastvit", max_batch_si
             return await loop.run_in_executor(pool, decode_one, item)
 
         out = await asyncio.gather(*(one(it) for it in items), return_exceptions=True)
-        bad = [{"index": i, "reason": str(r)} for i, r in enumerate(out) if isinstance(r, BaseException)]
-        unexpected = [r for r in out if isinstance(r, BaseException) and not isinstance(r, (ValueError, TypeError))]
-        if unexpected:
-            raise unexpected[0]
+        for r in out:
+            if isinstance(r, BaseException) and not isinstance(r, Exception):
+                raise r  # cancelled: the request is gone
+        # whatever a decoder raises is about its input (DecodeError says why in words; another
+        # error of a malformed file still names its type), never the server's failure
+        bad = [{"index": i, "reason": str(r) if isinstance(r, (ValueError, TypeError)) else f"{type(r).__name__}: {r}"}
+               for i, r in enumerate(out) if isinstance(r, Exception)]
         if bad:
             raise ServeError(400, "invalid_input", f"{len(bad)} of {len(items)} inputs are not usable images: "
                              + "; ".join(f"input {b['index']}: {b['reason']}" for b in bad[:5]), inputs=bad)
