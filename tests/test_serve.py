@@ -158,6 +158,23 @@ def test_embeddings_equal_iter_embeddings(server, photos):
                                    rtol=1e-5)
 
 
+@pytest.mark.parametrize("mode,float_pixels", [("fast", False), ("exact", True)])
+def test_embeddings_equal_iter_embeddings_fast_and_float_paths(photos, mode, float_pixels):
+    """--preprocess fast (uint8), and a processor whose exact output is float (rescale_first): the
+    model then takes float images; both equal iter_embeddings with the same preprocessing."""
+    model, pre = tiny_model()
+    if float_pixels:
+        pre = Preprocessor(size=(32, 32), crop_size=None, resample="bilinear", backend="torch", rescale_first=True)
+    paths = [p for p, _ in photos]
+    (_, ref), = list(fastvit.iter_embeddings(model, pre, paths, expand=False, preprocess=mode))
+    with Server(create_app(model, pre, preprocess=mode)) as s:
+        r = httpx.post(s.url + "/v1/embeddings", json={"input": [data_uri(b) for _, b in photos]}, timeout=60)
+        assert r.status_code == 200, r.text
+    torch.testing.assert_close(torch.tensor([d["embedding"] for d in r.json()["data"]]), ref, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="fixed output size"):
+        create_app(model, Preprocessor(size=32, crop_size=None))
+
+
 def test_classify_models_health_metrics(server, photos):
     with torch.no_grad():
         expect = topk_predictions(server.model(server.pre([p for p, _ in photos])), 3)

@@ -266,7 +266,7 @@ def create_app(model, preprocessor, *, model_name: str = "fastvit", max_batch_si
         raise ValueError(f"preprocess: expected 'exact' or 'fast', got {preprocess!r}")
     if max_body_mb <= 0:
         raise ValueError(f"max_body_mb: expected > 0, got {max_body_mb}")
-    if preprocess == "exact" and not preprocessor.uint8_exact and preprocessor.output_size is None:
+    if preprocessor.output_size is None:
         raise ValueError("preprocessor: expected a fixed output size (crop_size or an (H, W) size) to batch images")
     _, embedding = embedding_fn(model, embedding)  # resolves 'auto', refuses what the model lacks
     can_classify = bool(getattr(model, "num_classes", 0)) and not has_projection(model)
