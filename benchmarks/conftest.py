@@ -87,13 +87,15 @@ def _data_summary(tr) -> None:
 
 
 def _serve_summary(tr) -> None:
-    from benchmarks.serve_load import format_table
-    from benchmarks.test_serve_load import MODEL, SERVE_RESULTS
+    import sys
 
-    if not SERVE_RESULTS:
+    mod = sys.modules.get("benchmarks.test_serve_load")  # absent when skipped (no serve extra) or not collected
+    if mod is None or not mod.SERVE_RESULTS:
         return
-    tr.section(f"fastvit serve load ({MODEL}, {SERVE_RESULTS[0]['device']}, loopback)")
-    for line in format_table(SERVE_RESULTS).splitlines():
+    from benchmarks.serve_load import format_table
+
+    tr.section(f"fastvit serve load ({mod.MODEL}, {mod.SERVE_RESULTS[0]['device']}, loopback)")
+    for line in format_table(mod.SERVE_RESULTS).splitlines():
         tr.write_line(line)
 
 

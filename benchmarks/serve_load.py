@@ -124,7 +124,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.serve_load", description=__doc__.split("\n\n")[0])
     p.add_argument("--url", required=True, help="the server, e.g. http://127.0.0.1:8000")
     p.add_argument("--concurrency", default="1,8,32,128", help="comma-separated client counts")
-    p.add_argument("--requests", type=int, help="requests per level, at least one per client (default max(64, 2 x clients))")
+    p.add_argument("--requests", type=int,
+                   help="requests per level, at least one per client (default max(64, 2 x clients))")
     p.add_argument("--images-per-request", type=int, default=1)
     p.add_argument("--image", help="the image file every request sends (default: a 451 x 300 JPEG photo)")
     p.add_argument("--endpoint", default="embeddings", choices=("embeddings", "classify"))

@@ -18,12 +18,12 @@ import json
 import os
 import time
 from contextlib import nullcontext
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
 from .batcher import Batcher, QueueFull, Replica, WorkerDead
-from .decode import DecodeError, decode_input, input_dtype
+from .decode import decode_input, input_dtype
 
 __all__ = ["create_app", "ServeError"]
 
