@@ -216,6 +216,32 @@ def test_32_concurrent_clients_are_batched(server, photos):
     assert metric(after, "fastvit_images_per_second") > 0
 
 
+def test_one_replica_per_device_share_the_queue(photos):
+    model, pre = tiny_model()
+    app = create_app(model, pre, devices=["cpu", "cpu"], max_batch_size=4, max_delay_ms=10)
+    sizes = {}
+    for r in app.state.replicas:
+        def counted(x, run=r.fn, name=r.name):
+            sizes.setdefault(name, []).append(len(x))
+            time.sleep(0.05)  # a busy device: the other replica takes the next batch
+            return run(x)
+        r.fn = counted
+    img = data_uri(photos[0][1])
+
+    async def go(url):
+        async with httpx.AsyncClient(base_url=url, timeout=60) as c:
+            return await asyncio.gather(*(c.post("/v1/embeddings", json={"input": [img]}) for _ in range(24)))
+
+    with Server(app) as s:
+        rs = asyncio.run(go(s.url))
+        models = httpx.get(s.url + "/v1/models").json()["data"][0]
+    assert [r.status_code for r in rs] == [200] * 24
+    assert sorted(sizes) == ["cpu#0", "cpu#1"] == models["devices"], sizes
+    assert sum(map(sum, sizes.values())) == 24 and max(max(v) for v in sizes.values()) <= 4, sizes
+    first = rs[0].json()["data"][0]["embedding"]
+    assert all(r.json()["data"][0]["embedding"] == pytest.approx(first, abs=1e-6) for r in rs)
+
+
 # --------------------------------------------------------------------------- bad input
 def test_every_bad_input_is_a_400_while_good_requests_succeed(server, photos):
     jpeg = photos[1][1]
