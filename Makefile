@@ -29,7 +29,7 @@ $(STAMP): pyproject.toml setup.py fastvit/_signature.cpp
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q $(TORCH_PINS)
 	$(PIP) install -q setuptools wheel
-	FASTVIT_BUILD_CUDA=$(FASTVIT_BUILD_CUDA) FASTVIT_BUILD_EXT=$(FASTVIT_BUILD_EXT) $(PIP) install -q -e ".[test,hf,viz,bench,fast,ray,data]" --no-build-isolation
+	FASTVIT_BUILD_CUDA=$(FASTVIT_BUILD_CUDA) FASTVIT_BUILD_EXT=$(FASTVIT_BUILD_EXT) $(PIP) install -q -e ".[test,hf,viz,bench,fast,ray,data,serve]" --no-build-isolation
 	touch $(STAMP)
 
 $(TRITON_ALT_DIR)/.installed: $(STAMP)

@@ -86,9 +86,23 @@ def _data_summary(tr) -> None:
                           f"|diff| {r['pixel_mean_abs_diff']:.2f}")
 
 
+def _serve_summary(tr) -> None:
+    import sys
+
+    mod = sys.modules.get("benchmarks.test_serve_load")  # absent when skipped (no serve extra) or not collected
+    if mod is None or not mod.SERVE_RESULTS:
+        return
+    from benchmarks.serve_load import format_table
+
+    tr.section(f"fastvit serve load ({mod.MODEL}, {mod.SERVE_RESULTS[0]['device']}, loopback)")
+    for line in format_table(mod.SERVE_RESULTS).splitlines():
+        tr.write_line(line)
+
+
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     _host_summary(terminalreporter)
     _data_summary(terminalreporter)
+    _serve_summary(terminalreporter)
     results = list(harness.RESULTS.values())
     if not results:
         return

@@ -244,12 +244,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_bench)
     from .classify import add_classify_parser
     from .embed_cli import add_embed_parser
+    from .serve.cli import add_serve_parser
     from .viz import add_viz_parser
 
     add_viz_parser(sub)
     add_classify_parser(sub)
     add_embed_parser(sub)
     add_convert_parser(sub)
+    add_serve_parser(sub)
     return p
 
 
