@@ -46,7 +46,10 @@ def _samples():
     """op name -> argument tuples, without the backend (with and without optional tensors / grads)."""
     qkv = _t(2, 5, 3, 2, 16).permute(2, 0, 3, 1, 4)
     q, k, v = qkv.unbind(0)
+    cu = torch.tensor([0, 3, 8], dtype=torch.int32)  # packed sequences of 3 and 5 tokens
+    pq, pk, pv = (_t(8, 2, 16, grad=True) for _ in range(3))
     return {
+        "attention_varlen": [(pq, pk, pv, cu, cu, 5, 5, 0.25, None, False)],
         "patch_embed": [
             (_t(2, 3, 16, 24), _t(8, 3, 8, 8, grad=True), _t(8, grad=True), _t(6, 8), _t(1, 8), False),
             (_t(1, 2, 9, 15), _t(4, 2, 8, 8), None, None, None, True),
@@ -222,7 +225,7 @@ def test_registered_ops(name, results):
 
 def test_every_op_has_a_custom_op_with_a_backend_argument():
     """Every public op has its contract here, last argument the backend name."""
-    assert set(OP_NAMES) == set(ops.__all__) - {"clear_plans"}
+    assert set(OP_NAMES) == set(ops.__all__) - {"clear_plans", "varlen_offsets"}  # helpers, not ops
     for name, op in ops.CUSTOM_OPS.items():
         schema = getattr(torch.ops.fastvit, name).default._schema
         assert schema.arguments[-1].name == "backend" and str(schema.arguments[-1].type) == "str", schema
