@@ -162,6 +162,17 @@ def model_input(x: torch.Tensor, device, dtype) -> torch.Tensor:
     return x.to(device=device, dtype=dtype, non_blocking=cuda)
 
 
+def _share(rank: Optional[int], world_size: Optional[int]) -> Tuple[int, int]:
+    """This process's (rank, world size): the arguments, else RANK / WORLD_SIZE (torchrun), checked."""
+    if rank is None or world_size is None:
+        env_rank, env_world = dist_info()
+        rank = env_rank if rank is None else rank
+        world_size = env_world if world_size is None else world_size
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank / world_size: expected 0 <= rank < world_size, got {rank} / {world_size}")
+    return rank, world_size
+
+
 def _prepare(model, device, dtype):
     device = torch.device(device) if device is not None else next(model.parameters()).device
     model = model.to(device=device, dtype=dtype).eval()
@@ -424,12 +435,7 @@ def embed_to_dir(model, preprocessor: Preprocessor, paths: Sequence[str], out_di
         raise ValueError(f"fmt: expected one of {FORMATS}, got {fmt!r}")
     if batch_size < 1 or shard_size < 1:
         raise ValueError(f"batch_size / shard_size: expected >= 1, got {batch_size} / {shard_size}")
-    if rank is None or world_size is None:
-        env_rank, env_world = dist_info()
-        rank = env_rank if rank is None else rank
-        world_size = env_world if world_size is None else world_size
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank / world_size: expected 0 <= rank < world_size, got {rank} / {world_size}")
+    rank, world_size = _share(rank, world_size)
     if expand:
         files = expand_inputs(paths, list_files)
     else:
@@ -804,12 +810,7 @@ def embed_shards(model, preprocessor: Preprocessor, paths: Sequence[str], out_di
         raise ValueError(f"fmt: expected one of {SHARD_FORMATS}, got {fmt!r}")
     if batch_size < 1:
         raise ValueError(f"batch_size: expected >= 1, got {batch_size}")
-    if rank is None or world_size is None:
-        env_rank, env_world = dist_info()
-        rank = env_rank if rank is None else rank
-        world_size = env_world if world_size is None else world_size
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank / world_size: expected 0 <= rank < world_size, got {rank} / {world_size}")
+    rank, world_size = _share(rank, world_size)
     shards = resolve_shards(paths, list_files, shard_size, image_column, key_column)
     model, device, dtype = _prepare(model, device, dtype)
     if decode == "cuda" and device.type != "cuda":
